@@ -1,0 +1,1 @@
+"""One loader for auth.yaml, users.yaml and budgets.yaml."""

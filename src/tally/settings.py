@@ -1,0 +1,46 @@
+"""Infrastructure settings from the environment: the only place that reads it.
+
+Budget rules never come from here (they live in config/*.yaml); only where things run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+__all__ = ["Settings", "project_root"]
+
+
+def project_root() -> Path:
+    """The checkout this package was installed from (editable install)."""
+    return Path(__file__).resolve().parents[2]
+
+
+class Settings(BaseModel):
+    """Where Kafka is, where data lives, which ports the services listen on."""
+
+    model_config = ConfigDict(frozen=True)
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    data_dir: Path = project_root() / "data"
+    config_dir: Path = project_root() / "config"
+    partitions: int = 3
+    ingest_port: int = 8081
+    projector_port: int = 8082
+    enforcer_port: int = 8083
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        env = dict(os.environ) if env is None else env
+        fields = {
+            "bootstrap_servers": env.get("KAFKA_BOOTSTRAP_SERVERS"),
+            "data_dir": env.get("TALLY_DATA_DIR"),
+            "config_dir": env.get("TALLY_CONFIG_DIR"),
+            "partitions": env.get("TALLY_PARTITIONS"),
+            "ingest_port": env.get("TALLY_INGEST_PORT"),
+            "projector_port": env.get("TALLY_PROJECTOR_PORT"),
+            "enforcer_port": env.get("TALLY_ENFORCER_PORT"),
+        }
+        return cls.model_validate({k: v for k, v in fields.items() if v is not None})
