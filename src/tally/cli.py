@@ -1,0 +1,50 @@
+"""`tally`: one entry point; each subcommand lives in the module that owns it.
+
+Every subcommand module exposes `main(argv: list[str]) -> int`, imported only when used so
+that `tally config check` does not pay for Kafka or DuckDB imports.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+__all__ = ["main"]
+
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("tally.run", "start Kafka, the three services and a sample history (the demo)"),
+    "kafka": ("tally.localkafka", "start|stop|status the local single-node Kafka"),
+    "config": ("tally.config.loader", "check DIR: validate auth.yaml, users.yaml, budgets.yaml"),
+    "simulate": ("tally.simulate", "fold a JSONL file of events offline, print the budgets"),
+    "schemas": ("tally.schemas", "write|check the JSON Schema files in schemas/"),
+    "ingest": ("services.ingest.app", "run the ingest service"),
+    "projector": ("services.projector.app", "run the projector service"),
+    "enforcer": ("services.enforcer.app", "run the enforcer service"),
+    "replay": ("services.projector.replay", "rebuild a fresh DuckDB from usage.events offset 0"),
+    "audit": ("services.projector.audit", "run a read-only SQL query on the projector's data"),
+    "status": ("tally.status", "print every user's current decision from budget.decisions"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: tally COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<10} {text}" for name, (_, text) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    command, rest = args[0], args[1:]
+    if command not in SUBCOMMANDS:
+        print(f"tally: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[command][0])
+    result: int = module.main(rest)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
