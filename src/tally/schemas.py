@@ -1,0 +1,51 @@
+"""`tally schemas write|check`: the JSON Schema files in schemas/, generated from tally.wire."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from tally.settings import project_root
+from tally.wire import WIRE_MODELS
+
+__all__ = ["main", "render_all", "stale_files"]
+
+
+def render_all() -> dict[str, str]:
+    """File name -> JSON Schema text, for every wire model."""
+    return {
+        f"{name}.schema.json": json.dumps(model.model_json_schema(), indent=2, sort_keys=True)
+        + "\n"
+        for name, model in WIRE_MODELS.items()
+    }
+
+
+def stale_files(directory: Path) -> list[str]:
+    """Names of schema files that are missing or differ from what the models generate."""
+    return [
+        name
+        for name, text in render_all().items()
+        if not (directory / name).exists() or (directory / name).read_text() != text
+    ]
+
+
+def write_all(directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in render_all().items():
+        (directory / name).write_text(text)
+
+
+def main(argv: list[str]) -> int:
+    directory = project_root() / "schemas"
+    if argv == ["write"]:
+        write_all(directory)
+        print(f"wrote {len(WIRE_MODELS)} schemas to {directory}")
+        return 0
+    if argv == ["check"]:
+        stale = stale_files(directory)
+        for name in stale:
+            print(f"stale: schemas/{name} (run `tally schemas write`)", file=sys.stderr)
+        return 1 if stale else 0
+    print("usage: tally schemas write|check", file=sys.stderr)
+    return 2

@@ -1,0 +1,6 @@
+from tally.schemas import stale_files
+from tally.settings import project_root
+
+
+def test_generated_schema_files_are_up_to_date() -> None:
+    assert stale_files(project_root() / "schemas") == [], "run `tally schemas write`"
