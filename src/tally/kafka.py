@@ -1,0 +1,134 @@
+"""The narrow Kafka seam every service shares: topic setup, producers, batch reads.
+
+Built on aiokafka because the projector must seek to offsets it keeps in DuckDB and every
+consumer reads in batches (`getmany`): both are outside FastStream's per-message model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from tally.topics import Topics
+
+__all__ = [
+    "Record",
+    "batches",
+    "end_offsets",
+    "ensure_topics",
+    "make_consumer",
+    "make_producer",
+    "partitions_of",
+]
+
+log = logging.getLogger(__name__)
+
+COMPACTED_CONFIG = {"cleanup.policy": "compact", "min.cleanable.dirty.ratio": "0.1",
+                    "segment.ms": "600000"}
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One consumed message, stripped to what the services use."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int
+
+
+async def ensure_topics(bootstrap: str, topics: Topics, partitions: int) -> None:
+    """Create the missing topics; compaction on the snapshot topics. Existing ones stay."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [
+            NewTopic(name, partitions, 1,
+                     topic_configs=COMPACTED_CONFIG if name in topics.compacted() else {})
+            for name in topics.all() if name not in existing
+        ]
+        if wanted:
+            await _create(admin, wanted)
+    finally:
+        await admin.close()
+
+
+async def _create(admin: AIOKafkaAdminClient, wanted: list[NewTopic]) -> None:
+    try:
+        await admin.create_topics(wanted)
+    except TopicAlreadyExistsError:
+        log.info("topics created concurrently by another service")
+    names = {t.name for t in wanted}
+    for _ in range(50):  # metadata propagates asynchronously after CreateTopics
+        if names <= set(await admin.list_topics()):
+            return
+        await asyncio.sleep(0.1)
+
+
+def make_producer(bootstrap: str, linger_ms: int = 1) -> AIOKafkaProducer:
+    """An idempotent producer with acks=all: a retry never writes a message twice."""
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        enable_idempotence=True,
+        acks="all",
+        linger_ms=linger_ms,
+        max_batch_size=256 * 1024,
+        compression_type=None,
+    )
+
+
+def make_consumer(
+    bootstrap: str, group_id: str | None = None, fetch_max_wait_ms: int = 5
+) -> AIOKafkaConsumer:
+    """A consumer that never auto-commits: offsets are committed after the work is done.
+
+    Without a group, callers assign partitions and seek themselves (projector, caches).
+    """
+    return AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=fetch_max_wait_ms,
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+        isolation_level="read_committed",
+    )
+
+
+async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    for _ in range(100):
+        parts = consumer.partitions_for_topic(topic)
+        if parts:
+            return [TopicPartition(topic, p) for p in sorted(parts)]
+        await consumer._client.force_metadata_update()
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"topic {topic!r} does not exist on the broker")
+
+
+async def end_offsets(consumer: AIOKafkaConsumer, parts: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+    result: dict[TopicPartition, int] = await consumer.end_offsets(list(parts))
+    return result
+
+
+async def batches(
+    consumer: AIOKafkaConsumer, max_records: int = 10_000, timeout_ms: int = 50
+) -> AsyncIterator[list[Record]]:
+    """Yield non-empty batches across all assigned partitions, forever."""
+    while True:
+        fetched = await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        batch = [
+            Record(m.topic, m.partition, m.offset, m.key, m.value, m.timestamp)
+            for messages in fetched.values()
+            for m in messages
+        ]
+        if batch:
+            yield batch
