@@ -114,7 +114,9 @@ async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPar
     raise RuntimeError(f"topic {topic!r} does not exist on the broker")
 
 
-async def end_offsets(consumer: AIOKafkaConsumer, parts: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+async def end_offsets(
+    consumer: AIOKafkaConsumer, parts: Iterable[TopicPartition]
+) -> dict[TopicPartition, int]:
     result: dict[TopicPartition, int] = await consumer.end_offsets(list(parts))
     return result
 
