@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 __all__ = [
+    "WIRE_MODELS",
     "ActionName",
     "AlertKind",
     "BalanceUpdated",
@@ -22,7 +23,6 @@ __all__ = [
     "RejectedEvent",
     "StatusName",
     "UsageRecorded",
-    "WIRE_MODELS",
 ]
 
 PeriodName = Literal["daily", "monthly"]
