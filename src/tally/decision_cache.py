@@ -49,6 +49,10 @@ class DecisionCache:
             return self._fail_open
         return decision.action not in BLOCKING_ACTIONS
 
+    def snapshot(self) -> list[BudgetDecided]:
+        """Every cached decision, for status pages and reports."""
+        return list(self._decisions.values())
+
     def __len__(self) -> int:
         return len(self._decisions)
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from tally.topics import Topics
+
 __all__ = ["Settings", "project_root"]
 
 
@@ -26,10 +28,15 @@ class Settings(BaseModel):
     bootstrap_servers: str = "127.0.0.1:9092"
     data_dir: Path = project_root() / "data"
     config_dir: Path = project_root() / "config"
+    topic_namespace: str = ""  # prefixes every topic name: isolated demos and tests
     partitions: int = 3
     ingest_port: int = 8081
     projector_port: int = 8082
     enforcer_port: int = 8083
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.topic_namespace)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -38,6 +45,7 @@ class Settings(BaseModel):
             "bootstrap_servers": env.get("KAFKA_BOOTSTRAP_SERVERS"),
             "data_dir": env.get("TALLY_DATA_DIR"),
             "config_dir": env.get("TALLY_CONFIG_DIR"),
+            "topic_namespace": env.get("TALLY_TOPIC_NAMESPACE"),
             "partitions": env.get("TALLY_PARTITIONS"),
             "ingest_port": env.get("TALLY_INGEST_PORT"),
             "projector_port": env.get("TALLY_PROJECTOR_PORT"),

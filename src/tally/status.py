@@ -1,0 +1,54 @@
+"""`tally status`: every user's current decision, read from budget.decisions."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from tally.decision_cache import DecisionCache
+from tally.settings import Settings
+from tally.topics import Topics
+from tally.wire import BudgetDecided
+
+__all__ = ["format_table", "main"]
+
+HEADER = ("user", "status", "action", "daily used/limit", "monthly used/limit", "budget",
+          "resets")
+
+
+def row(d: BudgetDecided) -> tuple[str, ...]:
+    return (
+        d.user_id,
+        d.status,
+        d.action,
+        f"{d.daily.tokens_used:,}/{d.daily.tokens_limit:,}",
+        f"{d.monthly.tokens_used:,}/{d.monthly.tokens_limit:,}",
+        d.budget,
+        d.reset_time,
+    )
+
+
+def format_table(decisions: list[BudgetDecided]) -> str:
+    rows = [HEADER, *(row(d) for d in sorted(decisions, key=lambda d: d.user_id))]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
+    messages = [f"  {d.user_id}: {d.message.strip()}" for d in decisions if d.message]
+    return "\n".join(lines + (["", "messages:", *messages] if messages else []))
+
+
+async def read_decisions(bootstrap: str, topics: Topics) -> list[BudgetDecided]:
+    cache = DecisionCache(bootstrap, topics)
+    await cache.start()
+    try:
+        return cache.snapshot()
+    finally:
+        await cache.stop()
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="tally status", description=__doc__)
+    parser.parse_args(argv)
+    settings = Settings.from_env()
+    decisions = asyncio.run(read_decisions(settings.bootstrap_servers, settings.topics))
+    print(format_table(decisions) if decisions else "no decisions yet")
+    return 0
