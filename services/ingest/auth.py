@@ -21,13 +21,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from hmac import compare_digest
 from pathlib import Path
 
 import jwt
 
 from services.ingest.identify import Directory, Principal
-from tally.config.models import Authentication, User
+from tally.config.models import Authentication, Config
 
 __all__ = ["AuthError", "Authenticator", "Principal"]
 
@@ -47,17 +46,19 @@ class AuthError(Exception):
 class Authenticator:
     """Turns request headers into a Principal, None (auth optional) or an AuthError."""
 
-    settings: Authentication
+    config: Config
     directory: Directory
-    users: tuple[User, ...]
     jwt_key: str | bytes | None = None
 
     @classmethod
-    def build(
-        cls, settings: Authentication, users: tuple[User, ...], base_dir: Path | None = None
-    ) -> Authenticator:
-        """`base_dir` resolves a relative `public_key_file` (the config directory)."""
-        return cls(settings, Directory.from_users(users), users, _jwt_key(settings, base_dir))
+    def build(cls, config: Config, base_dir: Path | None = None) -> Authenticator:
+        """`base_dir` resolves a relative `public_key_file` the loader left relative."""
+        key = _jwt_key(config.auth.authentication, base_dir)
+        return cls(config, Directory.from_config(config), key)
+
+    @property
+    def settings(self) -> Authentication:
+        return self.config.auth.authentication
 
     @property
     def required(self) -> bool:
@@ -81,7 +82,8 @@ class Authenticator:
         return self.settings.method in JWT_METHODS and token.count(".") == 2
 
     def _from_api_key(self, key: str) -> Principal:
-        user = find_by_api_key(self.users, key)
+        # Config compares every key in constant time: timing leaks nothing of a key.
+        user = self.config.user_by_api_key(key)
         if user is None:
             raise AuthError(401, "unknown API key")
         return Principal(user.id, user.role, user.gateway)
@@ -109,17 +111,6 @@ def _credential(headers: Mapping[str, str]) -> tuple[str, str] | None:
     if scheme.lower() != "bearer" or not value.strip():
         raise AuthError(401, "Authorization must be 'Bearer <token or API key>'")
     return "bearer", value.strip()
-
-
-def find_by_api_key(users: tuple[User, ...], key: str) -> User | None:
-    """Compares against every key, in constant time each, with no early exit: how long
-    this takes says nothing about how close a guess was."""
-    offered = key.encode()
-    found: User | None = None
-    for user in users:
-        if user.api_key is not None and compare_digest(offered, user.api_key.encode()):
-            found = user
-    return found
 
 
 def verify_jwt(token: str, settings: Authentication, key: str | bytes | None) -> dict[str, object]:
