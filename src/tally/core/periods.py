@@ -1,0 +1,223 @@
+"""Daily and monthly windows: which periods contain an instant, under a reset schedule.
+
+A boundary is a local wall-clock time in the schedule's time zone, so a day lasts 23 or 25
+hours across DST. A reset time that falls in a DST gap moves to the first instant after the
+gap; one that falls in a repeated hour is the first of the two. The monthly reset day is
+clamped to the last day of shorter months.
+
+Every instant a `Window` holds is an aware UTC datetime; windows of one kind are contiguous
+and half-open: start <= t < end.
+"""
+
+from __future__ import annotations
+
+import calendar as _calendar
+import re
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from functools import lru_cache
+from zoneinfo import ZoneInfo
+
+from tally.config.models import ResetSchedule
+from tally.wire import PeriodName
+
+__all__ = [
+    "Calendar",
+    "Window",
+    "calendar_for",
+    "daily_window",
+    "monthly_window",
+    "next_window",
+    "parse_reset_time",
+    "previous_window",
+    "windows_at",
+]
+
+_HHMM = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])")
+_ONE_DAY = timedelta(days=1)
+_TINY = timedelta(microseconds=1)
+_HOUR = 3600
+_MINUTE = 60
+# Bounds the memo of windows per hour/minute; a replay moves forward in time, so dropping
+# the whole memo now and then costs one recomputation per bucket.
+_MEMO_LIMIT = 200_000
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """One period: [start, end), both aware UTC datetimes."""
+
+    kind: PeriodName
+    start: datetime
+    end: datetime
+
+    def __contains__(self, at: datetime) -> bool:
+        return self.start <= at < self.end
+
+
+def parse_reset_time(text: str) -> time:
+    """'HH:MM' (24-hour clock) -> time; ValueError otherwise."""
+    match = _HHMM.fullmatch(text)
+    if match is None:
+        raise ValueError(f"reset time {text!r} is not HH:MM (00:00 to 23:59)")
+    return time(int(match.group(1)), int(match.group(2)))
+
+
+class Calendar:
+    """A reset schedule compiled for fast, repeated lookups (keep one per schedule)."""
+
+    __slots__ = (
+        "_boundaries",
+        "_by_hour",
+        "_by_minute",
+        "reset_day",
+        "reset_time",
+        "schedule",
+        "zone",
+    )
+
+    def __init__(self, schedule: ResetSchedule) -> None:
+        self.schedule = schedule
+        self.zone = ZoneInfo(schedule.timezone)
+        self.reset_time = parse_reset_time(schedule.daily_reset_time)
+        self.reset_day = schedule.monthly_reset_day
+        self._boundaries: dict[date, datetime] = {}
+        self._by_hour: dict[int, tuple[Window, Window]] = {}
+        self._by_minute: dict[int, tuple[Window, Window]] = {}
+
+    # boundaries ---------------------------------------------------------------------------
+
+    def boundary(self, day: date) -> datetime:
+        """The reset instant (UTC) of a local calendar day."""
+        found = self._boundaries.get(day)
+        if found is None:
+            found = self._boundaries[day] = self._resolve(datetime.combine(day, self.reset_time))
+        return found
+
+    def _resolve(self, wall: datetime) -> datetime:
+        first = wall.replace(tzinfo=self.zone, fold=0).astimezone(UTC)
+        if first.astimezone(self.zone).replace(tzinfo=None) == wall:
+            return first  # fold=0 is the earlier of a repeated time
+        return self._end_of_gap(wall)
+
+    def _end_of_gap(self, wall: datetime) -> datetime:
+        # The wall time does not exist. Its two readings (with the offsets before and after
+        # the transition) bracket the transition, which is the first instant whose local time
+        # comes after `wall`; tz transitions fall on whole seconds.
+        readings = [wall.replace(tzinfo=self.zone, fold=f).timestamp() for f in (0, 1)]
+        low, high = int(min(readings)), int(max(readings))
+        while high - low > 1:
+            middle = (low + high) // 2
+            if self._wall(middle) > wall:
+                high = middle
+            else:
+                low = middle
+        return datetime.fromtimestamp(high, UTC)
+
+    def _wall(self, seconds: int) -> datetime:
+        return datetime.fromtimestamp(seconds, self.zone).replace(tzinfo=None)
+
+    def month_start(self, year: int, month: int) -> datetime:
+        last = _calendar.monthrange(year, month)[1]
+        return self.boundary(date(year, month, min(self.reset_day, last)))
+
+    # windows ------------------------------------------------------------------------------
+
+    def daily_window(self, at: datetime) -> Window:
+        day = at.astimezone(self.zone).date()
+        start = self.boundary(day)
+        while at < start:
+            day -= _ONE_DAY
+            start = self.boundary(day)
+        end = self.boundary(day + _ONE_DAY)
+        while at >= end:
+            day += _ONE_DAY
+            start, end = end, self.boundary(day + _ONE_DAY)
+        return Window("daily", start, end)
+
+    def monthly_window(self, at: datetime) -> Window:
+        local = at.astimezone(self.zone)
+        year, month = local.year, local.month
+        start = self.month_start(year, month)
+        while at < start:
+            year, month = _shift_month(year, month, -1)
+            start = self.month_start(year, month)
+        end = self.month_start(*_shift_month(year, month, 1))
+        while at >= end:
+            year, month = _shift_month(year, month, 1)
+            start, end = end, self.month_start(*_shift_month(year, month, 1))
+        return Window("monthly", start, end)
+
+    def window(self, kind: PeriodName, at: datetime) -> Window:
+        return self.daily_window(at) if kind == "daily" else self.monthly_window(at)
+
+    def previous(self, window: Window) -> Window:
+        return self.window(window.kind, window.start - _TINY)
+
+    def next(self, window: Window) -> Window:
+        return self.window(window.kind, window.end)
+
+    def windows_at(self, at: datetime) -> tuple[Window, Window]:
+        """(daily, monthly) containing `at`; memoized per hour, or per minute near a reset."""
+        seconds = at.timestamp()
+        hour = int(seconds // _HOUR)
+        found = self._by_hour.get(hour)
+        if found is not None:
+            return found
+        minute = int(seconds // _MINUTE)
+        found = self._by_minute.get(minute)
+        if found is not None:
+            return found
+        return self._remember(at, hour, minute)
+
+    def _remember(self, at: datetime, hour: int, minute: int) -> tuple[Window, Window]:
+        pair = (self.daily_window(at), self.monthly_window(at))
+        if len(self._by_hour) + len(self._by_minute) > _MEMO_LIMIT:
+            self._by_hour.clear()
+            self._by_minute.clear()
+        if _covers(pair, hour * _HOUR, _HOUR):
+            self._by_hour[hour] = pair
+        elif _covers(pair, minute * _MINUTE, _MINUTE):
+            self._by_minute[minute] = pair
+        # else: a boundary inside this very minute (an odd historical offset): not memoized
+        return pair
+
+
+def _covers(pair: tuple[Window, Window], start_seconds: int, length: int) -> bool:
+    first = datetime.fromtimestamp(start_seconds, UTC)
+    last = first + timedelta(seconds=length)
+    return all(w.start <= first and last <= w.end for w in pair)
+
+
+def _shift_month(year: int, month: int, step: int) -> tuple[int, int]:
+    index = year * 12 + (month - 1) + step
+    return index // 12, index % 12 + 1
+
+
+@lru_cache(maxsize=64)
+def calendar_for(schedule: ResetSchedule) -> Calendar:
+    """The shared Calendar of a schedule (hot paths should hold on to it instead)."""
+    return Calendar(schedule)
+
+
+def daily_window(at: datetime, schedule: ResetSchedule) -> Window:
+    return calendar_for(schedule).daily_window(at)
+
+
+def monthly_window(at: datetime, schedule: ResetSchedule) -> Window:
+    return calendar_for(schedule).monthly_window(at)
+
+
+def previous_window(window: Window, schedule: ResetSchedule) -> Window:
+    """The period of the same kind just before `window`."""
+    return calendar_for(schedule).previous(window)
+
+
+def next_window(window: Window, schedule: ResetSchedule) -> Window:
+    """The period of the same kind just after `window`."""
+    return calendar_for(schedule).next(window)
+
+
+def windows_at(at: datetime, schedule: ResetSchedule) -> tuple[Window, Window]:
+    """The (daily, monthly) windows that contain `at` (an aware datetime)."""
+    return calendar_for(schedule).windows_at(at)
