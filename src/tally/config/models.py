@@ -2,15 +2,30 @@
 
 auth.yaml -> AuthFile, users.yaml -> UsersFile, budgets.yaml -> BudgetsFile; together a Config.
 Keys marked "added" in the foundation issue are ours, named in the brief's style.
+
+Each model checks what it can see on its own (types, ranges, time zone, HH:MM, template
+placeholders); `user_problems` and `reference_problems` check what spans users and files
+(unique API keys, overrides and roles that name something real). `Config` runs both, so a
+Config built in code is as consistent as one read by `tally.config.loader.load_config`.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import hmac
+import re
+from collections.abc import Callable, Iterator
+from typing import Annotated, Literal
+from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from tally.config.errors import ConfigProblem
 
 __all__ = [
+    "AUTH_FILE",
+    "BUDGETS_FILE",
+    "PLACEHOLDERS",
+    "USERS_FILE",
     "Action",
     "AuthFile",
     "Authentication",
@@ -20,6 +35,7 @@ __all__ = [
     "Limits",
     "OnApproachingLimit",
     "OnLimitExceeded",
+    "PartialLimits",
     "PerUserBudgets",
     "ReducedPriority",
     "ResetSchedule",
@@ -30,13 +46,97 @@ __all__ = [
     "UserIdentification",
     "UsersFile",
     "Warning",
+    "reference_problems",
+    "user_problems",
 ]
+
+AUTH_FILE = "auth.yaml"
+USERS_FILE = "users.yaml"
+BUDGETS_FILE = "budgets.yaml"
+
+# The only names a message template may use (tally.core.templates fills them).
+PLACEHOLDERS = frozenset(
+    {"percent_used", "period", "tokens_used", "tokens_limit", "tokens_remaining", "reset_time"}
+)
+_BRACED = frozenset(f"{{{name}}}" for name in PLACEHOLDERS)
 
 
 class Strict(BaseModel):
-    """Every config model: immutable, and an unknown key is an error."""
+    """Every config model: immutable, an unknown key is an error, and no type coercion.
 
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
+    strict=True so that `daily_tokens: "5000"` or `enabled: "no"` is a wrong type rather
+    than silently converted; tuple fields opt back out (strict=False) because YAML gives lists.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+# field checks ------------------------------------------------------------------------------
+
+
+# Same grammar as the renderer (tally.core.templates): a {name} is a placeholder, any other
+# brace text is printed as written. So `{percent_used:.1f}` would reach users unfilled.
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_WITH_SPEC = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*[:!][^{}]*\}")
+
+
+def _template(template: str) -> str:
+    """Allow exactly the PLACEHOLDERS, written plainly as {name}."""
+    unknown = sorted({f"{{{n}}}" for n in _PLACEHOLDER.findall(template)} - _BRACED)
+    if unknown:
+        allowed = ", ".join(sorted(_BRACED))
+        raise ValueError(f"unknown placeholder {', '.join(unknown)} (allowed: {allowed})")
+    with_spec = _WITH_SPEC.search(template)
+    if with_spec:
+        raise ValueError(f"{with_spec.group(0)}: placeholders take no format spec, write {{name}}")
+    return template
+
+
+def _not_a_number(value: object) -> object:
+    # YAML 1.1 reads an unquoted 12:30 as the sexagesimal number 750: explain, don't say "int".
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise ValueError('must be a quoted "HH:MM" string (YAML reads unquoted 12:30 as a number)')
+    return value
+
+
+_HH_MM = re.compile(r"([01]\d|2[0-3]):[0-5]\d")
+
+
+def _hh_mm(value: str) -> str:
+    if not _HH_MM.fullmatch(value):
+        raise ValueError(f"must be a time of day HH:MM from 00:00 to 23:59, got {value!r}")
+    return value
+
+
+def _time_zone(name: str) -> str:
+    try:
+        ZoneInfo(name)
+    except (KeyError, ValueError, OSError):  # not found, malformed, or a directory like "Europe"
+        raise ValueError(f"unknown time zone {name!r}") from None
+    return name
+
+
+def _day_of_month(day: int) -> int:
+    if not 1 <= day <= 31:
+        raise ValueError(f"must be a day of the month 1..31, got {day}")
+    return day
+
+
+_PROVIDER_MODEL = re.compile(r"[^/\s]+/\S+")
+
+
+def _provider_model(value: str) -> str:
+    if not _PROVIDER_MODEL.fullmatch(value):
+        raise ValueError(f"must be 'provider/model' (e.g. anthropic/claude-3-haiku), got {value!r}")
+    return value
+
+
+Template = Annotated[str, AfterValidator(_template)]
+TimeOfDay = Annotated[str, BeforeValidator(_not_a_number), AfterValidator(_hh_mm)]
+TimeZoneName = Annotated[str, AfterValidator(_time_zone)]
+DayOfMonth = Annotated[int, AfterValidator(_day_of_month)]
+ModelRef = Annotated[str, AfterValidator(_provider_model)]
+Tokens = Annotated[int, Field(ge=0)]
 
 
 # auth.yaml ---------------------------------------------------------------------------------
@@ -48,12 +148,23 @@ class Authentication(Strict):
     require_auth: bool = True
     user_id_claim: str = "sub"
     # added: what verifying a JWT needs
-    algorithms: tuple[str, ...] = ("HS256",)
+    algorithms: tuple[str, ...] = Field(default=("HS256",), strict=False)
     secret: str | None = None
-    public_key_file: str | None = None
+    public_key_file: str | None = None  # relative to the config dir; the loader makes it absolute
     audience: str | None = None
     issuer: str | None = None
     role_claim: str = "role"
+
+    @model_validator(mode="after")
+    def _jwt_has_one_key(self) -> Authentication:
+        # Both set would leave it ambiguous which one verifies a token.
+        if (
+            self.enabled
+            and self.method == "jwt"
+            and (self.secret is None) == (self.public_key_file is None)
+        ):
+            raise ValueError("method jwt needs exactly one of secret or public_key_file")
+        return self
 
 
 class AuthFile(Strict):
@@ -65,17 +176,18 @@ class AuthFile(Strict):
 
 class User(Strict):
     id: str = Field(min_length=1)
-    api_key: str | None = None
+    api_key: str | None = Field(default=None, min_length=1)
     role: str | None = None  # added
     department: str | None = None  # added
     project: str | None = None  # added
-    identities: tuple[str, ...] = ()  # added: how a gateway knows them ("telegram:123456")
+    # added: how a gateway knows them ("telegram:123456")
+    identities: tuple[str, ...] = Field(default=(), strict=False)
     gateway: bool = False  # added: a service account that may report usage for others
 
 
 class UserIdentification(Strict):
     method: Literal["api_key", "jwt", "oauth"] = "api_key"
-    users: tuple[User, ...] = ()
+    users: tuple[User, ...] = Field(default=(), strict=False)
 
 
 class UsersFile(Strict):
@@ -89,55 +201,70 @@ Action = Literal["soft_limit", "hard_stop", "reduced_priority"]
 
 
 class Limits(Strict):
-    daily_tokens: int = Field(ge=0)
-    monthly_tokens: int = Field(ge=0)
+    daily_tokens: Tokens
+    monthly_tokens: Tokens
 
 
 class PartialLimits(Strict):
     """A user override may set only one of the two limits."""
 
-    daily_tokens: int | None = Field(default=None, ge=0)
-    monthly_tokens: int | None = Field(default=None, ge=0)
+    daily_tokens: Tokens | None = None
+    monthly_tokens: Tokens | None = None
 
 
 class ResetSchedule(Strict):
-    daily_reset_time: str = "00:00"  # HH:MM, local wall-clock time in `timezone`
-    monthly_reset_day: int = Field(default=1, ge=1, le=31)
-    timezone: str = "UTC"
+    daily_reset_time: TimeOfDay = "00:00"  # HH:MM, local wall-clock time in `timezone`
+    monthly_reset_day: DayOfMonth = 1  # short months reset on their last day
+    timezone: TimeZoneName = "UTC"
+
+    @property
+    def reset_hour_minute(self) -> tuple[int, int]:
+        """daily_reset_time as (hour, minute)."""
+        hour, minute = self.daily_reset_time.split(":")
+        return int(hour), int(minute)
+
+    @property
+    def zone(self) -> ZoneInfo:
+        """The IANA time zone; ZoneInfo caches instances, so this is cheap to call."""
+        return ZoneInfo(self.timezone)
 
 
 class Rollover(Strict):
     enabled: bool = False
-    max_rollover_tokens: int = Field(default=0, ge=0)
+    max_rollover_tokens: Tokens = 0
 
 
 class Warning(Strict):
     at_percent: int = Field(ge=1, le=100)
-    message: str
+    message: Template
 
 
 class OnApproachingLimit(Strict):
     action: Literal["warn"] = "warn"
-    message_template: str = (
+    message_template: Template = (
         "You've used {percent_used}% of your {period} token budget. "
         "Remaining: {tokens_remaining} tokens. Resets: {reset_time}"
     )
 
 
 class SoftLimit(Strict):
-    message: str = "You've exceeded your {period} token budget. Continued usage will be flagged for review."
+    message: Template = (
+        "You've exceeded your {period} token budget. Continued usage will be flagged for review."
+    )
     notify_admin: bool = False
 
 
 class HardStop(Strict):
-    message: str = "You've reached your {period} token limit. Your budget resets at {reset_time}."
+    message: Template = (
+        "You've reached your {period} token limit. Your budget resets at {reset_time}."
+    )
     status_code: int = Field(default=429, ge=400, le=599)
     notify_admin: bool = False  # added
 
 
 class ReducedPriority(Strict):
-    force_model: str = "anthropic/claude-3-haiku"
-    message: str = "Over budget. Routing to a cheaper model."
+    force_model: ModelRef = "anthropic/claude-3-haiku"
+    message: Template = "Over budget. Routing to a cheaper model."
     notify_admin: bool = False  # added
 
 
@@ -152,28 +279,109 @@ class PerUserBudgets(Strict):
     enabled: bool = True
     default_limits: Limits
     user_overrides: dict[str, PartialLimits] = Field(default_factory=dict)
-    role_limits: dict[str, int] = Field(default_factory=dict)  # daily tokens per role
+    role_limits: dict[str, Tokens] = Field(default_factory=dict)  # daily tokens per role
     reset_schedule: ResetSchedule = ResetSchedule()
     rollover: Rollover = Rollover()
-    warnings: tuple[Warning, ...] = ()
+    warnings: tuple[Warning, ...] = Field(default=(), strict=False)
     on_approaching_limit: OnApproachingLimit = OnApproachingLimit()
     include_budget_in_response: bool = False
-    budget_footer: str = (
+    budget_footer: Template = (
         "Your usage: {tokens_used}/{tokens_limit} tokens ({percent_used}%). Resets: {reset_time}"
     )
     on_limit_exceeded: OnLimitExceeded = OnLimitExceeded()
-    department_budgets: dict[str, Limits] = Field(default_factory=dict)  # added
-    project_budgets: dict[str, Limits] = Field(default_factory=dict)  # added
-    counted_tokens: tuple[TokenField, ...] = (  # added: which token kinds count
-        "input_tokens",
-        "output_tokens",
-        "cache_read_tokens",
-        "cache_write_tokens",
+    # added: shared by everyone in the department / project
+    department_budgets: dict[str, Limits] = Field(default_factory=dict)
+    project_budgets: dict[str, Limits] = Field(default_factory=dict)
+    counted_tokens: tuple[TokenField, ...] = Field(  # added: which token kinds count
+        default=("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens"),
+        strict=False,
     )
 
 
 class BudgetsFile(Strict):
     per_user_budgets: PerUserBudgets
+
+
+# checks across users and files -------------------------------------------------------------
+
+_USERS_PATH = "user_identification.users"
+
+
+def _first_seen_clashes(
+    users: tuple[User, ...], values: Callable[[User], list[tuple[str, str]]]
+) -> Iterator[tuple[int, str, int]]:
+    """(index, key suffix, index of the earlier user) for each value already taken."""
+    owner: dict[str, int] = {}
+    for index, user in enumerate(users):
+        for suffix, value in values(user):
+            if value in owner:
+                yield index, suffix, owner[value]
+            owner.setdefault(value, index)
+
+
+def _clash_problems(
+    users: tuple[User, ...], what: str, values: Callable[[User], list[tuple[str, str]]]
+) -> list[ConfigProblem]:
+    # The reason names the earlier user, never the value: an API key must not reach a log.
+    return [
+        ConfigProblem(
+            USERS_FILE,
+            f"{_USERS_PATH}[{index}]{suffix}",
+            f"same {what} as {_USERS_PATH}[{earlier}] ({users[earlier].id})",
+        )
+        for index, suffix, earlier in _first_seen_clashes(users, values)
+    ]
+
+
+def _ids(user: User) -> list[tuple[str, str]]:
+    return [(".id", user.id)]
+
+
+def _api_keys(user: User) -> list[tuple[str, str]]:
+    return [(".api_key", user.api_key)] if user.api_key is not None else []
+
+
+def _identities(user: User) -> list[tuple[str, str]]:
+    return [(f".identities[{i}]", identity) for i, identity in enumerate(user.identities)]
+
+
+def user_problems(users_file: UsersFile) -> list[ConfigProblem]:
+    """Ids, API keys and identities each name exactly one user."""
+    users = users_file.user_identification.users
+    return (
+        _clash_problems(users, "id", _ids)
+        + _clash_problems(users, "api_key", _api_keys)
+        + _clash_problems(users, "identity", _identities)
+    )
+
+
+def reference_problems(users_file: UsersFile, budgets_file: BudgetsFile) -> list[ConfigProblem]:
+    """Every override names a user in users.yaml; every role has a limit, if roles are used."""
+    users = users_file.user_identification.users
+    budgets = budgets_file.per_user_budgets
+    known = {user.id for user in users}
+    problems = [
+        ConfigProblem(
+            BUDGETS_FILE,
+            f"per_user_budgets.user_overrides.{user_id}",
+            f"no user {user_id!r} in {USERS_FILE}",
+        )
+        for user_id in budgets.user_overrides
+        if user_id not in known
+    ]
+    if budgets.role_limits:  # without role limits, a role is only a label
+        roles = ", ".join(sorted(budgets.role_limits))
+        problems += [
+            ConfigProblem(
+                USERS_FILE,
+                f"{_USERS_PATH}[{index}].role",
+                f"role {user.role!r} has no entry in {BUDGETS_FILE} "
+                f"per_user_budgets.role_limits ({roles})",
+            )
+            for index, user in enumerate(users)
+            if user.role is not None and user.role not in budgets.role_limits
+        ]
+    return problems
 
 
 class Config(Strict):
@@ -182,3 +390,31 @@ class Config(Strict):
     auth: AuthFile = AuthFile()
     users: UsersFile = UsersFile()
     budgets: BudgetsFile
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        problems = user_problems(self.users) + reference_problems(self.users, self.budgets)
+        if problems:
+            raise ValueError("; ".join(str(problem) for problem in problems))
+        return self
+
+    # Lookups scan the users: teams are small, and an index cached on a frozen model would go
+    # stale under model_copy(update=...).
+
+    def user_by_id(self, user_id: str) -> User | None:
+        return next((u for u in self._all_users() if u.id == user_id), None)
+
+    def user_by_api_key(self, api_key: str) -> User | None:
+        """Compares every key in constant time, so timing does not leak a key's prefix."""
+        wanted = api_key.encode()
+        found = None
+        for user in self._all_users():
+            if user.api_key is not None and hmac.compare_digest(user.api_key.encode(), wanted):
+                found = user
+        return found
+
+    def user_by_identity(self, identity: str) -> User | None:
+        return next((u for u in self._all_users() if identity in u.identities), None)
+
+    def _all_users(self) -> tuple[User, ...]:
+        return self.users.user_identification.users
