@@ -1,0 +1,228 @@
+"""The projector: usage.events (and usage.dlq) -> DuckDB -> budget.balances.
+
+It assigns every partition itself (no consumer group) and resumes from the offsets stored
+in DuckDB with the results they produced, so a crash at any point neither loses nor
+double-counts an event. After each commit it publishes the absolute balance of every user
+the batch changed; republishing after a crash is harmless.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator, Iterable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TypeVar
+
+import duckdb
+import uvicorn
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from services.projector import store
+from services.projector.audit import audit_app
+from services.projector.decode import Decoder, rejected
+from tally.config.errors import ConfigError
+from tally.config.loader import load_config
+from tally.config.models import Config
+from tally.core.usage import UserUsage, to_balance
+from tally.kafka import Record, batches, ensure_topics, make_consumer, make_producer, partitions_of
+from tally.settings import Settings
+from tally.topics import Topics
+
+__all__ = ["BATCH_SIZE", "apply_records", "assign_from", "main", "run_projector"]
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZE = 10_000
+K = TypeVar("K", AIOKafkaConsumer, AIOKafkaProducer)
+
+
+def apply_records(con: duckdb.DuckDBPyConnection, decoder: Decoder, topics: Topics,
+                  records: list[Record]) -> store.Applied:
+    """Decode a batch of both topics and apply it in one transaction (live and replay)."""
+    events = decoder.events(r for r in records if r.topic == topics.usage_events)
+    refused = rejected(r for r in records if r.topic == topics.usage_dlq)
+    return store.apply_batch(con, events, next_offsets(records), refused)
+
+
+def next_offsets(records: Iterable[Record]) -> dict[tuple[str, int], int]:
+    """Per partition, the offset after the last record: where a restart resumes."""
+    offsets: dict[tuple[str, int], int] = {}
+    for r in records:
+        key = (r.topic, r.partition)
+        offsets[key] = max(offsets.get(key, 0), r.offset + 1)
+    return offsets
+
+
+async def assign_from(consumer: AIOKafkaConsumer, names: Iterable[str],
+                      offsets: dict[tuple[str, int], int]) -> list[TopicPartition]:
+    """Assign every partition of the topics; seek to the stored offsets, else the start."""
+    parts = [tp for name in names for tp in await partitions_of(consumer, name)]
+    consumer.assign(parts)
+    for tp in parts:
+        stored = offsets.get((tp.topic, tp.partition))
+        if stored is None:
+            await consumer.seek_to_beginning(tp)
+        else:
+            consumer.seek(tp, stored)
+    return parts
+
+
+class Projector:
+    """The live fold, with the in-memory mirror of every user's usage."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, config: Config, topics: Topics,
+                 producer: AIOKafkaProducer) -> None:
+        # A cursor of its own: the audit endpoint makes its cursors from `con` meanwhile.
+        self.writer = con.cursor()
+        self.decoder = Decoder.of(config.budgets.per_user_budgets)
+        self.topics = topics
+        self.producer = producer
+        self.mirror: dict[str, UserUsage] = store.load_usages(self.writer)
+        self._work: asyncio.Future[None] | None = None
+
+    def apply(self, records: list[Record]) -> set[str]:
+        """Commit a batch, then fold its new rows into the mirror; the changed users."""
+        applied = apply_records(self.writer, self.decoder, self.topics, records)
+        store.merge_usages(self.mirror, store.new_usages(self.writer, applied))
+        return applied.users
+
+    async def handle(self, records: list[Record]) -> None:
+        # DuckDB releases the GIL: in a thread, the audit endpoint and fetches go on.
+        users = await asyncio.to_thread(self.apply, records)
+        await self.publish(users)
+
+    async def publish(self, users: Iterable[str]) -> None:
+        as_of = datetime.now(UTC)
+        sent = [
+            await self.producer.send(self.topics.budget_balances, key=user.encode(),
+                                     value=to_balance(self.mirror[user], as_of)
+                                     .model_dump_json().encode())
+            for user in sorted(users)
+        ]
+        await asyncio.gather(*sent)
+
+    async def consume(self, consumer: AIOKafkaConsumer) -> None:
+        async for records in batches(consumer, max_records=BATCH_SIZE):
+            # Shielded: a stop lets the batch under way commit and publish (see finish).
+            self._work = asyncio.ensure_future(self.handle(records))
+            await asyncio.shield(self._work)
+
+    async def finish(self) -> None:
+        if self._work is not None:
+            await self._work
+
+
+async def run_projector(config: Config, bootstrap: str, topics: Topics, db_path: Path,
+                        stop: asyncio.Event, port: int | None = None,
+                        partitions: int = 3) -> None:
+    """Run until `stop` is set; with a port, serve POST /audit on 127.0.0.1:port."""
+    await ensure_topics(bootstrap, topics, partitions)
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    async with contextlib.AsyncExitStack() as stack:
+        con = stack.enter_context(store.connect(db_path))
+        consumer = await stack.enter_async_context(_started(make_consumer(bootstrap)))
+        producer = await stack.enter_async_context(_started(make_producer(bootstrap)))
+        projector = Projector(con, config, topics, producer)
+        await assign_from(consumer, (topics.usage_events, topics.usage_dlq),
+                          store.load_offsets(projector.writer))
+        # Heals a crash between a commit and its publish: every balance, once.
+        await projector.publish(projector.mirror)
+        if port is not None:
+            await stack.enter_async_context(_serving(con, port))
+        log.info("projector: %d users, reading %s", len(projector.mirror), topics.usage_events)
+        await _until(stop, projector, consumer)
+
+
+async def _until(stop: asyncio.Event, projector: Projector, consumer: AIOKafkaConsumer) -> None:
+    """Consume until stopped; a failure of the loop ends the projector with its error."""
+    loop = asyncio.ensure_future(projector.consume(consumer))
+    waiter = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait({loop, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    if loop in done:
+        loop.result()
+        return
+    loop.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await loop
+    await projector.finish()
+
+
+@contextlib.asynccontextmanager
+async def _started(client: K) -> AsyncIterator[K]:
+    await client.start()
+    try:
+        yield client
+    finally:
+        await client.stop()
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield  # signals belong to whoever runs the projector (main, or a test's stop Event)
+
+
+@contextlib.asynccontextmanager
+async def _serving(con: duckdb.DuckDBPyConnection, port: int) -> AsyncIterator[None]:
+    """The read-only audit endpoint, in this event loop, for as long as the block runs."""
+    server = _Server(uvicorn.Config(audit_app(con), host="127.0.0.1", port=port,
+                                    log_level="warning", lifespan="off"))
+    task = asyncio.ensure_future(server.serve())
+    while not server.started and not task.done():
+        await asyncio.sleep(0.01)
+    try:
+        yield None
+    finally:
+        server.should_exit = True
+        await task
+
+
+# the command -------------------------------------------------------------------------------
+
+
+def parse_args(prog: str, argv: list[str], settings: Settings) -> argparse.ArgumentParser:
+    """The options the projector and replay share; the caller adds its own and parses."""
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("--config", type=Path, default=settings.config_dir,
+                        help="directory of auth.yaml, users.yaml, budgets.yaml")
+    parser.add_argument("--db", type=Path, default=store.default_db_path(settings.data_dir),
+                        help="the projector's DuckDB file")
+    parser.add_argument("--namespace", default=settings.topic_namespace,
+                        help="topic name prefix (default: TALLY_TOPIC_NAMESPACE)")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    settings = Settings.from_env()
+    parser = parse_args("tally projector", argv, settings)
+    parser.add_argument("--port", type=int, default=settings.projector_port,
+                        help="audit endpoint port on 127.0.0.1; 0 serves none")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"tally projector: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    asyncio.run(_run_until_signalled(config, settings, args))
+    return 0
+
+
+async def _run_until_signalled(config: Config, settings: Settings,
+                               args: argparse.Namespace) -> None:
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await run_projector(config, settings.bootstrap_servers, Topics(args.namespace), args.db,
+                        stop, port=args.port or None, partitions=settings.partitions)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
