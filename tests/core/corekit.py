@@ -12,7 +12,7 @@ _counter = iter(range(10**9))
 
 
 def utc(*args: int) -> datetime:
-    return datetime(*args, tzinfo=UTC)  # type: ignore[misc]
+    return datetime(*args, tzinfo=UTC)  # type: ignore[arg-type,misc]
 
 
 def budgets(daily: int = 1000, monthly: int = 10000, **fields: Any) -> PerUserBudgets:

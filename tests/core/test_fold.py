@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tally.config.models import ResetSchedule
+from tally.config.models import ResetSchedule, TokenField
 from tally.core.periods import Calendar
 from tally.core.usage import (
     UserUsage,
@@ -26,7 +26,7 @@ from tally.wire import BalanceUpdated, UsageRecorded
 
 from .corekit import budgets, event, utc
 
-ALL = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
+ALL: tuple[TokenField, ...] = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
 
 
 def full_event(**fields: int) -> UsageRecorded:

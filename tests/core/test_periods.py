@@ -31,11 +31,11 @@ def schedule(tz: str = "UTC", reset: str = "00:00", day: int = 1) -> ResetSchedu
 
 
 def local(tz: str, *args: int, fold: int = 0) -> datetime:
-    return datetime(*args, tzinfo=ZoneInfo(tz), fold=fold)  # type: ignore[misc]
+    return datetime(*args, tzinfo=ZoneInfo(tz), fold=fold)  # type: ignore[arg-type,misc]
 
 
 def utc(*args: int) -> datetime:
-    return datetime(*args, tzinfo=UTC)  # type: ignore[misc]
+    return datetime(*args, tzinfo=UTC)  # type: ignore[arg-type,misc]
 
 
 # daily ------------------------------------------------------------------------------------
