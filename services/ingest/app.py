@@ -1,0 +1,237 @@
+"""`tally ingest`: usage.raw and POST /v1/usage in; usage.events and usage.dlq out.
+
+One event loop runs both the Kafka loop and (with a port) the HTTP server. The Kafka loop
+reads usage.raw in batches of up to 10k, validates and identifies each record (see
+identify.py for how identities map to users.yaml ids), sends the whole batch without
+awaiting each send, waits for every ack, and only then commits the batch's offsets:
+at-least-once. A crash between the acks and the commit re-sends a batch; the projector
+dedupes by event_id, so that costs nothing but time. Invalid records go to usage.dlq and
+the loop keeps going.
+
+Events on usage.raw are trusted as to who they are for: whoever may write that topic is a
+gateway (guard it with Kafka ACLs). HTTP callers are authenticated (see auth.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import uvicorn
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from services.ingest.http import create_app
+from services.ingest.identify import Directory, enrich
+from services.ingest.validate import parse_event, rejection
+from tally.config.models import Config
+from tally.kafka import Record, batches, ensure_topics, make_consumer, make_producer
+from tally.topics import Topics
+from tally.wire import RejectedEvent, UsageRecorded
+
+__all__ = ["KafkaPublisher", "main", "run_ingest", "triage_records"]
+
+log = logging.getLogger("tally.ingest")
+
+
+class KafkaPublisher:
+    """The `Publisher` both paths use: events keyed by user, rejections to the DLQ."""
+
+    def __init__(self, producer: AIOKafkaProducer, topics: Topics) -> None:
+        self._producer = producer
+        self._topics = topics
+
+    async def publish(
+        self, accepted: Sequence[UsageRecorded], rejected: Sequence[RejectedEvent]
+    ) -> None:
+        # `send` only appends to the producer's buffer; the acks are awaited together.
+        send = self._producer.send
+        acks = [await send(self._topics.usage_events, e.model_dump_json().encode(),
+                           key=e.user_id.encode()) for e in accepted]
+        acks += [await send(self._topics.usage_dlq, r.model_dump_json().encode())
+                 for r in rejected]
+        await asyncio.gather(*acks)
+
+
+def source_of(record: Record) -> str:
+    return f"kafka:{record.topic}[{record.partition}]@{record.offset}"
+
+
+def triage_records(
+    records: Sequence[Record], directory: Directory, now: datetime
+) -> tuple[list[UsageRecorded], list[RejectedEvent]]:
+    """Each record becomes an identified event or a DLQ record; none is dropped."""
+    accepted: list[UsageRecorded] = []
+    rejected: list[RejectedEvent] = []
+    for record in records:
+        outcome = parse_event(record.value)
+        if isinstance(outcome, str):
+            rejected.append(rejection(record.value, outcome, source_of(record), now))
+        else:
+            accepted.append(enrich(outcome, directory))
+    return accepted, rejected
+
+
+def next_offsets(records: Sequence[Record]) -> dict[TopicPartition, int]:
+    """What to commit after `records`: one past the last offset seen per partition."""
+    offsets: dict[TopicPartition, int] = {}
+    for r in records:
+        tp = TopicPartition(r.topic, r.partition)
+        offsets[tp] = max(offsets.get(tp, 0), r.offset + 1)
+    return offsets
+
+
+async def consume(
+    consumer: AIOKafkaConsumer, publisher: KafkaPublisher, directory: Directory
+) -> None:
+    async for batch in batches(consumer, max_records=10_000):
+        accepted, rejected = triage_records(batch, directory, datetime.now(UTC))
+        await publisher.publish(accepted, rejected)
+        await consumer.commit(next_offsets(batch))
+        if rejected:
+            log.info("batch of %d: %d to usage.dlq", len(batch), len(rejected))
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handlers: run_ingest's caller owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Bound here, not by uvicorn, so a busy port raises OSError instead of sys.exit."""
+    sock = socket.create_server((host, port), reuse_port=False)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve_http(server: _Server, sock: socket.socket) -> None:
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def http_server(config: Config, publisher: KafkaPublisher, config_dir: Path | None) -> _Server:
+    app = create_app(config, publisher, config_dir=config_dir)
+    return _Server(uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False))
+
+
+async def run_ingest(
+    config: Config,
+    bootstrap: str,
+    topics: Topics,
+    port: int | None,
+    stop: asyncio.Event,
+    *,
+    host: str = "127.0.0.1",
+    partitions: int = 3,
+    config_dir: Path | None = None,
+) -> None:
+    """Run until `stop` is set (or a part fails, which is re-raised)."""
+    await ensure_topics(bootstrap, topics, partitions)
+    producer = make_producer(bootstrap)
+    consumer = make_consumer(bootstrap, group_id=f"tally-ingest:{topics.usage_raw}")
+    await producer.start()
+    try:
+        await consumer.start()
+        consumer.subscribe([topics.usage_raw])
+        publisher = KafkaPublisher(producer, topics)
+        await _run_parts(consumer, publisher, config, port, stop, host, config_dir)
+    finally:
+        await consumer.stop()
+        await producer.stop()  # flushes whatever the cancelled loop had buffered
+
+
+async def _run_parts(
+    consumer: AIOKafkaConsumer, publisher: KafkaPublisher, config: Config, port: int | None,
+    stop: asyncio.Event, host: str, config_dir: Path | None,
+) -> None:
+    directory = Directory.from_config(config)
+    loop = asyncio.create_task(consume(consumer, publisher, directory), name="ingest-kafka")
+    server: _Server | None = None
+    parts = [loop]
+    if port is not None:
+        server = http_server(config, publisher, config_dir)
+        sock = bind(host, port)
+        log.info("ingest HTTP on http://%s:%d/v1/usage", host, sock.getsockname()[1])
+        parts.append(asyncio.create_task(serve_http(server, sock), name="ingest-http"))
+    try:
+        await _until_stop_or_failure(stop, parts)
+    finally:
+        await _shut_down(loop, server, parts)
+
+
+async def _until_stop_or_failure(stop: asyncio.Event, parts: list[asyncio.Task[None]]) -> None:
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait([stopper, *parts], return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    for task in done - {stopper}:
+        task.result()  # re-raise a part's failure
+        raise RuntimeError(f"{task.get_name()} ended unexpectedly")
+
+
+async def _shut_down(
+    loop: asyncio.Task[None], server: _Server | None, parts: list[asyncio.Task[None]]
+) -> None:
+    loop.cancel()  # uncommitted work is redone after a restart: at-least-once
+    if server is not None:
+        server.should_exit = True  # graceful: finish in-flight requests first
+    # A part that already failed was re-raised by _until_stop_or_failure; not again here.
+    await asyncio.gather(*parts, return_exceptions=True)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="tally ingest", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", type=Path, help="config directory (default: settings)")
+    parser.add_argument("--port", type=int, help="HTTP port (default: TALLY_INGEST_PORT)")
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
+    parser.add_argument("--no-http", action="store_true", help="consume usage.raw only")
+    return parser.parse_args(argv)
+
+
+def stop_on_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def _main(config: Config, bootstrap: str, topics: Topics, args: argparse.Namespace,
+                port: int | None, partitions: int) -> None:
+    stop = asyncio.Event()
+    stop_on_signals(stop)
+    log.info("ingest: %s -> %s, %s (Kafka %s; %d users in %s)", topics.usage_raw,
+             topics.usage_events, topics.usage_dlq, bootstrap,
+             len(config.users.user_identification.users), args.config)
+    await run_ingest(config, bootstrap, topics, port, stop, host=args.host,
+                     partitions=partitions, config_dir=args.config)
+    log.info("ingest stopped")
+
+
+def main(argv: list[str]) -> int:
+    from tally.config.errors import ConfigError
+    from tally.config.loader import load_config
+    from tally.settings import Settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args = parse_args(argv)
+    settings = Settings.from_env()
+    args.config = args.config or settings.config_dir
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        print(f"tally ingest: invalid config in {args.config}:\n{error}", file=sys.stderr)
+        return 1
+    port = None if args.no_http else (settings.ingest_port if args.port is None else args.port)
+    asyncio.run(_main(config, settings.bootstrap_servers, settings.topics, args, port,
+                      settings.partitions))
+    return 0
