@@ -22,9 +22,11 @@ __all__ = [
     "batches",
     "end_offsets",
     "ensure_topics",
+    "fetch",
     "make_consumer",
     "make_producer",
     "partitions_of",
+    "read_to_end",
 ]
 
 log = logging.getLogger(__name__)
@@ -126,11 +128,31 @@ async def batches(
 ) -> AsyncIterator[list[Record]]:
     """Yield non-empty batches across all assigned partitions, forever."""
     while True:
-        fetched = await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
-        batch = [
-            Record(m.topic, m.partition, m.offset, m.key, m.value, m.timestamp)
-            for messages in fetched.values()
-            for m in messages
-        ]
+        batch = await fetch(consumer, max_records, timeout_ms)
         if batch:
             yield batch
+
+
+async def fetch(consumer: AIOKafkaConsumer, max_records: int, timeout_ms: int) -> list[Record]:
+    """One getmany across all assigned partitions, possibly empty."""
+    fetched = await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+    return [Record(m.topic, m.partition, m.offset, m.key, m.value, m.timestamp)
+            for messages in fetched.values() for m in messages]
+
+
+async def read_to_end(bootstrap: str, topic: str) -> list[Record]:
+    """Every record of a topic from the beginning up to its end offsets at call time."""
+    consumer = make_consumer(bootstrap)
+    await consumer.start()
+    try:
+        parts = await partitions_of(consumer, topic)
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        targets = await end_offsets(consumer, parts)
+        found: list[Record] = []
+        while any([await consumer.position(tp) < end for tp, end in targets.items()]):
+            found.extend(await fetch(consumer, 10_000, 100))
+        return found
+    finally:
+        await consumer.stop()
+
