@@ -1,0 +1,570 @@
+"""A single-node Apache Kafka broker (KRaft, broker+controller) that the project runs itself.
+
+No Docker: the broker jars come from Maven Central through kafka/pom.xml, and the broker is
+`java -cp '.local/kafka/libs/*' kafka.Kafka server.properties`, started detached so it
+outlives the caller. `tally kafka start|stop|status` is `main()` below; the tests reach it
+through the `kafka_bootstrap` fixture in tests/conftest.py.
+
+Layout: the jars are shared in <project>/.local/kafka/libs; each data dir (default
+<project>/.local/kafka) holds config/, data/ (log.dirs), logs/kafka.log and kafka.pid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tally.settings import project_root
+
+__all__ = [
+    "KafkaStartError",
+    "ensure_jars",
+    "is_running",
+    "main",
+    "probe",
+    "render_server_properties",
+    "running_pid",
+    "start",
+    "stop",
+    "wait_ready",
+]
+
+HOST = "127.0.0.1"
+SERVER_MAIN = "kafka.Kafka"
+STORAGE_MAIN = "kafka.tools.StorageTool"
+BROKER_JVM = ["-Xmx512m", "-Xms256m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20"]
+TOOL_JVM = ["-Xmx256m", "-XX:TieredStopAtLevel=1"]
+COMMON_JVM = ["-XX:+ExitOnOutOfMemoryError", "-Djava.awt.headless=true"]
+LOG4J2 = """\
+status = warn
+appender.out.type = Console
+appender.out.name = out
+appender.out.layout.type = PatternLayout
+appender.out.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = INFO
+rootLogger.appenderRef.out.ref = out
+logger.request.name = kafka.request.logger
+logger.request.level = WARN
+logger.controller.name = kafka.controller
+logger.controller.level = INFO
+"""
+
+
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}  # brokers this process spawned
+
+
+class KafkaStartError(RuntimeError):
+    """The broker could not be started (or did not answer in time)."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one broker keeps its config, data, log and pid file."""
+
+    root: Path
+
+    @property
+    def config_file(self) -> Path:
+        return self.root / "config" / "server.properties"
+
+    @property
+    def log4j_file(self) -> Path:
+        return self.root / "config" / "log4j2.properties"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def log_file(self) -> Path:
+        return self.root / "logs" / "kafka.log"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.root / "kafka.pid"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / ".lock"
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def default_data_dir() -> Path:
+    return project_root() / ".local" / "kafka"
+
+
+def libs_dir() -> Path:
+    return project_root() / ".local" / "kafka" / "libs"
+
+
+def pom_file() -> Path:
+    return project_root() / "kafka" / "pom.xml"
+
+
+# ---------------------------------------------------------------- pure helpers
+
+
+def render_server_properties(port: int, controller_port: int, log_dirs: Path) -> str:
+    """server.properties for one combined broker+controller on 127.0.0.1 (node.id 1)."""
+    settings = {
+        "process.roles": "broker,controller",
+        "node.id": "1",
+        "controller.quorum.voters": f"1@{HOST}:{controller_port}",
+        "listeners": f"PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{controller_port}",
+        "advertised.listeners": f"PLAINTEXT://{HOST}:{port}",
+        "inter.broker.listener.name": "PLAINTEXT",
+        "controller.listener.names": "CONTROLLER",
+        "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        "log.dirs": str(log_dirs),
+        "num.partitions": "3",
+        "default.replication.factor": "1",
+        "auto.create.topics.enable": "false",
+        "offsets.topic.replication.factor": "1",
+        "offsets.topic.num.partitions": "10",
+        "transaction.state.log.replication.factor": "1",
+        "transaction.state.log.min.isr": "1",
+        "share.coordinator.state.topic.replication.factor": "1",
+        "share.coordinator.state.topic.min.isr": "1",
+        "group.initial.rebalance.delay.ms": "0",
+        "log.cleaner.dedupe.buffer.size": str(32 * 1024 * 1024),
+    }
+    return "".join(f"{key}={value}\n" for key, value in settings.items())
+
+
+def configured_port(properties: str) -> int | None:
+    """The client port in a rendered server.properties, or None."""
+    match = re.search(r"^advertised\.listeners=PLAINTEXT://[^:]+:(\d+)$", properties, re.M)
+    return int(match.group(1)) if match else None
+
+
+def new_cluster_id() -> str:
+    """A Kafka cluster id: 16 random bytes, URL-safe base64 without padding (22 chars)."""
+    while True:
+        text = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not text.startswith("-"):
+            return text
+
+
+def java_command(java: str, main_class: str, jvm: list[str], args: list[str]) -> list[str]:
+    classpath = str(libs_dir() / "*")
+    return [java, *jvm, *COMMON_JVM, "-cp", classpath, main_class, *args]
+
+
+def metadata_request(correlation_id: int) -> bytes:
+    """A framed Metadata v4 request for no topics (just the brokers)."""
+    client_id = b"tally-localkafka"
+    header = struct.pack(">hhih", 3, 4, correlation_id, len(client_id)) + client_id
+    body = struct.pack(">ib", 0, 0)  # topics: empty array; allow_auto_topic_creation: false
+    payload = header + body
+    return struct.pack(">i", len(payload)) + payload
+
+
+def brokers_in_metadata_response(payload: bytes, correlation_id: int) -> int:
+    """How many brokers a Metadata v4 response lists (0 if it is not our answer)."""
+    if len(payload) < 12:
+        return 0
+    answered_id, _throttle_ms, brokers = struct.unpack(">iii", payload[:12])
+    return brokers if answered_id == correlation_id else 0
+
+
+# ------------------------------------------------------------------- probing
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    chunks = bytearray()
+    while len(chunks) < size:
+        chunk = sock.recv(size - len(chunks))
+        if not chunk:
+            raise ConnectionError("connection closed")
+        chunks += chunk
+    return bytes(chunks)
+
+
+def probe(host: str, port: int, timeout: float = 2.0) -> bool:
+    """True when a Kafka broker answers a Metadata request listing at least one broker."""
+    correlation_id = int(time.monotonic_ns() % 2**31)
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(metadata_request(correlation_id))
+            (size,) = struct.unpack(">i", _recv_exact(sock, 4))
+            payload = _recv_exact(sock, size)
+    except (OSError, struct.error):
+        return False
+    return brokers_in_metadata_response(payload, correlation_id) > 0
+
+
+def port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex((HOST, port)) == 0
+
+
+def wait_ready(bootstrap: str, timeout: float = 60.0) -> None:
+    """Wait until the broker at host:port answers; raise KafkaStartError after timeout."""
+    host, _, port = bootstrap.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while not probe(host, int(port)):
+        if time.monotonic() > deadline:
+            raise KafkaStartError(f"Kafka at {bootstrap} did not answer within {timeout:.0f} s")
+        time.sleep(0.25)
+
+
+# ---------------------------------------------------------------------- jars
+
+
+def _pom_digest() -> str:
+    return hashlib.sha256(pom_file().read_bytes()).hexdigest()
+
+
+def _tool(name: str, hint: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise KafkaStartError(f"`{name}` is not on PATH: {hint}")
+    return path
+
+
+def _java() -> str:
+    java_home = os.environ.get("JAVA_HOME")
+    if java_home and (Path(java_home) / "bin" / "java").exists():
+        return str(Path(java_home) / "bin" / "java")
+    return _tool("java", "Kafka 4 needs Java 17 or newer")
+
+
+def ensure_jars() -> Path:
+    """The broker's jar directory, fetched with Maven when missing or when the pom changed."""
+    libs = libs_dir()
+    stamp = libs / ".pom-sha256"
+    digest = _pom_digest()
+    if stamp.exists() and stamp.read_text().strip() == digest:
+        return libs
+    say("resolving Kafka jars with Maven...")
+    staging = libs.with_name(f"libs.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    _copy_dependencies(staging)
+    (staging / ".pom-sha256").write_text(digest + "\n")
+    shutil.rmtree(libs, ignore_errors=True)
+    staging.rename(libs)
+    return libs
+
+
+def _copy_dependencies(target: Path) -> None:
+    mvn = _tool("mvn", "install Maven 3.8+ (apt-get install maven)")
+    command = [mvn, "-q", "-B", "-f", str(pom_file()), "dependency:copy-dependencies"]
+    command.append(f"-DoutputDirectory={target}")
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0 or not any(target.glob("kafka_2.13-*.jar")):
+        output = (result.stdout + result.stderr).strip()[-3000:]
+        raise KafkaStartError(f"Maven could not fetch the Kafka jars:\n{output}")
+
+
+# ------------------------------------------------------------- process state
+
+
+def _read_pid(layout: Layout) -> int | None:
+    try:
+        return int(layout.pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    """Is pid running? Reaps it when it is our exited child (zombies count as gone)."""
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        return child.poll() is None
+    with contextlib.suppress(ChildProcessError):
+        reaped, _status = os.waitpid(pid, os.WNOHANG)
+        if reaped == pid:
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_our_broker(pid: int, layout: Layout) -> bool:
+    """The pid is alive and runs kafka.Kafka with this data dir's config (not a reused pid)."""
+    if not _alive(pid):
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc: trust the pid file
+    if not cmdline:
+        return True  # mid-exec (just spawned): nothing to compare yet
+    words = cmdline.split(b"\0")
+    return str(layout.config_file).encode() in words and SERVER_MAIN.encode() in words
+
+
+def _running_pid(layout: Layout) -> int | None:
+    """The broker's pid when it runs; a stale pid file is removed."""
+    pid = _read_pid(layout)
+    if pid is not None and _is_our_broker(pid, layout):
+        return pid
+    layout.pid_file.unlink(missing_ok=True)
+    return None
+
+
+def rss_mib(pid: int) -> float | None:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
+    return int(match.group(1)) / 1024 if match else None
+
+
+@contextlib.contextmanager
+def _locked(layout: Layout) -> Iterator[None]:
+    """One start/stop at a time per data dir (tests and CLI may race)."""
+    layout.root.mkdir(parents=True, exist_ok=True)
+    with layout.lock_file.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _layout(data_dir: Path | None) -> Layout:
+    return Layout((data_dir or default_data_dir()).resolve())
+
+
+def running_pid(data_dir: Path | None = None) -> int | None:
+    """The pid of the broker of this data dir (default .local/kafka), or None."""
+    return _running_pid(_layout(data_dir))
+
+
+def is_running(data_dir: Path | None = None) -> bool:
+    """True when the broker of this data dir (default .local/kafka) is alive."""
+    return running_pid(data_dir) is not None
+
+
+# --------------------------------------------------------------------- start
+
+
+def _write_config(layout: Layout, port: int, controller_port: int) -> None:
+    layout.config_file.parent.mkdir(parents=True, exist_ok=True)
+    layout.config_file.write_text(render_server_properties(port, controller_port, layout.data))
+    layout.log4j_file.write_text(LOG4J2)
+
+
+def _log4j_flag(layout: Layout) -> str:
+    return f"-Dlog4j2.configurationFile={layout.log4j_file}"
+
+
+def _format_storage(layout: Layout, java: str) -> None:
+    """Format log.dirs once, with a fresh random cluster id (static single-voter quorum)."""
+    if (layout.data / "meta.properties").exists():
+        return
+    say("formatting storage...")
+    shutil.rmtree(layout.data, ignore_errors=True)  # unformatted leftovers are never valid
+    cluster_id = new_cluster_id()
+    args = ["format", "-t", cluster_id, "-c", str(layout.config_file)]
+    jvm = [*TOOL_JVM, _log4j_flag(layout)]
+    command = java_command(java, STORAGE_MAIN, jvm, args)
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        output = (result.stdout + result.stderr).strip()[-3000:]
+        raise KafkaStartError(f"formatting {layout.data} failed:\n{output}")
+    (layout.root / "cluster-id").write_text(cluster_id + "\n")
+
+
+def _rotate_log(layout: Layout) -> None:
+    layout.log_file.parent.mkdir(parents=True, exist_ok=True)
+    if layout.log_file.exists():
+        layout.log_file.replace(layout.log_file.with_suffix(".log.1"))
+
+
+def _spawn(layout: Layout, java: str) -> int:
+    _rotate_log(layout)
+    jvm = [*BROKER_JVM, _log4j_flag(layout), f"-Dkafka.logs.dir={layout.log_file.parent}"]
+    command = java_command(java, SERVER_MAIN, jvm, [str(layout.config_file)])
+    with layout.log_file.open("ab") as log:
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=layout.root,
+            start_new_session=True,
+        )
+    _CHILDREN[process.pid] = process
+    layout.pid_file.write_text(f"{process.pid}\n")
+    return process.pid
+
+
+def _log_tail(layout: Layout, lines: int = 15) -> str:
+    try:
+        text = layout.log_file.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _failure(layout: Layout, what: str) -> KafkaStartError:
+    tail = _log_tail(layout)
+    return KafkaStartError(f"{what}; see {layout.log_file}\n--- last lines ---\n{tail}")
+
+
+def _await_broker(layout: Layout, pid: int, port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not probe(HOST, port):
+        if not _alive(pid):
+            layout.pid_file.unlink(missing_ok=True)
+            raise _failure(layout, f"Kafka (pid {pid}) exited during startup")
+        if time.monotonic() > deadline:
+            raise _failure(layout, f"Kafka did not answer on {HOST}:{port} within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def _check_ports_free(port: int, controller_port: int) -> None:
+    for candidate in (port, controller_port):
+        if port_open(candidate):
+            raise KafkaStartError(
+                f"port {candidate} on {HOST} is already in use by another process "
+                "(not a broker started from this data dir); stop it or pick other ports"
+            )
+
+
+def _reuse(layout: Layout, pid: int, port: int, timeout: float) -> str:
+    running_port = configured_port(layout.config_file.read_text())
+    if running_port != port:
+        raise KafkaStartError(
+            f"Kafka from {layout.root} already runs (pid {pid}) on port {running_port}, "
+            f"not {port}; stop it first"
+        )
+    _await_broker(layout, pid, port, timeout)
+    return f"{HOST}:{port}"
+
+
+def start(
+    port: int = 9092,
+    controller_port: int = 9093,
+    data_dir: Path | None = None,
+    timeout: float = 90.0,
+) -> str:
+    """Start the broker (or find it running) and return its bootstrap "127.0.0.1:PORT"."""
+    layout = _layout(data_dir)
+    with _locked(layout):
+        pid = _running_pid(layout)
+        if pid is not None:
+            return _reuse(layout, pid, port, timeout)
+        _check_ports_free(port, controller_port)
+        java = _java()
+        ensure_jars()
+        began = time.monotonic()
+        _write_config(layout, port, controller_port)
+        _format_storage(layout, java)
+        pid = _spawn(layout, java)
+        try:
+            _await_broker(layout, pid, port, timeout)
+        except BaseException:
+            _terminate(layout, pid, timeout=10.0)
+            raise
+    say(f"Kafka ready on {HOST}:{port} in {time.monotonic() - began:.1f} s (pid {pid})")
+    return f"{HOST}:{port}"
+
+
+# ---------------------------------------------------------------------- stop
+
+
+def _signal(pid: int, signum: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
+
+
+def _wait_exit(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def stop(data_dir: Path | None = None, timeout: float = 30.0) -> bool:
+    """Stop the broker (SIGTERM, then SIGKILL after timeout). True if one was running."""
+    layout = _layout(data_dir)
+    with _locked(layout):
+        pid = _running_pid(layout)
+        if pid is None:
+            return False
+        _terminate(layout, pid, timeout)
+    return True
+
+
+def _terminate(layout: Layout, pid: int, timeout: float) -> None:
+    """SIGTERM, wait, then SIGKILL; forget the pid file."""
+    _signal(pid, signal.SIGTERM)
+    if not _wait_exit(pid, timeout):
+        say(f"Kafka (pid {pid}) did not stop in {timeout:.0f} s; killing it")
+        _signal(pid, signal.SIGKILL)
+        _wait_exit(pid, 10.0)
+    _CHILDREN.pop(pid, None)
+    layout.pid_file.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------- CLI
+
+
+def _status(layout: Layout) -> int:
+    pid = _running_pid(layout)
+    if pid is None:
+        print(f"Kafka is not running (data dir {layout.root})")
+        return 1
+    port = configured_port(layout.config_file.read_text()) or 0
+    answering = probe(HOST, port)
+    state = "ready" if answering else "not answering"
+    rss = rss_mib(pid)
+    memory = f", RSS {rss:.0f} MiB" if rss is not None else ""
+    print(f"Kafka is running on {HOST}:{port} (pid {pid}, {state}{memory}); log {layout.log_file}")
+    return 0 if answering else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tally kafka", description="the local Kafka broker")
+    parser.add_argument("action", choices=["start", "stop", "status"])
+    parser.add_argument("--port", type=int, default=9092)
+    parser.add_argument("--controller-port", type=int, default=9093)
+    parser.add_argument("--data-dir", type=Path, default=None)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    data_dir: Path | None = args.data_dir
+    if args.action == "status":
+        return _status(_layout(data_dir))
+    if args.action == "stop":
+        print("Kafka stopped" if stop(data_dir) else "Kafka was not running")
+        return 0
+    try:
+        print(start(args.port, args.controller_port, data_dir))
+    except KafkaStartError as error:
+        print(f"tally kafka start: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

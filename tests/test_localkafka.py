@@ -1,0 +1,79 @@
+"""Pure helpers of tally.localkafka, and its handling of pid files (no broker needed)."""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import struct
+from pathlib import Path
+
+from tally import localkafka
+
+
+def properties(text: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in text.splitlines())
+
+
+def test_server_properties_single_node_kraft_on_loopback(tmp_path: Path) -> None:
+    config = properties(localkafka.render_server_properties(9092, 9093, tmp_path / "data"))
+    assert config["process.roles"] == "broker,controller"
+    assert config["node.id"] == "1"
+    assert config["controller.quorum.voters"] == "1@127.0.0.1:9093"
+    assert config["listeners"] == "PLAINTEXT://127.0.0.1:9092,CONTROLLER://127.0.0.1:9093"
+    assert config["advertised.listeners"] == "PLAINTEXT://127.0.0.1:9092"
+    assert config["log.dirs"] == str(tmp_path / "data")
+    assert config["offsets.topic.replication.factor"] == "1"
+    assert config["transaction.state.log.replication.factor"] == "1"
+    assert config["transaction.state.log.min.isr"] == "1"
+    assert config["group.initial.rebalance.delay.ms"] == "0"
+    assert config["num.partitions"] == "3"
+    assert config["auto.create.topics.enable"] == "false"
+
+
+def test_configured_port_reads_back_the_rendered_port(tmp_path: Path) -> None:
+    text = localkafka.render_server_properties(19092, 19093, tmp_path)
+    assert localkafka.configured_port(text) == 19092
+    assert localkafka.configured_port("node.id=1\n") is None
+
+
+def test_cluster_id_is_16_bytes_of_url_safe_base64() -> None:
+    ids = {localkafka.new_cluster_id() for _ in range(200)}
+    assert len(ids) == 200
+    for cluster_id in ids:
+        assert len(cluster_id) == 22 and not cluster_id.startswith("-")
+        assert len(base64.urlsafe_b64decode(cluster_id + "==")) == 16
+
+
+def test_metadata_request_is_a_framed_v4_request() -> None:
+    frame = localkafka.metadata_request(42)
+    (size,) = struct.unpack(">i", frame[:4])
+    assert size == len(frame) - 4
+    assert struct.unpack(">hhi", frame[4:12]) == (3, 4, 42)
+
+
+def test_metadata_response_counts_brokers_of_our_request_only() -> None:
+    answer = struct.pack(">iii", 42, 0, 1) + b"rest"
+    assert localkafka.brokers_in_metadata_response(answer, 42) == 1
+    assert localkafka.brokers_in_metadata_response(answer, 43) == 0
+    assert localkafka.brokers_in_metadata_response(b"", 42) == 0
+
+
+def test_probe_is_false_when_nothing_listens() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    assert not localkafka.probe("127.0.0.1", port, timeout=0.5)
+
+
+def test_a_pid_file_of_another_process_is_stale_and_removed(tmp_path: Path) -> None:
+    pid_file = tmp_path / "kafka.pid"
+    pid_file.write_text(f"{os.getpid()}\n")  # alive, but not a Kafka broker of this dir
+    assert not localkafka.is_running(tmp_path)
+    assert not pid_file.exists()
+
+
+def test_stop_and_status_without_a_broker(tmp_path: Path) -> None:
+    assert localkafka.stop(tmp_path) is False
+    assert localkafka.main(["status", "--data-dir", str(tmp_path)]) == 1
+    assert localkafka.main(["stop", "--data-dir", str(tmp_path)]) == 0
