@@ -9,11 +9,11 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+# One list of names for the renderer and the config loader's check: the loader owns it.
+from tally.config.models import PLACEHOLDERS
+
 __all__ = ["PLACEHOLDERS", "placeholders_in", "render"]
 
-PLACEHOLDERS = frozenset(
-    {"percent_used", "period", "tokens_used", "tokens_limit", "tokens_remaining", "reset_time"}
-)
 
 _PATTERN = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
