@@ -1,0 +1,1 @@
+"""The enforcer: balances in, decisions and alerts out, through the pure policy."""

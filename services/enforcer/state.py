@@ -1,0 +1,119 @@
+"""What the enforcer knows and decides, with no I/O: the shell feeds it and publishes.
+
+State is rebuilt on every start from three topics: budget.balances (usage), and
+budget.decisions and budget.alerts (what was already said), so a restart or a replay
+repeats no decision and no alert.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from tally.config.models import Config
+from tally.core import (
+    Window,
+    calendar_for,
+    decide,
+    from_balance,
+    group_usage,
+    known_usages,
+    new_alerts,
+)
+from tally.core.usage import UserUsage
+from tally.wire import BalanceUpdated, BudgetAlerted, BudgetDecided
+
+__all__ = ["Enforcer", "Outcome", "same_decision"]
+
+
+@dataclass
+class Outcome:
+    """What to publish after one step: changed decisions, then new alerts."""
+
+    decisions: list[BudgetDecided] = field(default_factory=list)
+    alerts: list[BudgetAlerted] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.decisions or self.alerts)
+
+
+def same_decision(a: BudgetDecided | None, b: BudgetDecided) -> bool:
+    """Equal in everything a gateway acts on; `as_of` alone is not a change."""
+    return a is not None and a.model_copy(update={"as_of": b.as_of}) == b
+
+
+class Enforcer:
+    """Usage per user, the decisions already published and the alert ids already sent."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.usages: dict[str, UserUsage] = {}
+        self.published: dict[str, BudgetDecided] = {}
+        self.sent_alerts: set[str] = set()
+        self._daily: Window | None = None
+
+    def restore(self, decisions: Iterable[BudgetDecided], alert_ids: Iterable[str]) -> None:
+        """Remember what earlier runs already published (latest decision wins)."""
+        for decision in decisions:
+            self.published[decision.user_id] = decision
+        self.sent_alerts.update(alert_ids)
+
+    def on_balances(self, balances: Iterable[BalanceUpdated], now: datetime) -> Outcome:
+        changed = set()
+        for balance in balances:
+            self.usages[balance.user_id] = from_balance(balance)
+            changed.add(balance.user_id)
+        return self.evaluate(self._affected(changed), now)
+
+    def on_config(self, config: Config, now: datetime) -> Outcome:
+        """New limits: everyone is judged again."""
+        self.config = config
+        return self.evaluate_everyone(now)
+
+    def on_tick(self, now: datetime) -> Outcome:
+        """Periods end on the clock: at a reset, everyone is judged again."""
+        schedule = self.config.budgets.per_user_budgets.reset_schedule
+        if self._daily is not None and now in self._daily:
+            return Outcome()
+        self._daily = calendar_for(schedule).daily_window(now)
+        return self.evaluate_everyone(now)
+
+    def evaluate_everyone(self, now: datetime) -> Outcome:
+        return self.evaluate(set(self._everyone()), now)
+
+    def evaluate(self, user_ids: set[str], now: datetime) -> Outcome:
+        everyone = self._everyone()
+        groups = group_usage(everyone.values()) if self._has_group_budgets() else None
+        budgets = self.config.budgets.per_user_budgets
+        outcome = Outcome()
+        for user_id in sorted(user_ids):
+            decision = decide(everyone[user_id], budgets, now, groups)
+            previous = self.published.get(user_id)
+            alerts = new_alerts(previous, decision, budgets, self.sent_alerts)
+            self.sent_alerts.update(alert.alert_id for alert in alerts)
+            outcome.alerts.extend(alerts)
+            if not same_decision(previous, decision):
+                self.published[user_id] = decision
+                outcome.decisions.append(decision)
+        return outcome
+
+    def _everyone(self) -> dict[str, UserUsage]:
+        return known_usages(self.usages, self.config)
+
+    def _has_group_budgets(self) -> bool:
+        budgets = self.config.budgets.per_user_budgets
+        return bool(budgets.department_budgets or budgets.project_budgets)
+
+    def _affected(self, changed: set[str]) -> set[str]:
+        """The changed users and everyone who shares a department or project with them."""
+        if not self._has_group_budgets():
+            return changed
+        everyone = self._everyone()
+        groups = {g for uid in changed for g in _groups_of(everyone[uid])}
+        return changed | {uid for uid, u in everyone.items() if _groups_of(u) & groups}
+
+
+def _groups_of(usage: UserUsage) -> set[str]:
+    return {f"department:{usage.department}", f"project:{usage.project}"} - {
+        "department:None", "project:None"}

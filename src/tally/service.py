@@ -1,0 +1,80 @@
+"""What every service shell shares: signals, config at startup, a quiet HTTP server.
+
+Each service's `main` loads its config with `load_config_or_report`, runs its
+`run_<service>(..., stop)` coroutine under `stop_on_signals`, and serves HTTP, if any,
+with `serving`, all in one event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import uvicorn
+from starlette.types import ASGIApp
+
+from tally.config.errors import ConfigError
+from tally.config.loader import load_config
+from tally.config.models import Config
+
+__all__ = ["QuietServer", "configure_logging", "load_config_or_report", "serving",
+           "stop_on_signals"]
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def load_config_or_report(directory: Path, prog: str) -> Config | None:
+    """The config, or None after printing every problem (file, key path, reason)."""
+    try:
+        return load_config(directory)
+    except ConfigError as error:
+        print(f"{prog}: refusing to start, the config in {directory} is invalid:\n{error}",
+              file=sys.stderr)
+        return None
+
+
+def stop_on_signals(stop: asyncio.Event) -> None:
+    """SIGINT and SIGTERM ask the running service to finish its batch and stop."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+
+class QuietServer(uvicorn.Server):
+    """uvicorn without its own signal handlers: the service's `stop` Event owns them."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Bound here, not by uvicorn, so a busy port raises OSError instead of sys.exit."""
+    sock = socket.create_server((host, port))
+    sock.setblocking(False)
+    return sock
+
+
+@contextlib.asynccontextmanager
+async def serving(app: ASGIApp, port: int, host: str = "127.0.0.1") -> AsyncIterator[None]:
+    """Serve `app` in this event loop for as long as the block runs."""
+    sock = bind(host, port)
+    server = QuietServer(uvicorn.Config(app, lifespan="off", log_level="warning",
+                                        access_log=False))
+    task = asyncio.ensure_future(server.serve(sockets=[sock]))
+    while not server.started and not task.done():
+        await asyncio.sleep(0.01)
+    try:
+        yield None
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
