@@ -1,0 +1,123 @@
+"""The enforcer's state machine, without Kafka: what it publishes and what it keeps quiet."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from services.enforcer.state import Enforcer, same_decision
+from tally.config.models import Config
+from tally.core import fold_events, to_balance
+from tally.wire import BalanceUpdated
+from tests.core.corekit import event
+
+NOON = datetime(2026, 5, 10, 12, tzinfo=UTC)
+
+
+def config(action: str = "hard_stop", **budgets: object) -> Config:
+    return Config.model_validate({
+        "budgets": {"per_user_budgets": {
+            "default_limits": {"daily_tokens": 1000, "monthly_tokens": 100000},
+            "warnings": [{"at_percent": 75, "message": "75% used"},
+                         {"at_percent": 90, "message": "90% used"}],
+            "on_limit_exceeded": {"action": action},
+            **budgets,
+        }},
+    })
+
+
+def balance_after(cfg: Config, *tokens: int, user: str = "alice",
+                  at: datetime = NOON) -> BalanceUpdated:
+    events = [event(user, at=at, tokens=t) for t in tokens]
+    usage = fold_events(events, cfg.budgets.per_user_budgets)[user]
+    return to_balance(usage, at)
+
+
+def test_a_first_balance_publishes_a_decision_and_no_alert_below_the_warnings() -> None:
+    cfg = config()
+    enforcer = Enforcer(cfg)
+    outcome = enforcer.on_balances([balance_after(cfg, 100)], NOON)
+    assert [(d.user_id, d.status, d.action) for d in outcome.decisions] == [
+        ("alice", "ok", "allow")]
+    assert outcome.alerts == []
+
+
+def test_crossing_two_warnings_at_once_sends_both_alerts() -> None:
+    cfg = config()
+    outcome = Enforcer(cfg).on_balances([balance_after(cfg, 950)], NOON)
+    assert sorted(a.threshold for a in outcome.alerts) == [75, 90]
+    assert outcome.decisions[0].action == "warn"
+
+
+def test_the_limit_stops_the_user_with_the_hard_stop_message() -> None:
+    cfg = config()
+    outcome = Enforcer(cfg).on_balances([balance_after(cfg, 1000)], NOON)
+    decision = outcome.decisions[0]
+    assert (decision.status, decision.action, decision.status_code) == (
+        "over_limit", "hard_stop", 429)
+    assert {a.kind for a in outcome.alerts} == {"warning", "limit"}
+
+
+def test_reduced_priority_names_the_cheaper_model() -> None:
+    cfg = config("reduced_priority")
+    decision = Enforcer(cfg).on_balances([balance_after(cfg, 1200)], NOON).decisions[0]
+    assert decision.action == "reduced_priority"
+    assert decision.force_model == "anthropic/claude-3-haiku"
+
+
+def test_the_same_balance_twice_publishes_nothing_new() -> None:
+    cfg = config()
+    enforcer = Enforcer(cfg)
+    enforcer.on_balances([balance_after(cfg, 950)], NOON)
+    assert not enforcer.on_balances([balance_after(cfg, 950)], NOON + timedelta(seconds=5))
+
+
+def test_a_restored_enforcer_repeats_no_decision_and_no_alert() -> None:
+    cfg = config()
+    first = Enforcer(cfg)
+    said = first.on_balances([balance_after(cfg, 1000)], NOON)
+    second = Enforcer(cfg)
+    second.restore(said.decisions, (a.alert_id for a in said.alerts))
+    assert not second.on_balances([balance_after(cfg, 1000)], NOON + timedelta(minutes=1))
+
+
+def test_at_the_daily_reset_an_over_limit_user_is_ok_again_without_new_usage() -> None:
+    cfg = config()
+    enforcer = Enforcer(cfg)
+    enforcer.on_tick(NOON)
+    enforcer.on_balances([balance_after(cfg, 1000)], NOON)
+    assert not enforcer.on_tick(NOON + timedelta(hours=1))
+    after_reset = enforcer.on_tick(datetime(2026, 5, 11, 0, 0, 1, tzinfo=UTC))
+    assert [(d.status, d.action) for d in after_reset.decisions] == [("ok", "allow")]
+    assert [a.kind for a in after_reset.alerts] == ["reset"]
+
+
+def test_new_limits_reevaluate_everyone() -> None:
+    cfg = config()
+    enforcer = Enforcer(cfg)
+    enforcer.on_balances([balance_after(cfg, 800)], NOON)
+    looser = config(default_limits={"daily_tokens": 10000, "monthly_tokens": 100000})
+    outcome = enforcer.on_config(looser, NOON)
+    assert [(d.status, d.tokens_limit) for d in outcome.decisions] == [("ok", 10000)]
+
+
+def test_a_department_budget_reaches_every_member() -> None:
+    cfg = config(department_budgets={"research": {"daily_tokens": 1500,
+                                                  "monthly_tokens": 100000}})
+    enforcer = Enforcer(cfg)
+    alice = balance_after(cfg, 800, user="alice").model_copy(update={"department": "research"})
+    dave = balance_after(cfg, 800, user="dave").model_copy(update={"department": "research"})
+    enforcer.on_balances([alice], NOON)
+    outcome = enforcer.on_balances([dave], NOON)
+    by_user = {d.user_id: d for d in outcome.decisions}
+    assert set(by_user) == {"alice", "dave"}
+    assert by_user["alice"].budget == "department:research"
+    assert by_user["alice"].action == "hard_stop"
+
+
+def test_same_decision_ignores_only_as_of() -> None:
+    cfg = config()
+    decision = Enforcer(cfg).on_balances([balance_after(cfg, 100)], NOON).decisions[0]
+    later = decision.model_copy(update={"as_of": NOON + timedelta(hours=1)})
+    assert same_decision(decision, later)
+    assert not same_decision(decision, later.model_copy(update={"tokens_used": 101}))
+    assert not same_decision(None, decision)
