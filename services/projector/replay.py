@@ -1,0 +1,163 @@
+"""`tally replay`: rebuild the projector's DuckDB from offset 0 of usage.events (and usage.dlq).
+
+It reads up to the end offsets taken at start through the same `apply_records` as the live
+projector, so the file it builds equals the live one for the same events. It builds into a
+temporary file and renames it over the target only when complete: a failed replay leaves
+the old file as it was. Stop the projector first; it holds the file open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import duckdb
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from services.projector import store
+from services.projector.app import BATCH_SIZE, apply_records, assign_from, base_parser
+from services.projector.decode import Decoder
+from tally.config.errors import ConfigError
+from tally.config.loader import load_config
+from tally.config.models import Config
+from tally.kafka import Record, batches, end_offsets, ensure_topics, make_consumer
+from tally.settings import Settings
+from tally.topics import Topics
+
+__all__ = ["Progress", "main", "replay"]
+
+
+@dataclass
+class Progress:
+    """A one-line progress bar on a stream, redrawn at most every `every` seconds."""
+
+    total: int
+    out: TextIO = sys.stderr
+    every: float = 0.2
+    done: int = 0
+    started: float = field(default_factory=time.monotonic)
+    _drawn: float = 0.0
+
+    def add(self, count: int) -> None:
+        self.done += count
+        now = time.monotonic()
+        if now - self._drawn >= self.every or self.done >= self.total:
+            self._drawn = now
+            self.draw(now)
+
+    def draw(self, now: float) -> None:
+        share = self.done / self.total if self.total else 1.0
+        bar = "#" * int(share * 30)
+        rate = self.done / max(now - self.started, 1e-9)
+        self.out.write(f"\rreplay [{bar:<30}] {self.done:,}/{self.total:,} "
+                       f"({share:.0%}) {rate:,.0f} events/s")
+        self.out.flush()
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.started
+
+
+async def replay(config: Config, bootstrap: str, topics: Topics, db_path: Path,
+                 out: TextIO = sys.stderr, partitions: int = 3) -> Progress:
+    """Fold both topics from their start up to their end at call time into db_path."""
+    await ensure_topics(bootstrap, topics, partitions)
+    consumer = make_consumer(bootstrap, fetch_max_wait_ms=100)
+    await consumer.start()
+    try:
+        parts = await assign_from(consumer, (topics.usage_events, topics.usage_dlq), {})
+        ends = await end_offsets(consumer, parts)
+        starts = await consumer.beginning_offsets(parts)
+        progress = Progress(sum(ends[tp] - starts[tp] for tp in parts), out)
+        with store.connect(db_path) as con:
+            await _fold(consumer, con, Decoder.of(config.budgets.per_user_budgets), topics,
+                        ends, progress)
+        progress.draw(time.monotonic())
+        out.write("\n")
+        return progress
+    finally:
+        await consumer.stop()
+
+
+async def _fold(consumer: AIOKafkaConsumer, con: duckdb.DuckDBPyConnection, decoder: Decoder,
+                topics: Topics, ends: dict[TopicPartition, int], progress: Progress) -> None:
+    pending = {tp for tp, end in ends.items() if await consumer.position(tp) < end}
+    async for records in _until_ends(consumer, pending, ends):
+        # In a thread: DuckDB works (GIL released) while the next batch is fetched.
+        await asyncio.to_thread(apply_records, con, decoder, topics, records)
+        progress.add(len(records))
+
+
+async def _until_ends(consumer: AIOKafkaConsumer, pending: set[TopicPartition],
+                      ends: dict[TopicPartition, int]) -> AsyncIterator[list[Record]]:
+    """Batches cut at the end offsets; stops once every partition has reached its end."""
+    if not pending:
+        return
+    async for records in batches(consumer, max_records=BATCH_SIZE):
+        kept = [r for r in records if r.offset < ends[TopicPartition(r.topic, r.partition)]]
+        if kept:
+            yield kept
+        for tp in list(pending):
+            if await consumer.position(tp) >= ends[tp]:
+                pending.discard(tp)
+                consumer.pause(tp)  # what arrives later is the live projector's business
+        if not pending:
+            return
+
+
+# the command -------------------------------------------------------------------------------
+
+
+def main(argv: list[str]) -> int:
+    settings = Settings.from_env()
+    parser = base_parser("tally replay", settings)
+    parser.add_argument("--force", action="store_true", help="replace an existing file")
+    args = parser.parse_args(argv)
+    try:
+        _check_target(args.db, args.force)
+        config = load_config(args.config)
+    except (ConfigError, ReplayRefused) as e:
+        print(f"tally replay: {e}", file=sys.stderr)
+        return 1
+    building = args.db.with_name(args.db.name + ".replay")
+    _remove(building)
+    progress = asyncio.run(replay(config, settings.bootstrap_servers, Topics(args.namespace),
+                                  building, partitions=settings.partitions))
+    _remove(args.db)  # its write-ahead log must not be replayed onto the new file
+    os.replace(building, args.db)
+    rate = progress.done / max(progress.seconds, 1e-9)
+    print(f"replayed {progress.done:,} events in {progress.seconds:.2f} s "
+          f"({rate:,.0f} events/s) into {args.db}")
+    return 0
+
+
+class ReplayRefused(Exception):
+    """The target exists without --force, or another process has it open."""
+
+
+def _check_target(db: Path, force: bool) -> None:
+    if not db.exists():
+        return
+    if not force:
+        raise ReplayRefused(f"{db} exists; pass --force to replace it")
+    try:
+        duckdb.connect(str(db)).close()  # fails while a projector holds the file
+    except duckdb.IOException as e:
+        if "lock" in str(e).lower():
+            raise ReplayRefused(f"{db} is in use (stop the projector first): {e}") from e
+        # anything else (not a DuckDB file, say) is what --force is for
+
+
+def _remove(db: Path) -> None:
+    for path in (db, db.with_name(db.name + ".wal")):
+        path.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
