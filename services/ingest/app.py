@@ -156,13 +156,14 @@ async def _run_parts(
     consumer: AIOKafkaConsumer, publisher: KafkaPublisher, config: Config, port: int | None,
     stop: asyncio.Event, host: str, config_dir: Path | None,
 ) -> None:
+    # Bind first: a busy port fails the start before anything else is running.
+    sock = bind(host, port) if port is not None else None
     directory = Directory.from_config(config)
     loop = asyncio.create_task(consume(consumer, publisher, directory), name="ingest-kafka")
     server: _Server | None = None
     parts = [loop]
-    if port is not None:
+    if sock is not None:
         server = http_server(config, publisher, config_dir)
-        sock = bind(host, port)
         log.info("ingest HTTP on http://%s:%d/v1/usage", host, sock.getsockname()[1])
         parts.append(asyncio.create_task(serve_http(server, sock), name="ingest-http"))
     try:
@@ -173,8 +174,10 @@ async def _run_parts(
 
 async def _until_stop_or_failure(stop: asyncio.Event, parts: list[asyncio.Task[None]]) -> None:
     stopper = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait([stopper, *parts], return_when=asyncio.FIRST_COMPLETED)
-    stopper.cancel()
+    try:
+        done, _ = await asyncio.wait([stopper, *parts], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
     for task in done - {stopper}:
         task.result()  # re-raise a part's failure
         raise RuntimeError(f"{task.get_name()} ended unexpectedly")
@@ -223,6 +226,7 @@ def main(argv: list[str]) -> int:
     from tally.settings import Settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)  # group chatter at INFO
     args = parse_args(argv)
     settings = Settings.from_env()
     args.config = args.config or settings.config_dir

@@ -127,3 +127,13 @@ async def test_http_and_kafka_in_one_service(
         await send_raw(kafka_bootstrap, topics.usage_raw, [raw("k")])
         events = decode_events(await read_topic(kafka_bootstrap, topics.usage_events, 2))
     assert {k: key for k, (key, _) in events.items()} == {"h": b"bob", "k": b"alice"}
+
+
+async def test_a_busy_port_fails_the_start(kafka_bootstrap: str, topics: Topics) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError):
+            await asyncio.wait_for(
+                run_ingest(make_config(), kafka_bootstrap, topics, port, asyncio.Event()), 30)
