@@ -1,0 +1,55 @@
+"""The admin view of every user's budget: the body of GET /api/admin/budgets.
+
+Every user in users.yaml is listed, and so is any user seen only in events (with the
+default limits). users.yaml is authoritative for role, department and project; the events'
+own labels fill in what it leaves out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from tally.config.models import Config
+from tally.core.limits import group_usage
+from tally.core.policy import decide
+from tally.core.usage import UserUsage, with_labels
+from tally.wire import BudgetDecided
+
+__all__ = ["budget_row", "budgets_report", "known_usages"]
+
+
+def known_usages(usages: Mapping[str, UserUsage], config: Config) -> dict[str, UserUsage]:
+    """Usage of every configured or seen user, labelled from users.yaml where it says."""
+    result = dict(usages)
+    for user in config.users.user_identification.users:
+        usage = result.get(user.id) or UserUsage(user.id)
+        labels = {"role": user.role, "department": user.department, "project": user.project}
+        result[user.id] = with_labels(usage, **labels)
+    return result
+
+
+def budgets_report(
+    usages: Mapping[str, UserUsage], config: Config, now: datetime
+) -> dict[str, list[dict[str, Any]]]:
+    """{"users": [...]} sorted by user_id, each row with its full decision."""
+    everyone = known_usages(usages, config)
+    groups = group_usage(everyone.values())
+    budgets = config.budgets.per_user_budgets
+    rows = [budget_row(decide(everyone[uid], budgets, now, groups)) for uid in sorted(everyone)]
+    return {"users": rows}
+
+
+def budget_row(decision: BudgetDecided) -> dict[str, Any]:
+    """One user's line, in the brief's shape, with the decision appended."""
+    return {
+        "user_id": decision.user_id,
+        "daily_used": decision.daily.tokens_used,
+        "daily_limit": decision.daily.tokens_limit,
+        "daily_remaining": decision.daily.tokens_remaining,
+        "monthly_used": decision.monthly.tokens_used,
+        "monthly_limit": decision.monthly.tokens_limit,
+        "status": decision.status,
+        "decision": decision.model_dump(mode="json"),
+    }
