@@ -9,10 +9,11 @@ which makes replaying a stream with duplicates harmless.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Protocol
+from operator import attrgetter
+from typing import Protocol, cast
 
 from tally.config.models import PerUserBudgets, ResetSchedule, TokenField
 from tally.core.periods import Calendar, calendar_for
@@ -174,17 +175,26 @@ def period_totals(
 
     No dedupe: the caller has already dropped events it has seen.
     """
-    calendar = _calendar(schedule)
-    names = tuple(fields)
+    windows_at = _calendar(schedule).windows_at
+    tokens_of = _token_counter(fields)
     totals: dict[PeriodKey, int] = {}
     for event in events:
-        tokens = sum(getattr(event, name) for name in names)
-        daily, monthly = calendar.windows_at(event.occurred_at)
+        tokens = tokens_of(event)
+        daily, monthly = windows_at(event.occurred_at)
         day: PeriodKey = (event.user_id, "daily", daily.start)
         month: PeriodKey = (event.user_id, "monthly", monthly.start)
         totals[day] = totals.get(day, 0) + tokens
         totals[month] = totals.get(month, 0) + tokens
     return totals
+
+
+def _token_counter(fields: Iterable[TokenField]) -> Callable[[UsageRecorded], int]:
+    # The hot loop of the projector: one C-level attrgetter instead of a generator per event.
+    names = tuple(fields)
+    if len(names) == 1:
+        return cast(Callable[[UsageRecorded], int], attrgetter(names[0]))
+    getter = attrgetter(*names)
+    return lambda event: sum(getter(event))
 
 
 def to_balance(usage: UserUsage, as_of: datetime) -> BalanceUpdated:
