@@ -310,3 +310,8 @@ def test_daily_start_is_the_reset_wall_time_unless_in_a_gap(day: date, tz: str) 
     just_before = (cal.boundary(day) - timedelta(seconds=1)).astimezone(ZoneInfo(tz))
     assert just_before.utcoffset() != start.utcoffset()
     assert just_before.replace(tzinfo=None) < datetime.combine(day, parse_reset_time("02:30"))
+
+
+def test_naive_datetime_refused() -> None:
+    with pytest.raises(ValueError, match="naive"):
+        windows_at(datetime(2026, 5, 10, 12), schedule())

@@ -159,6 +159,8 @@ class Calendar:
 
     def windows_at(self, at: datetime) -> tuple[Window, Window]:
         """(daily, monthly) containing `at`; memoized per hour, or per minute near a reset."""
+        if at.tzinfo is None:  # timestamp() would silently read it as the host's local time
+            raise ValueError(f"naive datetime {at.isoformat()}: a time zone is required")
         seconds = at.timestamp()
         hour = int(seconds // _HOUR)
         found = self._by_hour.get(hour)
