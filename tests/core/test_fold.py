@@ -26,7 +26,12 @@ from tally.wire import BalanceUpdated, UsageRecorded
 
 from .corekit import budgets, event, utc
 
-ALL: tuple[TokenField, ...] = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
+ALL: tuple[TokenField, ...] = (
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+)
 
 
 def full_event(**fields: int) -> UsageRecorded:
