@@ -15,11 +15,13 @@ import logging
 import signal
 import sys
 from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
 import duckdb
+import pyarrow as pa
 import uvicorn
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
@@ -34,7 +36,7 @@ from tally.kafka import Record, batches, ensure_topics, make_consumer, make_prod
 from tally.settings import Settings
 from tally.topics import Topics
 
-__all__ = ["BATCH_SIZE", "apply_records", "assign_from", "main", "run_projector"]
+__all__ = ["BATCH_SIZE", "Decoded", "assign_from", "base_parser", "main", "run_projector"]
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +44,23 @@ BATCH_SIZE = 10_000
 K = TypeVar("K", AIOKafkaConsumer, AIOKafkaProducer)
 
 
-def apply_records(con: duckdb.DuckDBPyConnection, decoder: Decoder, topics: Topics,
-                  records: list[Record]) -> store.Applied:
-    """Decode a batch of both topics and apply it in one transaction (live and replay)."""
-    events = decoder.events(r for r in records if r.topic == topics.usage_events)
-    refused = rejected(r for r in records if r.topic == topics.usage_dlq)
-    return store.apply_batch(con, events, next_offsets(records), refused)
+@dataclass(frozen=True)
+class Decoded:
+    """A batch of both topics, decoded, with the offsets to store along with it."""
+
+    events: pa.Table
+    rejected: pa.Table
+    offsets: dict[tuple[str, int], int]
+
+    @classmethod
+    def of(cls, decoder: Decoder, topics: Topics, records: list[Record]) -> Decoded:
+        return cls(decoder.events(r for r in records if r.topic == topics.usage_events),
+                   rejected(r for r in records if r.topic == topics.usage_dlq),
+                   next_offsets(records))
+
+    def apply(self, con: duckdb.DuckDBPyConnection) -> store.Applied:
+        """One transaction: the same write path for the live projector and replay."""
+        return store.apply_batch(con, self.events, self.offsets, self.rejected)
 
 
 def next_offsets(records: Iterable[Record]) -> dict[tuple[str, int], int]:
@@ -88,7 +101,7 @@ class Projector:
 
     def apply(self, records: list[Record]) -> set[str]:
         """Commit a batch, then fold its new rows into the mirror; the changed users."""
-        applied = apply_records(self.writer, self.decoder, self.topics, records)
+        applied = Decoded.of(self.decoder, self.topics, records).apply(self.writer)
         store.merge_usages(self.mirror, store.new_usages(self.writer, applied))
         return applied.users
 
@@ -187,7 +200,7 @@ async def _serving(con: duckdb.DuckDBPyConnection, port: int) -> AsyncIterator[N
 # the command -------------------------------------------------------------------------------
 
 
-def parse_args(prog: str, argv: list[str], settings: Settings) -> argparse.ArgumentParser:
+def base_parser(prog: str, settings: Settings) -> argparse.ArgumentParser:
     """The options the projector and replay share; the caller adds its own and parses."""
     parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("--config", type=Path, default=settings.config_dir,
@@ -201,7 +214,7 @@ def parse_args(prog: str, argv: list[str], settings: Settings) -> argparse.Argum
 
 def main(argv: list[str]) -> int:
     settings = Settings.from_env()
-    parser = parse_args("tally projector", argv, settings)
+    parser = base_parser("tally projector", settings)
     parser.add_argument("--port", type=int, default=settings.projector_port,
                         help="audit endpoint port on 127.0.0.1; 0 serves none")
     args = parser.parse_args(argv)

@@ -21,7 +21,7 @@ import duckdb
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from services.projector import store
-from services.projector.app import BATCH_SIZE, apply_records, assign_from, base_parser
+from services.projector.app import BATCH_SIZE, Decoded, assign_from, base_parser
 from services.projector.decode import Decoder
 from tally.config.errors import ConfigError
 from tally.config.loader import load_config
@@ -87,11 +87,18 @@ async def replay(config: Config, bootstrap: str, topics: Topics, db_path: Path,
 
 async def _fold(consumer: AIOKafkaConsumer, con: duckdb.DuckDBPyConnection, decoder: Decoder,
                 topics: Topics, ends: dict[TopicPartition, int], progress: Progress) -> None:
+    """A two-stage pipeline: batch n+1 is fetched and decoded (Python, holding the GIL)
+    while DuckDB writes batch n in a thread (GIL released); commits stay in order."""
     pending = {tp for tp, end in ends.items() if await consumer.position(tp) < end}
+    writing: asyncio.Future[store.Applied] | None = None
     async for records in _until_ends(consumer, pending, ends):
-        # In a thread: DuckDB works (GIL released) while the next batch is fetched.
-        await asyncio.to_thread(apply_records, con, decoder, topics, records)
+        decoded = Decoded.of(decoder, topics, records)
+        if writing is not None:
+            await writing
+        writing = asyncio.ensure_future(asyncio.to_thread(decoded.apply, con))
         progress.add(len(records))
+    if writing is not None:
+        await writing
 
 
 async def _until_ends(consumer: AIOKafkaConsumer, pending: set[TopicPartition],
