@@ -10,7 +10,7 @@ from tally.settings import Settings
 from tally.topics import Topics
 from tally.wire import BudgetDecided
 
-__all__ = ["format_table", "main"]
+__all__ = ["format_table", "main", "one_line"]
 
 HEADER = ("user", "status", "action", "daily used/limit", "monthly used/limit", "budget",
           "resets")
@@ -28,11 +28,16 @@ def row(d: BudgetDecided) -> tuple[str, ...]:
     )
 
 
+def one_line(text: str) -> str:
+    """Templates may span lines (YAML block scalars); a table row may not."""
+    return " ".join(text.split())
+
+
 def format_table(decisions: list[BudgetDecided]) -> str:
     rows = [HEADER, *(row(d) for d in sorted(decisions, key=lambda d: d.user_id))]
     widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
-    messages = [f"  {d.user_id}: {d.message.strip()}" for d in decisions if d.message]
+    messages = [f"  {d.user_id}: {one_line(d.message)}" for d in decisions if d.message]
     return "\n".join(lines + (["", "messages:", *messages] if messages else []))
 
 

@@ -1,0 +1,157 @@
+"""`tally run`: the demo on the embedded default.
+
+Starts the local Kafka (unless KAFKA_BOOTSTRAP_SERVERS points elsewhere), the ingest,
+projector and enforcer services as child processes with the example config, feeds a
+sample usage history through usage.raw (as a gateway would) and POST /v1/usage (as an
+HTTP client would), then prints every user's decision and the alerts, and keeps printing
+changes until Ctrl-C, which stops everything it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from contextlib import ExitStack, suppress
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import orjson
+
+from tally import localkafka
+from tally.config.loader import load_config
+from tally.decision_cache import DecisionCache
+from tally.demo import sample_history
+from tally.kafka import ensure_topics, make_producer, read_to_end
+from tally.settings import Settings
+from tally.status import format_table, one_line
+from tally.wire import BudgetAlerted
+
+__all__ = ["main"]
+
+SERVICES = ("ingest", "projector", "enforcer")
+
+
+def say(text: str) -> None:
+    print(f"[tally run] {text}", file=sys.stderr, flush=True)
+
+
+def start_service(name: str, settings: Settings, logs: Path) -> subprocess.Popen[bytes]:
+    log = (logs / f"{name}.log").open("ab")
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers}
+    command = [sys.executable, "-m", "tally.cli", name, "--config", str(settings.config_dir)]
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def stop_services(processes: list[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+async def feed(settings: Settings, history: list[dict[str, object]]) -> None:
+    """All but the last event through usage.raw; the last through the HTTP API."""
+    producer = make_producer(settings.bootstrap_servers, linger_ms=5)
+    await producer.start()
+    try:
+        sends = [await producer.send(settings.topics.usage_raw, orjson.dumps(event))
+                 for event in history[:-1]]
+        await asyncio.gather(*sends)
+    finally:
+        await producer.stop()
+    await post_over_http(settings, history[-1])
+
+
+async def post_over_http(settings: Settings, event: dict[str, object]) -> None:
+    url = f"http://127.0.0.1:{settings.ingest_port}/v1/usage"
+    gateway = next((u for u in load_config(settings.config_dir).users.user_identification.users
+                    if u.gateway and u.api_key), None)
+    headers = {"Authorization": f"Bearer {gateway.api_key}"} if gateway else {}
+    async with httpx.AsyncClient(timeout=10) as client:
+        for _ in range(100):  # the ingest service may still be binding its port
+            with suppress(httpx.TransportError):
+                answer = await client.post(url, json=event, headers=headers)
+                say(f"POST /v1/usage -> {answer.status_code}")
+                return
+            await asyncio.sleep(0.2)
+
+
+async def show(settings: Settings, once: bool, expected_users: int) -> None:
+    cache = DecisionCache(settings.bootstrap_servers, settings.topics)
+    await cache.start(timeout=60)
+    try:
+        await wait_for(lambda: settled(cache, expected_users), 60)
+        shown = await print_state(cache, settings, shown_alerts=0)
+        while not once:
+            await asyncio.sleep(2)
+            shown = await print_state(cache, settings, shown)
+    finally:
+        await cache.stop()
+
+
+def settled(cache: DecisionCache, expected_users: int) -> bool:
+    return len(cache) >= expected_users and any(d.status == "over_limit"
+                                                 for d in cache.snapshot())
+
+
+async def wait_for(check: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not check() and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+
+
+async def print_state(cache: DecisionCache, settings: Settings, shown_alerts: int) -> int:
+    records = await read_to_end(settings.bootstrap_servers, settings.topics.budget_alerts)
+    if shown_alerts and len(records) == shown_alerts:
+        return shown_alerts
+    print(f"\n== decisions at {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC ==")
+    print(format_table(cache.snapshot()))
+    print(f"\n== alerts on {settings.topics.budget_alerts} ({len(records)}) ==")
+    for record in records[shown_alerts:]:
+        alert = BudgetAlerted.model_validate_json(record.value or b"")
+        admin = " [notify admin]" if alert.notify_admin else ""
+        print(f"  {alert.user_id}: {alert.kind} {alert.threshold}% {alert.period}{admin}: "
+              f"{one_line(alert.message)}")
+    sys.stdout.flush()
+    return len(records)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="tally run", description=__doc__)
+    parser.add_argument("--once", action="store_true",
+                        help="print the decisions once, then stop everything")
+    args = parser.parse_args(argv)
+    settings = Settings.from_env()
+    config = load_config(settings.config_dir)
+    with ExitStack() as stack:
+        if "KAFKA_BOOTSTRAP_SERVERS" not in os.environ:
+            started_here = not localkafka.is_running()
+            settings = settings.model_copy(update={"bootstrap_servers": localkafka.start()})
+            if started_here:
+                stack.callback(localkafka.stop)
+        logs = settings.data_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        asyncio.run(ensure_topics(settings.bootstrap_servers, settings.topics,
+                                  settings.partitions))
+        processes = [start_service(name, settings, logs) for name in SERVICES]
+        stack.callback(stop_services, processes)
+        say(f"services started; logs in {logs}")
+        history = sample_history(config, datetime.now(UTC))
+        say(f"feeding {len(history)} sample usage events")
+        try:
+            asyncio.run(feed(settings, history))
+            asyncio.run(show(settings, args.once, len(config.users.user_identification.users)))
+        except KeyboardInterrupt:
+            say("stopping")
+    return 0
