@@ -208,7 +208,8 @@ async def test_live_projector_balances_publishing_and_audit(
     assert db_rows(db, BALANCES) == period_rows(want)
     assert db_rows(db, "SELECT count(*) FROM ledger") == {(len(events),)}
     assert period_rows({u: from_balance(b) for u, b in published.items()}) == period_rows(want)
-    assert {b.role for b in published.values()} <= {"dev", "ops", None}
+    assert {(b.user_id, b.role, b.department) for b in published.values()} == {
+        (u.user_id, u.role, u.department) for u in want.values()}
     assert db_rows(db, "SELECT user_id, role, department FROM users") == {
         (u.user_id, u.role, u.department) for u in want.values()}
     assert db_rows(db, "SELECT reason, events FROM rejected_by_reason") == {
@@ -314,3 +315,8 @@ async def test_replay_rebuilds_what_the_live_projector_built(
     assert f"replayed {len(sent) + 1:,} events" in out and "events/s" in out
     for table in ("ledger", "balances", "rejected", "offsets", "users"):
         assert db_rows(rebuilt, f"FROM {table}") == db_rows(live, f"FROM {table}"), table
+    # No projector listens: `tally audit` opens the file read-only itself.
+    code, out, err = await run_tally("audit", "SELECT sum(events) AS n FROM usage_by_model",
+                                     "--db", str(rebuilt), "--url", f"http://127.0.0.1:{port}")
+    assert code == 0, err
+    assert out.split() == ["n", "----", str(len({e.event_id for e in sent}))]

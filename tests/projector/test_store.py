@@ -1,4 +1,5 @@
-"""The DuckDB store alone: dedupe, atomic batches, balances that equal the ledger."""
+"""The DuckDB store alone (no Kafka): dedupe, atomic batches, balances that equal the
+ledger, the in-memory mirror against the core, and the audit's read-only rule."""
 
 from __future__ import annotations
 
@@ -11,6 +12,12 @@ import pyarrow as pa
 import pytest
 
 from services.projector import store
+from services.projector.audit import AuditError, run_query
+from services.projector.decode import Decoder
+from tally.config.models import Limits, PerUserBudgets, ResetSchedule
+from tally.core.usage import fold_events
+from tally.kafka import Record
+from tally.wire import UsageRecorded
 
 T0 = datetime(2025, 3, 10, 12, 0, tzinfo=UTC)
 DAY0 = datetime(2025, 3, 10, tzinfo=UTC)
@@ -110,3 +117,51 @@ def test_rejected_rows_and_views(con: duckdb.DuckDBPyConnection) -> None:
     assert con.execute("SELECT reason, events FROM rejected_by_reason").fetchall() == [
         ("bad json", 2)]
     assert con.execute("SELECT model, tokens FROM usage_by_model").fetchall() == [("m1", 10)]
+
+
+def test_mirror_matches_the_core_fold(con: duckdb.DuckDBPyConnection) -> None:
+    """Decoded, applied and merged batch by batch == the core's fold of the distinct events."""
+    budgets = PerUserBudgets(default_limits=Limits(daily_tokens=1, monthly_tokens=1),
+                             reset_schedule=ResetSchedule(timezone="Europe/Berlin"),
+                             counted_tokens=("input_tokens", "cache_read_tokens"))
+    events = [UsageRecorded(event_id=f"e{i % 150}", user_id=f"u{i % 4}",
+                            occurred_at=T0 + timedelta(hours=7 * i), model="m",
+                            input_tokens=i, output_tokens=1, cache_read_tokens=2,
+                            role=(None, "dev", "ops")[i % 3]) for i in range(200)]
+    records = [Record(TOPIC, 0, i, None, e.model_dump_json().encode(), 0)
+               for i, e in enumerate(events)]
+    decoder, mirror = Decoder.of(budgets), store.load_usages(con)
+    for start in range(0, len(records), 64):
+        applied = store.apply_batch(con, decoder.events(records[start:start + 64]), {})
+        store.merge_usages(mirror, store.new_usages(con, applied))
+    folded = fold_events(events, budgets)
+    assert mirror == folded
+    assert store.load_usages(con) == folded
+
+
+def test_a_bad_record_is_skipped(con: duckdb.DuckDBPyConnection) -> None:
+    budgets = PerUserBudgets(default_limits=Limits(daily_tokens=1, monthly_tokens=1))
+    good = UsageRecorded(event_id="e1", user_id="u", occurred_at=T0, model="m",
+                         input_tokens=1, output_tokens=2)
+    records = [Record(TOPIC, 0, 0, None, b"{not json", 0),
+               Record(TOPIC, 0, 1, None, b'{"event_id": "x"}', 0),
+               Record(TOPIC, 0, 2, None, good.model_dump_json().encode(), 0)]
+    assert Decoder.of(budgets).events(records).column("event_id").to_pylist() == ["e1"]
+
+
+@pytest.mark.parametrize("sql", [
+    "DELETE FROM ledger", "EXPLAIN ANALYZE DELETE FROM ledger", "SELECT 1; DROP TABLE ledger",
+    "ATTACH 'x.db'", "COPY ledger TO 'x.csv'", "SET threads = 1", "SELEC 1",
+])
+def test_audit_refuses_anything_but_one_read(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    with pytest.raises(AuditError):
+        run_query(con.cursor(), sql)
+    assert con.execute("SELECT count(*) FROM offsets").fetchone() == (0,)
+
+
+def test_audit_runs_reads(con: duckdb.DuckDBPyConnection) -> None:
+    store.apply_batch(con, table(event("e1"), event("e2", user="bob")), {})
+    result = run_query(con.cursor(), "SELECT user_id, tokens FROM this_month ORDER BY 1", 1)
+    assert (result.columns, result.rows, result.truncated) == (
+        ["user_id", "tokens"], [("alice", 10)], True)
+    assert run_query(con.cursor(), "EXPLAIN SELECT * FROM ledger").rows
