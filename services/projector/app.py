@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
@@ -185,9 +186,10 @@ class _Server(uvicorn.Server):
 @contextlib.asynccontextmanager
 async def _serving(con: duckdb.DuckDBPyConnection, port: int) -> AsyncIterator[None]:
     """The read-only audit endpoint, in this event loop, for as long as the block runs."""
-    server = _Server(uvicorn.Config(audit_app(con), host="127.0.0.1", port=port,
-                                    log_level="warning", lifespan="off"))
-    task = asyncio.ensure_future(server.serve())
+    server = _Server(uvicorn.Config(audit_app(con), log_level="warning", lifespan="off"))
+    # Bound here so a busy port raises OSError to the caller; uvicorn would sys.exit(1).
+    sock = socket.create_server(("127.0.0.1", port))
+    task = asyncio.ensure_future(server.serve(sockets=[sock]))
     while not server.started and not task.done():
         await asyncio.sleep(0.01)
     try:
@@ -195,6 +197,7 @@ async def _serving(con: duckdb.DuckDBPyConnection, port: int) -> AsyncIterator[N
     finally:
         server.should_exit = True
         await task
+        sock.close()
 
 
 # the command -------------------------------------------------------------------------------
