@@ -36,6 +36,8 @@ from tally.wire import BudgetAlerted
 __all__ = ["main"]
 
 SERVICES = ("ingest", "projector", "enforcer")
+# A gateway bug the demo shows being caught: it lands in usage.dlq, named, and is audited.
+MALFORMED = b'{"event_id": "demo-bad-1", "user_id": "openai-user:alice", "input_tokens": -5}'
 
 
 def say(text: str) -> None:
@@ -61,12 +63,13 @@ def stop_services(processes: list[subprocess.Popen[bytes]]) -> None:
 
 
 async def feed(settings: Settings, history: list[dict[str, object]]) -> None:
-    """All but the last event through usage.raw; the last through the HTTP API."""
+    """All but the last event through usage.raw (plus one malformed); the last over HTTP."""
     producer = make_producer(settings.bootstrap_servers, linger_ms=5)
     await producer.start()
     try:
         sends = [await producer.send(settings.topics.usage_raw, orjson.dumps(event))
                  for event in history[:-1]]
+        sends.append(await producer.send(settings.topics.usage_raw, MALFORMED))
         await asyncio.gather(*sends)
     finally:
         await producer.stop()
