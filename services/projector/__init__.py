@@ -1,0 +1,1 @@
+"""The projector: folds usage.events into DuckDB, publishes budget.balances; replay; audit."""

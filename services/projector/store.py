@@ -264,6 +264,8 @@ def load_usages(con: duckdb.DuckDBPyConnection) -> dict[str, UserUsage]:
 
 def new_usages(con: duckdb.DuckDBPyConnection, applied: Applied) -> dict[str, UserUsage]:
     """The usage a batch's new rows add, per user: one grouped query, not one per user."""
+    if not applied.new.num_rows:
+        return {}
     con.register("batch_new", applied.new)
     try:
         periods = con.execute("""
