@@ -52,6 +52,8 @@ def start_service(name: str, settings: Settings, logs: Path) -> subprocess.Popen
 
 
 def stop_services(processes: list[subprocess.Popen[bytes]]) -> None:
+    # A second Ctrl-C (or a terminal signalling the whole group) must not cut cleanup short.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     for process in processes:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
