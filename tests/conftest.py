@@ -27,8 +27,9 @@ import pytest
 from tally import localkafka
 from tally.settings import project_root
 
-TEST_PORT = 19092
-TEST_CONTROLLER_PORT = 19093
+# TALLY_TEST_KAFKA_PORT moves the test broker, e.g. for a second checkout beside this one.
+TEST_PORT = int(os.environ.get("TALLY_TEST_KAFKA_PORT", "19092"))
+TEST_CONTROLLER_PORT = TEST_PORT + 1
 TEST_DATA_DIR = project_root() / ".local" / "kafka-test"
 LEASES = project_root() / ".local" / "kafka-test.sessions"
 KAFKA_IMAGE = os.environ.get("TALLY_KAFKA_IMAGE", "apache/kafka:4.1.0")
