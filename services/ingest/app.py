@@ -2,14 +2,14 @@
 
 One event loop runs both the Kafka loop and (with a port) the HTTP server. The Kafka loop
 reads usage.raw in batches of up to 10k, validates and identifies each record (see
-identify.py for how identities map to users.yaml ids), sends the whole batch without
+tally/identity.py for how identities map to users.yaml ids), sends the whole batch without
 awaiting each send, waits for every ack, and only then commits the batch's offsets:
 at-least-once. A crash between the acks and the commit re-sends a batch; the projector
 dedupes by event_id, so that costs nothing but time. Invalid records go to usage.dlq and
 the loop keeps going.
 
 Events on usage.raw are trusted as to who they are for: whoever may write that topic is a
-gateway (guard it with Kafka ACLs). HTTP callers are authenticated (see auth.py).
+gateway (guard it with Kafka ACLs). HTTP callers are authenticated (see tally/auth.py).
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ import uvicorn
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from services.ingest.http import create_app
-from services.ingest.identify import Directory, enrich
+from services.ingest.identify import enrich
 from services.ingest.validate import parse_event, rejection
 from tally.config.models import Config
+from tally.identity import Directory
 from tally.kafka import Record, batches, ensure_topics, make_consumer, make_producer
 from tally.topics import Topics
 from tally.wire import RejectedEvent, UsageRecorded

@@ -34,10 +34,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from services.ingest.auth import Authenticator, AuthError
-from services.ingest.identify import Directory, Principal, enrich, may_report
+from services.ingest.identify import enrich, may_report
 from services.ingest.validate import parse_batch, rejection, validate_object
+from tally.auth import Authenticator, AuthError
 from tally.config.models import Config
+from tally.identity import Directory, Principal
 from tally.wire import RejectedEvent, UsageRecorded
 
 __all__ = ["MAX_BODY_BYTES", "SOURCE", "Publisher", "create_app"]

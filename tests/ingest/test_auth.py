@@ -1,4 +1,4 @@
-"""auth.py: JWTs and API keys checked as auth.yaml says; every failure is a 401."""
+"""tally.auth: JWTs and API keys checked as auth.yaml says; every failure is a 401."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from services.ingest.auth import Authenticator, AuthError, Principal
+from tally.auth import Authenticator, AuthError, Principal
 from tally.config.models import (
     Authentication,
     AuthFile,

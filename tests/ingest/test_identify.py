@@ -1,4 +1,4 @@
-"""identify.py: identities -> users.yaml ids, enrichment, and who may report for whom."""
+"""identify.py and tally.identity: identities -> ids, enrichment, who may report for whom."""
 
 from __future__ import annotations
 
@@ -6,14 +6,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from services.ingest.identify import (
-    Directory,
-    Principal,
-    enrich,
-    may_report,
-    normalise_identity,
-)
+from services.ingest.identify import enrich, may_report
 from tally.config.models import User
+from tally.identity import Directory, Principal, normalise_identity
 from tally.wire import UsageRecorded
 
 USERS = (

@@ -10,11 +10,14 @@ gateway service account usually holds a key rather than a token.
 A JWT must carry `exp`; its signature, `exp`, `nbf` and, when configured, `aud` and `iss`
 are verified with no leeway, using only the configured algorithms ("none" never).
 
+Shared by every HTTP surface (the ingest's POST /v1/usage, the enforcer's budgets API).
+
 Errors:
     AuthError            the request cannot go ahead; `status` says why:
         401                  no, malformed or rejected credentials (raised here);
-        403                  authenticated, but reporting another user's usage (raised by
-                             the HTTP layer, which knows the events).
+        403                  authenticated, but not allowed this request (raised by the HTTP
+                             layer that knows what is asked: someone else's usage, an
+                             admin endpoint without the admin role).
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ from pathlib import Path
 
 import jwt
 
-from services.ingest.identify import Directory, Principal
 from tally.config.models import Authentication, Config
+from tally.identity import Directory, Principal
 
 __all__ = ["AuthError", "Authenticator", "Principal"]
 
