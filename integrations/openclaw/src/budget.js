@@ -1,0 +1,242 @@
+/**
+ * The gateway's view of every user's budget: the latest decision from
+ * budget.decisions plus the tokens of calls made since. Pure: time is an argument,
+ * no I/O, nothing here throws on odd input.
+ *
+ * A decision takes a round trip through Kafka (usage.raw -> ingest -> projector ->
+ * enforcer -> budget.decisions). Until the decision that counts a call arrives, the
+ * call's tokens are kept as *pending* and added to the decision's figures, so a user
+ * who crosses a limit is stopped at the next call, not a round trip later. A pending
+ * call is dropped once a decision counts it (its daily total reached what it expected),
+ * once its day is over, or after `pendingTtlMs`.
+ */
+
+import { normaliseIdentity } from "./identity.js";
+import { periodValues, render } from "./templates.js";
+
+/**
+ * @typedef {object} Period Tally's PeriodStatus (the fields used here).
+ * @property {string} period
+ * @property {string} [period_start]
+ * @property {number} tokens_used
+ * @property {number} tokens_limit
+ * @property {string} reset_time
+ */
+
+/**
+ * @typedef {object} Decision Tally's BudgetDecided (the fields used here).
+ * @property {string} user_id
+ * @property {string} action allow | warn | soft_limit | hard_stop | reduced_priority
+ * @property {string} period
+ * @property {number} tokens_used
+ * @property {number} tokens_limit
+ * @property {string} reset_time
+ * @property {string | null} [message]
+ * @property {string | null} [footer]
+ * @property {string | null} [force_model]
+ * @property {Period} [daily]
+ * @property {Period} [monthly]
+ * @property {string[]} [identities] gateway identities the user claims, when published
+ */
+
+/**
+ * @typedef {object} Verdict
+ * @property {string} action what the gateway does now
+ * @property {string | null} message
+ * @property {string | null} footer
+ * @property {string | null} forceModel "provider/model"
+ * @property {"decision"|"local"|"unavailable"|"unknown-user"|"expired"} basis
+ */
+
+/** @typedef {{tokens: number, at: number, expect: number}} Pending */
+
+/**
+ * @typedef {object} BookOptions
+ * @property {boolean} failOpen
+ * @property {"hard_stop"|"none"} localLimitAction
+ * @property {string} localLimitMessage
+ * @property {string} unavailableMessage
+ * @property {number} pendingTtlMs
+ */
+
+/** @param {string | undefined} iso */
+function timeOf(iso) {
+  const t = iso ? Date.parse(iso) : NaN;
+  return Number.isFinite(t) ? t : NaN;
+}
+
+/** @param {Decision} d */
+function drivingPeriod(d) {
+  return { period: d.period, tokens_used: d.tokens_used, tokens_limit: d.tokens_limit,
+           reset_time: d.reset_time };
+}
+
+export class BudgetBook {
+  /** @param {BookOptions} options */
+  constructor(options) {
+    this.options = options;
+    this.ready = false;
+    /** @type {Map<string, Decision>} */
+    this.decisions = new Map();
+    /** @type {Map<string, string>} normalised identity -> user id */
+    this.owners = new Map();
+    /** @type {Map<string, Pending[]>} identity -> calls not yet in a decision */
+    this.pending = new Map();
+  }
+
+  /** budget.decisions has been read up to its end once. */
+  markReady() {
+    this.ready = true;
+  }
+
+  /** The user id Tally records this identity under. @param {string} identity */
+  userOf(identity) {
+    const normal = normaliseIdentity(identity);
+    return this.owners.get(normal) ?? normal;
+  }
+
+  /**
+   * One record of budget.decisions: a decision, or null for a tombstone.
+   * @param {string} userId the record key
+   * @param {Decision | null} decision
+   */
+  applyDecision(userId, decision) {
+    this.#forgetOwner(userId);
+    if (!decision) {
+      this.decisions.delete(userId);
+      return;
+    }
+    this.decisions.set(userId, decision);
+    for (const identity of Array.isArray(decision.identities) ? decision.identities : []) {
+      this.owners.set(normaliseIdentity(String(identity)), userId);
+    }
+    this.#settle(userId, decision);
+  }
+
+  /** @param {string} userId */
+  #forgetOwner(userId) {
+    for (const [identity, owner] of this.owners) {
+      if (owner === userId) this.owners.delete(identity);
+    }
+  }
+
+  /** Drop the pending calls this decision counts. @param {string} userId @param {Decision} d */
+  #settle(userId, d) {
+    const start = timeOf(d.daily?.period_start);
+    const used = d.daily?.tokens_used ?? d.tokens_used;
+    for (const identity of this.#identitiesOf(userId)) {
+      const kept = (this.pending.get(identity) ?? [])
+        .filter((p) => p.expect > used && !(p.at < start));
+      this.#setPending(identity, kept);
+    }
+  }
+
+  /** @param {string} identity @param {Pending[]} list */
+  #setPending(identity, list) {
+    if (list.length) this.pending.set(identity, list);
+    else this.pending.delete(identity);
+  }
+
+  /** @param {string} userId */
+  #identitiesOf(userId) {
+    return [...this.pending.keys()].filter((identity) => this.userOf(identity) === userId);
+  }
+
+  /**
+   * A call's counted tokens, reported by this gateway.
+   * @param {string} identity @param {number} tokens @param {number} nowMs
+   */
+  addUsage(identity, tokens, nowMs) {
+    if (!(tokens > 0)) return;
+    const user = this.userOf(identity);
+    const d = this.decisions.get(user);
+    const base = d?.daily?.tokens_used ?? d?.tokens_used ?? 0;
+    const expect = base + this.pendingTokens(identity, nowMs) + tokens;
+    const list = this.pending.get(identity) ?? [];
+    this.pending.set(identity, [...list, { tokens, at: nowMs, expect }]);
+  }
+
+  /**
+   * Tokens reported here that no decision counts yet, for the user behind `identity`.
+   * @param {string} identity @param {number} nowMs
+   */
+  pendingTokens(identity, nowMs) {
+    const user = this.userOf(identity);
+    const oldest = nowMs - this.options.pendingTtlMs;
+    let sum = 0;
+    for (const key of this.#identitiesOf(user)) {
+      const live = (this.pending.get(key) ?? []).filter((p) => p.at >= oldest);
+      this.#setPending(key, live);
+      sum += live.reduce((s, p) => s + p.tokens, 0);
+    }
+    return sum;
+  }
+
+  /**
+   * What to do for a call by `identity` now.
+   * @param {string} identity @param {number} nowMs
+   * @returns {Verdict}
+   */
+  verdict(identity, nowMs) {
+    const d = this.decisions.get(this.userOf(identity));
+    if (!d) return this.#withoutDecision();
+    if (d.action === "hard_stop") {
+      return nowMs >= timeOf(d.reset_time)
+        ? verdictOf("allow", null, "expired")
+        : verdictOf("hard_stop", d.message ?? this.#localMessage(drivingPeriod(d)), "decision");
+    }
+    const local = this.#localStop(d, this.pendingTokens(identity, nowMs));
+    if (local) return local;
+    return { action: d.action, message: d.message ?? null, footer: d.footer ?? null,
+             forceModel: d.force_model ?? null, basis: "decision" };
+  }
+
+  #withoutDecision() {
+    if (!this.ready && !this.options.failOpen) {
+      return verdictOf("hard_stop", this.options.unavailableMessage, "unavailable");
+    }
+    return verdictOf("allow", null, "unknown-user");
+  }
+
+  /** @param {Decision} d @param {number} pending */
+  #localStop(d, pending) {
+    if (pending <= 0 || this.options.localLimitAction !== "hard_stop") return null;
+    for (const period of [d.daily, d.monthly, drivingPeriod(d)]) {
+      if (!period) continue;
+      const used = period.tokens_used + pending;
+      if (used >= period.tokens_limit) {
+        return verdictOf("hard_stop", this.#localMessage({ ...period, tokens_used: used }),
+                         "local");
+      }
+    }
+    return null;
+  }
+
+  /** @param {Period} period */
+  #localMessage(period) {
+    return render(this.options.localLimitMessage, periodValues(period));
+  }
+}
+
+/**
+ * @param {string} action @param {string | null} message @param {Verdict["basis"]} basis
+ * @returns {Verdict}
+ */
+function verdictOf(action, message, basis) {
+  return { action, message, footer: null, forceModel: null, basis };
+}
+
+/**
+ * before_model_resolve's result for a forced "provider/model": the provider and the model
+ * apart (a combined string in modelOverride would reach the provider as is). A bare model
+ * id keeps the provider; an empty value gives null.
+ * @param {string | null | undefined} forceModel
+ * @returns {{providerOverride?: string, modelOverride: string} | null}
+ */
+export function modelOverride(forceModel) {
+  const value = (forceModel ?? "").trim();
+  const at = value.indexOf("/");
+  if (!value || at === value.length - 1) return null;
+  if (at <= 0) return { modelOverride: value.replace(/^\//, "") };
+  return { providerOverride: value.slice(0, at), modelOverride: value.slice(at + 1) };
+}

@@ -1,0 +1,75 @@
+/**
+ * Who is calling, from what an OpenClaw hook knows. Pure.
+ *
+ * In order of preference:
+ * 1. `channel:senderId` when the run came from a channel with a known sender
+ *    (e.g. "telegram:123456");
+ * 2. the OpenAI `user` of an /v1/chat/completions call, which the gateway puts in the
+ *    session key ("agent:main:openai-user:alice" -> "openai-user:alice", lower case,
+ *    the way Tally compares it);
+ * 3. the session key itself;
+ * 4. "unknown".
+ * Tally's users.yaml `identities` map these names to people.
+ */
+
+const OPENAI_USER = "openai-user:";
+
+/**
+ * @typedef {object} CallerFacts
+ * @property {string} [channel] e.g. "telegram", "webchat"
+ * @property {string} [senderId]
+ * @property {string} [sessionKey]
+ */
+
+/**
+ * The OpenAI user named in a session key, normalised, or null.
+ * @param {string | undefined} sessionKey
+ */
+export function openaiUserOf(sessionKey) {
+  if (!sessionKey) return null;
+  const at = sessionKey.toLowerCase().indexOf(OPENAI_USER);
+  if (at < 0 || (at > 0 && sessionKey[at - 1] !== ":")) return null;
+  const user = sessionKey.slice(at + OPENAI_USER.length);
+  return user ? OPENAI_USER + user.toLowerCase() : null;
+}
+
+/**
+ * The compared form of an identity, as Tally's `normalise_identity`.
+ * @param {string} identity
+ */
+export function normaliseIdentity(identity) {
+  if (identity.slice(0, OPENAI_USER.length).toLowerCase() === OPENAI_USER) {
+    return OPENAI_USER + identity.slice(OPENAI_USER.length).toLowerCase();
+  }
+  return identity;
+}
+
+/**
+ * @param {CallerFacts} facts
+ * @param {string} [prefix] put before the identity
+ */
+export function identityOf(facts, prefix = "") {
+  return prefix + bareIdentity(facts);
+}
+
+/** @param {CallerFacts} facts */
+function bareIdentity({ channel, senderId, sessionKey }) {
+  if (senderId) return `${channel || "unknown"}:${senderId}`;
+  return openaiUserOf(sessionKey) ?? (sessionKey || "unknown");
+}
+
+/**
+ * The caller facts of a hook's context, and of a before_agent_run event.
+ * @param {Record<string, any> | undefined} ctx
+ * @param {Record<string, any>} [event]
+ * @returns {CallerFacts}
+ */
+export function factsOf(ctx, event) {
+  const c = ctx ?? {};
+  const e = event ?? {};
+  return {
+    channel: c.channel ?? c.messageProvider ?? e.channelId ?? c.channelId,
+    senderId: c.senderId ?? e.senderId,
+    sessionKey: c.sessionKey,
+  };
+}

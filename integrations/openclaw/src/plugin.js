@@ -1,0 +1,176 @@
+/**
+ * The hook handlers: identity, enforcement and usage, answered from memory.
+ *
+ * OpenClaw fails closed when a gating hook throws or times out, so every handler here
+ * is synchronous, touches no network, and catches everything: a bug in Tally must not
+ * stop a person's chat. Usage goes to a `transport` whose `send` only queues.
+ *
+ * Hook order seen on openclaw 2026.9.6 for one chat: before_agent_reply,
+ * before_model_resolve, before_agent_run, (model call), agent_end, llm_output;
+ * message_sending only on channel deliveries.
+ */
+
+import { BudgetBook, modelOverride } from "./budget.js";
+import { factsOf, identityOf } from "./identity.js";
+import { RunMemory, countedTokens, usageEvent } from "./usage.js";
+
+/**
+ * @typedef {object} Transport
+ * @property {(event: import("./usage.js").UsageEvent) => void} send queue one event; never throws
+ */
+
+/**
+ * @typedef {object} Logger
+ * @property {(msg: string) => void} info
+ * @property {(msg: string) => void} warn
+ */
+
+/** Time spent inside the handlers, to show the plugin adds next to nothing. */
+class HookTimer {
+  constructor() {
+    this.calls = 0;
+    this.totalNs = 0n;
+    this.maxNs = 0n;
+  }
+
+  /** @param {bigint} ns */
+  add(ns) {
+    this.calls += 1;
+    this.totalNs += ns;
+    if (ns > this.maxNs) this.maxNs = ns;
+  }
+
+  summary() {
+    const mean = this.calls ? Number(this.totalNs / BigInt(this.calls)) / 1000 : 0;
+    return { calls: this.calls, meanMicros: Math.round(mean * 10) / 10,
+             maxMicros: Math.round(Number(this.maxNs) / 100) / 10 };
+  }
+}
+
+/** A bounded map, oldest entry out first. */
+class Recent extends Map {
+  /** @param {number} limit */
+  constructor(limit) {
+    super();
+    this.limit = limit;
+  }
+
+  /** @param {string} key @param {string} value */
+  set(key, value) {
+    super.delete(key);
+    super.set(key, value);
+    if (this.size > this.limit) super.delete(this.keys().next().value);
+    return this;
+  }
+}
+
+/**
+ * @param {object} p
+ * @param {import("./config.js").TallyConfig} p.config
+ * @param {Transport} p.transport
+ * @param {Logger} p.logger
+ * @param {() => number} [p.clock] epoch milliseconds
+ */
+export function createTally({ config, transport, logger, clock = Date.now }) {
+  const book = new BudgetBook({
+    failOpen: config.failOpen,
+    localLimitAction: config.localLimitAction,
+    localLimitMessage: config.localLimitMessage,
+    unavailableMessage: config.unavailableMessage,
+    pendingTtlMs: config.pendingTtlSeconds * 1000,
+  });
+  const runs = new RunMemory();
+  const sessions = new Recent(10_000);
+  const timer = new HookTimer();
+  const seen = new WeakSet();
+
+  /** Who the run or session belongs to; remembered for the hooks that follow. */
+  function caller(/** @type {any} */ ctx, /** @type {any} */ event) {
+    const facts = factsOf(ctx, event);
+    const identity = facts.senderId
+      ? identityOf(facts, config.identityPrefix)
+      : runs.identity(ctx?.runId) ?? identityOf(facts, config.identityPrefix);
+    runs.remember(ctx?.runId, identity);
+    if (ctx?.sessionKey) sessions.set(ctx.sessionKey, identity);
+    return identity;
+  }
+
+  function verdictFor(/** @type {any} */ ctx, /** @type {any} */ event) {
+    return book.verdict(caller(ctx, event), clock());
+  }
+
+  const handlers = {
+    before_agent_reply(/** @type {any} */ _event, /** @type {any} */ ctx) {
+      const verdict = verdictFor(ctx);
+      if (verdict.action !== "hard_stop") return undefined;
+      return { handled: true, reply: { text: verdict.message ?? "" },
+               reason: `tally:${verdict.basis}` };
+    },
+
+    before_model_resolve(/** @type {any} */ _event, /** @type {any} */ ctx) {
+      const verdict = verdictFor(ctx);
+      if (verdict.action !== "reduced_priority") return undefined;
+      return modelOverride(verdict.forceModel) ?? undefined;
+    },
+
+    before_agent_run(/** @type {any} */ event, /** @type {any} */ ctx) {
+      const verdict = verdictFor(ctx, event);
+      if (verdict.action !== "hard_stop") return undefined;
+      return { outcome: "block", reason: `tally:${verdict.basis}`,
+               message: verdict.message ?? undefined };
+    },
+
+    llm_output(/** @type {any} */ event, /** @type {any} */ ctx) {
+      if (!event || seen.has(event)) return undefined; // one attempt, told twice
+      seen.add(event);
+      const runId = event.runId ?? ctx?.runId;
+      const identity = caller({ ...ctx, runId });
+      const usage = usageEvent({ event, ctx, userId: identity,
+                                 attempt: runs.nextAttempt(runId), now: new Date(clock()) });
+      if (!usage) return undefined;
+      book.addUsage(identity, countedTokens(usage, config.countedTokens), clock());
+      transport.send(usage);
+      return undefined;
+    },
+
+    message_sending(/** @type {any} */ event, /** @type {any} */ ctx) {
+      if (!config.appendFooter || typeof event?.content !== "string") return undefined;
+      const identity = ctx?.senderId
+        ? identityOf({ channel: ctx.channelId, senderId: ctx.senderId }, config.identityPrefix)
+        : sessions.get(ctx?.sessionKey);
+      if (!identity) return undefined;
+      const extra = notices(book.verdict(identity, clock()));
+      return extra ? { content: `${event.content}\n\n${extra}` } : undefined;
+    },
+  };
+
+  return {
+    book,
+    stats: () => timer.summary(),
+    /** Each handler timed, and never throwing. */
+    hooks: Object.fromEntries(Object.entries(handlers).map(([name, handler]) => [name,
+      (/** @type {any} */ event, /** @type {any} */ ctx) => {
+        const started = process.hrtime.bigint();
+        try {
+          return handler(event, ctx);
+        } catch (error) {
+          logger.warn(`tally: ${name} failed, letting the call through: ${String(error)}`);
+          return undefined;
+        } finally {
+          timer.add(process.hrtime.bigint() - started);
+        }
+      }])),
+  };
+}
+
+/**
+ * The text added to a channel reply: the warning or limit message, then the footer.
+ * @param {import("./budget.js").Verdict} verdict
+ */
+export function notices(verdict) {
+  const shown = ["warn", "soft_limit", "reduced_priority"].includes(verdict.action);
+  const parts = [shown ? verdict.message : null, verdict.footer]
+    .filter((p) => typeof p === "string" && p.trim())
+    .map((p) => /** @type {string} */ (p).trim());
+  return parts.join("\n\n");
+}
