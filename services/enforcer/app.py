@@ -1,9 +1,11 @@
 """The enforcer shell: budget.balances in; budget.decisions and budget.alerts out.
 
-On start it reads what earlier runs published (decisions, alert ids), then consumes the
+On start it reads what earlier runs published (decisions, alerts), then consumes the
 compacted budget.balances from the beginning and follows it. A clock tick ends periods
 without new usage, and a changed budgets.yaml is reloaded (a bad one is refused and the
-old policy stays).
+old policy stays). In the same event loop it serves the budgets API and the dashboard
+(api.py; ready on /readyz once caught up with budget.balances) and delivers alerts to the
+configured webhook (notifier.py).
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from services.enforcer.api import create_app
+from services.enforcer.board import Board
+from services.enforcer.notifier import run_notifier
 from services.enforcer.state import Enforcer, Outcome
 from tally.config.errors import ConfigError
 from tally.config.loader import load_config
-from tally.config.models import Config
+from tally.config.models import AlertWebhook, Config
 from tally.kafka import (
     Record,
     ensure_topics,
@@ -31,7 +36,8 @@ from tally.kafka import (
     partitions_of,
     read_to_end,
 )
-from tally.service import configure_logging, load_config_or_report, stop_on_signals
+from tally.ops import Metrics, Readiness, observe_lag
+from tally.service import configure_logging, load_config_or_report, serving, stop_on_signals
 from tally.settings import Settings
 from tally.topics import Topics
 from tally.wire import BalanceUpdated, BudgetAlerted, BudgetDecided
@@ -74,12 +80,13 @@ class ConfigWatcher:
         return config
 
 
-async def restore(enforcer: Enforcer, bootstrap: str, topics: Topics) -> None:
+async def restore(board: Board, bootstrap: str, topics: Topics) -> None:
     decisions = [BudgetDecided.model_validate_json(r.value)
                  for r in await read_to_end(bootstrap, topics.budget_decisions) if r.value]
     alerts = [BudgetAlerted.model_validate_json(r.value)
               for r in await read_to_end(bootstrap, topics.budget_alerts) if r.value]
-    enforcer.restore(decisions, (a.alert_id for a in alerts))
+    board.enforcer.restore(decisions, (a.alert_id for a in alerts))
+    board.restore_alerts(alerts)
     log.info("restored %d decisions and %d alert ids", len(decisions), len(alerts))
 
 
@@ -114,40 +121,80 @@ async def run_enforcer(
     clock: Clock = utc_now,
     tick_seconds: float = 1.0,
     partitions: int = 3,
+    port: int | None = None,
+    host: str = "127.0.0.1",
+    metrics: Metrics | None = None,
 ) -> None:
-    """Run until `stop` is set. `clock` is injectable so tests can cross a reset."""
-    watcher = ConfigWatcher(config_dir)
-    enforcer = Enforcer(load_config(config_dir))
-    await ensure_topics(bootstrap, topics, partitions)
-    await restore(enforcer, bootstrap, topics)
-    producer, consumer = make_producer(bootstrap), make_consumer(bootstrap)
-    await producer.start()
-    await consumer.start()
-    try:
-        parts = await partitions_of(consumer, topics.budget_balances)
-        consumer.assign(parts)
-        await consumer.seek_to_beginning(*parts)
-        await publish(producer, topics, enforcer.on_tick(clock()))
-        await _loop(enforcer, watcher, consumer, producer, topics, stop, clock, tick_seconds)
-    finally:
-        with contextlib.suppress(Exception):
-            await producer.stop()
-        await consumer.stop()
+    """Run until `stop` is set. `clock` is injectable so tests can cross a reset; with a
+    `port`, serve the API and dashboard (api.py) on host:port."""
+    board = Board(Enforcer(load_config(config_dir)), metrics)
+    readiness = Readiness()
+    async with contextlib.AsyncExitStack() as stack:
+        if port is not None:  # first: /healthz answers while the state is rebuilt
+            app = create_app(board, readiness, config_dir=config_dir, clock=clock)
+            await stack.enter_async_context(serving(app, port, host))
+            stack.callback(board.hub.close)  # open streams end, or the server waits on them
+        await ensure_topics(bootstrap, topics, partitions)
+        await restore(board, bootstrap, topics)
+        notifier = asyncio.create_task(run_notifier(
+            bootstrap, topics, lambda: webhook_of(board), stop, board.metrics))
+        stack.push_async_callback(_finish, notifier, stop)
+        loop = Loop(board, ConfigWatcher(config_dir), readiness, topics, clock)
+        await loop.run(bootstrap, stop, tick_seconds)
 
 
-async def _loop(enforcer: Enforcer, watcher: ConfigWatcher, consumer: AIOKafkaConsumer,
-                producer: AIOKafkaProducer, topics: Topics, stop: asyncio.Event,
-                clock: Clock, tick_seconds: float) -> None:
-    loop = asyncio.get_running_loop()
-    next_tick = loop.time() + tick_seconds
-    while not stop.is_set():
-        records = await fetch(consumer, 10_000, 50)
-        if records:
-            await publish(producer, topics, enforcer.on_balances(decode_balances(records),
-                                                                 clock()))
-        if loop.time() >= next_tick:
-            next_tick = loop.time() + tick_seconds
-            await publish(producer, topics, _tick(enforcer, watcher, clock()))
+def webhook_of(board: Board) -> AlertWebhook | None:
+    return board.enforcer.config.budgets.per_user_budgets.alert_webhook
+
+
+async def _finish(task: asyncio.Task[None], stop: asyncio.Event) -> None:
+    stop.set()  # also when the loop failed: the notifier must not outlive it
+    await task
+
+
+class Loop:
+    """budget.balances in, decisions and alerts out, the board kept current."""
+
+    def __init__(self, board: Board, watcher: ConfigWatcher, readiness: Readiness,
+                 topics: Topics, clock: Clock) -> None:
+        self.board, self.watcher, self.readiness = board, watcher, readiness
+        self.topics, self.clock = topics, clock
+
+    async def run(self, bootstrap: str, stop: asyncio.Event, tick_seconds: float) -> None:
+        producer, consumer = make_producer(bootstrap), make_consumer(bootstrap)
+        await producer.start()
+        await consumer.start()
+        try:
+            parts = await partitions_of(consumer, self.topics.budget_balances)
+            consumer.assign(parts)
+            await consumer.seek_to_beginning(*parts)
+            await self.publish(producer, self.board.enforcer.on_tick(self.clock()))
+            await self._follow(consumer, producer, stop, tick_seconds)
+        finally:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            await consumer.stop()
+
+    async def publish(self, producer: AIOKafkaProducer, outcome: Outcome) -> None:
+        await publish(producer, self.topics, outcome)
+        self.board.record(outcome)
+
+    async def _follow(self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer,
+                      stop: asyncio.Event, tick_seconds: float) -> None:
+        enforcer, metrics = self.board.enforcer, self.board.metrics
+        clock = asyncio.get_running_loop().time
+        next_tick = clock() + tick_seconds
+        while not stop.is_set():
+            records = await fetch(consumer, 10_000, 50)
+            if records:
+                metrics.count_in(records)
+                balances = decode_balances(records)
+                await self.publish(producer, enforcer.on_balances(balances, self.clock()))
+            await observe_lag(metrics, consumer)
+            await self.readiness.check(consumer)
+            if clock() >= next_tick:
+                next_tick = clock() + tick_seconds
+                await self.publish(producer, _tick(enforcer, self.watcher, self.clock()))
 
 
 def _tick(enforcer: Enforcer, watcher: ConfigWatcher, now: datetime) -> Outcome:
@@ -160,16 +207,21 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="tally enforcer", description=__doc__)
     parser.add_argument("--config", type=Path, default=settings.config_dir,
                         help="directory of auth.yaml, users.yaml, budgets.yaml")
+    parser.add_argument("--port", type=int, default=settings.enforcer_port,
+                        help="API and dashboard port (default: TALLY_ENFORCER_PORT); 0: none")
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
     args = parser.parse_args(argv)
     if load_config_or_report(args.config, "tally enforcer") is None:
         return 1
     configure_logging()
-    asyncio.run(_main(args.config, settings))
+    asyncio.run(_main(args.config, settings, args.port or None, args.host))
     return 0
 
 
-async def _main(config_dir: Path, settings: Settings) -> None:
+async def _main(config_dir: Path, settings: Settings, port: int | None, host: str) -> None:
     stop = asyncio.Event()
     stop_on_signals(stop)
+    if port is not None:
+        log.info("enforcer API on http://%s:%d (dashboard: /admin)", host, port)
     await run_enforcer(config_dir, settings.bootstrap_servers, settings.topics, stop,
-                       partitions=settings.partitions)
+                       partitions=settings.partitions, port=port, host=host)

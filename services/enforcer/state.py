@@ -98,6 +98,26 @@ class Enforcer:
                 outcome.decisions.append(decision)
         return outcome
 
+    def decision_for(self, user_id: str, now: datetime) -> BudgetDecided:
+        """The published decision, or what one would be now for a user never judged."""
+        published = self.published.get(user_id)
+        if published is not None:
+            return published
+        everyone = self._everyone()
+        usage = everyone.get(user_id) or UserUsage(user_id)
+        groups = group_usage(everyone.values()) if self._has_group_budgets() else None
+        return decide(usage, self.config.budgets.per_user_budgets, now, groups)
+
+    def current(self) -> list[tuple[BudgetDecided, UserUsage]]:
+        """Every known user's published decision and labelled usage, sorted by user.
+
+        Known: in users.yaml or seen in balances. A decision restored from an earlier run
+        for a user now unknown (removed from users.yaml, never used) is not listed.
+        """
+        everyone = self._everyone()
+        return [(self.published[uid], everyone[uid]) for uid in sorted(everyone)
+                if uid in self.published]
+
     def _everyone(self) -> dict[str, UserUsage]:
         return known_usages(self.usages, self.config)
 

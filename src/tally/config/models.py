@@ -27,6 +27,7 @@ __all__ = [
     "PLACEHOLDERS",
     "USERS_FILE",
     "Action",
+    "AlertWebhook",
     "AuthFile",
     "Authentication",
     "BudgetsFile",
@@ -136,6 +137,15 @@ TimeOfDay = Annotated[str, BeforeValidator(_not_a_number), AfterValidator(_hh_mm
 TimeZoneName = Annotated[str, AfterValidator(_time_zone)]
 DayOfMonth = Annotated[int, AfterValidator(_day_of_month)]
 ModelRef = Annotated[str, AfterValidator(_provider_model)]
+
+
+def _http_url(value: str) -> str:
+    if not re.fullmatch(r"https?://[^\s/]+\S*", value):
+        raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+    return value
+
+
+HttpUrl = Annotated[str, AfterValidator(_http_url)]
 Tokens = Annotated[int, Field(ge=0)]
 
 
@@ -275,6 +285,15 @@ class OnLimitExceeded(Strict):
     reduced_priority: ReducedPriority = ReducedPriority()
 
 
+class AlertWebhook(Strict):
+    """added: where alerts with notify_admin go (a Slack-compatible incoming webhook)."""
+
+    url: HttpUrl
+    timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    max_attempts: int = Field(default=5, ge=1, le=20)
+    backoff_seconds: float = Field(default=1.0, ge=0, le=60)  # first retry; doubles, max 60 s
+
+
 class PerUserBudgets(Strict):
     enabled: bool = True
     default_limits: Limits
@@ -296,6 +315,7 @@ class PerUserBudgets(Strict):
         default=("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens"),
         strict=False,
     )
+    alert_webhook: AlertWebhook | None = None  # added: deliver notify_admin alerts here
 
 
 class BudgetsFile(Strict):

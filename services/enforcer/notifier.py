@@ -1,0 +1,175 @@
+"""Alert delivery: alerts with `notify_admin` on budget.alerts -> the configured webhook.
+
+The body is Slack-compatible, `{"text": "..."}`: a headline naming the user, then the
+alert's message, which is the template from budgets.yaml as the user sees it.
+
+No duplicates after a restart: the notifier reads budget.alerts in a consumer group of
+its own and commits an alert's offset right after handling it, so a restart resumes after
+the last alert handled. The one gap is a crash between the webhook's 2xx and that commit:
+that alert is delivered again (a webhook takes no idempotency key). Within a run, an
+alert_id seen twice is delivered once.
+
+Retries: a connection error, a timeout, 429 or 5xx is retried up to `max_attempts` times,
+waiting `backoff_seconds`, doubling, at most 60 s (a longer Retry-After of a 429 is
+honoured up to 60 s). Any other 4xx is not retried: the request itself is refused. Every
+failed attempt counts in tally_alert_delivery_errors_total{reason}; an alert given up on
+counts in tally_alert_deliveries_total{result="failed"}, is logged, and the notifier moves
+on, so one undeliverable alert cannot hold back the others.
+
+While budgets.yaml names no webhook the notifier waits without consuming: alerts stay on
+the topic, and those still there are delivered once a webhook is configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import httpx
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from tally.config.models import AlertWebhook
+from tally.kafka import Record, fetch, make_consumer
+from tally.ops import Metrics, observe_lag
+from tally.topics import Topics
+from tally.wire import BudgetAlerted
+
+__all__ = ["MAX_BACKOFF", "Notifier", "backoff", "group_id", "run_notifier", "slack_text"]
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF = 60.0
+Sleep = Callable[[float], Awaitable[bool]]  # waits; True when the service is stopping
+
+
+def group_id(topics: Topics) -> str:
+    return f"tally-notifier:{topics.budget_alerts}"
+
+
+def slack_text(alert: BudgetAlerted) -> str:
+    used = f"{alert.tokens_used:,}/{alert.tokens_limit:,} tokens, {alert.percent_used}%"
+    budget = "" if alert.budget == "user" else f" ({alert.budget} budget)"
+    headline = {
+        "limit": f"{alert.user_id} is over the {alert.period} limit{budget}: {used}",
+        "warning": f"{alert.user_id} reached {alert.threshold}% of the {alert.period} "
+                   f"budget{budget}: {used}",
+        "reset": f"{alert.user_id}'s {alert.period} budget{budget} has reset",
+    }[alert.kind]
+    return f"*Tally*: {headline}\n{alert.message.strip()}"
+
+
+def backoff(webhook: AlertWebhook, attempt: int, retry_after: float | None = None) -> float:
+    """The wait after failed attempt number `attempt` (1-based)."""
+    delay: float = min(webhook.backoff_seconds * 2.0 ** (attempt - 1), MAX_BACKOFF)
+    return max(delay, min(retry_after, MAX_BACKOFF)) if retry_after else delay
+
+
+@dataclass(frozen=True)
+class Attempt:
+    error: str | None  # None: delivered
+    retry: bool = False
+    retry_after: float | None = None
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after", "")
+    return float(value) if value.isdigit() else None
+
+
+class Notifier:
+    """Delivers one alert at a time, with retries; `sleep` is the seam tests replace."""
+
+    def __init__(self, client: httpx.AsyncClient, metrics: Metrics, sleep: Sleep) -> None:
+        self.client, self.metrics, self.sleep = client, metrics, sleep
+        self.delivered: set[str] = set()
+
+    async def deliver(self, webhook: AlertWebhook, alert: BudgetAlerted) -> bool | None:
+        """True delivered (or already), False given up on, None stopped before either."""
+        if alert.alert_id in self.delivered:
+            return True
+        for attempt in range(1, webhook.max_attempts + 1):
+            result = await self._attempt(webhook, alert)
+            if result.error is None:
+                self.delivered.add(alert.alert_id)
+                self.metrics.alert_deliveries.labels("delivered").inc()
+                return True
+            self.metrics.alert_delivery_errors.labels(result.error).inc()
+            if not result.retry or attempt == webhook.max_attempts:
+                break
+            if await self.sleep(backoff(webhook, attempt, result.retry_after)):
+                return None
+        self.metrics.alert_deliveries.labels("failed").inc()
+        log.error("giving up on alert %s after %d attempt(s)", alert.alert_id, attempt)
+        return False
+
+    async def _attempt(self, webhook: AlertWebhook, alert: BudgetAlerted) -> Attempt:
+        try:
+            response = await self.client.post(webhook.url, json={"text": slack_text(alert)},
+                                              timeout=webhook.timeout_seconds)
+        except httpx.TimeoutException:
+            return Attempt("timeout", retry=True)
+        except httpx.TransportError:
+            return Attempt("connection", retry=True)
+        if response.is_success:
+            return Attempt(None)
+        code = response.status_code
+        return Attempt(f"http_{code}", code == 429 or code >= 500, _retry_after(response))
+
+
+def stop_aware_sleep(stop: asyncio.Event) -> Sleep:
+    async def sleep(seconds: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), seconds)
+        return stop.is_set()
+
+    return sleep
+
+
+async def run_notifier(bootstrap: str, topics: Topics, webhook: Callable[[], AlertWebhook | None],
+                       stop: asyncio.Event, metrics: Metrics, *, poll_seconds: float = 1.0,
+                       sleep: Sleep | None = None) -> None:
+    """Deliver alerts until `stop`; `webhook` is read per alert, so a reload applies."""
+    sleep = sleep or stop_aware_sleep(stop)
+    while webhook() is None:  # no consumer group at all until there is somewhere to deliver
+        if await sleep(poll_seconds):
+            return
+    consumer = make_consumer(bootstrap, group_id=group_id(topics))
+    await consumer.start()
+    try:
+        consumer.subscribe([topics.budget_alerts])
+        async with httpx.AsyncClient() as client:
+            await _consume(consumer, Notifier(client, metrics, sleep), webhook, stop)
+    finally:
+        await consumer.stop()
+
+
+async def _consume(consumer: AIOKafkaConsumer, notifier: Notifier,
+                   webhook: Callable[[], AlertWebhook | None], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        for record in await fetch(consumer, 100, 200):
+            notifier.metrics.count_in([record])
+            if not await _handle(record, notifier, webhook):
+                return  # stopping: this alert stays uncommitted, for the next run
+            await consumer.commit({TopicPartition(record.topic, record.partition):
+                                   record.offset + 1})
+        await observe_lag(notifier.metrics, consumer)
+
+
+async def _handle(record: Record, notifier: Notifier,
+                  webhook: Callable[[], AlertWebhook | None]) -> bool:
+    """False when stopped before the alert was handled."""
+    try:
+        alert = BudgetAlerted.model_validate_json(record.value or b"")
+    except ValueError as error:
+        log.warning("skipping an undecodable alert at %s[%d]@%d: %s",
+                    record.topic, record.partition, record.offset, error)
+        return True
+    if not alert.notify_admin:
+        return True
+    while (target := webhook()) is None:  # removed by a reload: wait for one again
+        if await notifier.sleep(1.0):
+            return False
+    return await notifier.deliver(target, alert) is not None

@@ -1,0 +1,88 @@
+"""The bodies the enforcer's HTTP API answers with, as models: one source for the code, the
+tests (which validate real responses against them) and the OpenAPI document.
+
+Rows are built by the core (`tally.core.report.budget_row`); these models only describe
+them. `extra="forbid"` makes a test fail the day a row grows a key the brief does not have.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from tally.core.report import budget_row
+from tally.core.usage import UserUsage
+from tally.wire import BudgetAlerted, BudgetDecided, StatusName
+
+__all__ = [
+    "AlertsResponse",
+    "BudgetRow",
+    "BudgetsResponse",
+    "DashboardRow",
+    "ErrorBody",
+    "MyBudget",
+    "dashboard_row",
+    "my_budget",
+]
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class BudgetRow(Body):
+    """The brief's row, with the user's current decision appended."""
+
+    user_id: str
+    daily_used: int
+    daily_limit: int
+    daily_remaining: int
+    monthly_used: int
+    monthly_limit: int
+    status: StatusName
+    decision: BudgetDecided
+
+
+class BudgetsResponse(Body):
+    """GET /api/admin/budgets: every user, sorted by user_id."""
+
+    users: list[BudgetRow]
+
+
+class MyBudget(BudgetRow):
+    """GET /api/budgets/me: the caller's row, with both reset times spelled out."""
+
+    daily_reset_time: str
+    monthly_reset_time: str
+
+
+class AlertsResponse(Body):
+    """GET /api/admin/alerts: the most recent alerts, newest first."""
+
+    alerts: list[BudgetAlerted]
+
+
+class DashboardRow(BudgetRow):
+    """A row as the dashboard stream sends it: with the labels it searches and shows."""
+
+    role: str | None
+    department: str | None
+
+
+class ErrorBody(Body):
+    """Every 4xx: what went wrong, and details where there are several things to say."""
+
+    error: str
+    details: list[str] = []
+
+
+def my_budget(decision: BudgetDecided) -> dict[str, Any]:
+    return {**budget_row(decision), "daily_reset_time": decision.daily.reset_time,
+            "monthly_reset_time": decision.monthly.reset_time}
+
+
+def dashboard_row(decision: BudgetDecided, usage: UserUsage | None) -> dict[str, Any]:
+    role = usage.role if usage is not None else None
+    department = usage.department if usage is not None else None
+    return {**budget_row(decision), "role": role, "department": department}
