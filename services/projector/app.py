@@ -55,8 +55,9 @@ class Decoded:
 
     @classmethod
     def of(cls, decoder: Decoder, topics: Topics, records: list[Record]) -> Decoded:
-        return cls(decoder.events(r for r in records if r.topic == topics.usage_events),
-                   rejected(r for r in records if r.topic == topics.usage_dlq),
+        events, dlq = topics.usage_events, topics.usage_dlq
+        return cls(decoder.events(r for r in records if r.topic == events),
+                   rejected(r for r in records if r.topic == dlq),
                    next_offsets(records))
 
     def apply(self, con: duckdb.DuckDBPyConnection) -> store.Applied:
@@ -94,6 +95,7 @@ class Projector:
                  producer: AIOKafkaProducer) -> None:
         # A cursor of its own: the audit endpoint makes its cursors from `con` meanwhile.
         self.writer = con.cursor()
+        store.index_event_ids(self.writer)  # small live batches: dedupe by index lookups
         self.decoder = Decoder.of(config.budgets.per_user_budgets)
         self.topics = topics
         self.producer = producer

@@ -4,6 +4,8 @@ Everything a batch changes (ledger, balances, users, rejected, consumed offsets)
 in ONE transaction, so after a crash the stored offsets say exactly which events the stored
 balances contain. Writes are set-wise (one grouped statement per table per batch) because
 DuckDB takes ~350 single-row upserts/s but 200k+ rows/s as a grouped INSERT ... SELECT.
+
+The ledger has no primary key: `dedupe` says which events of a batch are new.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from services.projector import dedupe
 from tally.core.usage import LABELS, Stamped, UserUsage
 
 __all__ = [
@@ -27,6 +31,7 @@ __all__ = [
     "apply_batch",
     "connect",
     "default_db_path",
+    "index_event_ids",
     "load_offsets",
     "load_usages",
     "merge_usages",
@@ -56,7 +61,7 @@ REJECTED_ARROW = pa.schema([
 
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS ledger (
-    event_id VARCHAR PRIMARY KEY,  -- the dedupe key: an event counts once, however resent
+    event_id VARCHAR NOT NULL,  -- an event counts once, however resent (see the docstring)
     user_id VARCHAR NOT NULL,
     occurred_at TIMESTAMPTZ NOT NULL,
     model VARCHAR NOT NULL,
@@ -169,8 +174,15 @@ def connect(path: Path | str, read_only: bool = False) -> duckdb.DuckDBPyConnect
     con.execute("SET TimeZone = 'UTC'")  # period starts are UTC instants: show them as such
     if not read_only:
         con.execute(SCHEMA_SQL)
+        con.execute(dedupe.EVENT_IDS_SQL)
         con.execute(VIEWS_SQL)
+        dedupe.rehash_if_changed(con)
     return con
+
+
+def index_event_ids(con: duckdb.DuckDBPyConnection) -> None:
+    """Index the event_id hashes: what a live projector's small batches need (see dedupe)."""
+    dedupe.index_event_ids(con)
 
 
 def apply_batch(
@@ -196,25 +208,28 @@ def apply_batch(
 
 
 def _insert_ledger(con: duckdb.DuckDBPyConnection, events: pa.Table) -> pa.Table:
-    """Insert events not yet in the ledger; return the rows that were new.
+    """Insert events not yet in the ledger; return the rows that were new."""
+    events = _first_of_each(events)
+    if events.num_rows:
+        events = dedupe.not_stored(con, events)
+    if events.num_rows:
+        con.register("batch_events", events)
+        try:
+            con.execute("INSERT INTO ledger BY NAME SELECT * FROM batch_events")
+        finally:
+            con.unregister("batch_events")
+    return events.select(_RETURNED.split(", "))
 
-    DISTINCT ON keeps the first copy of an event_id repeated inside the batch; the primary
-    key with DO NOTHING skips ids stored by earlier batches.
-    """
-    if not events.num_rows:
-        return pa.Table.from_batches([], pa.schema([LEDGER_ARROW.field(c) for c in
-                                                    _RETURNED.split(", ")]))
-    con.register("batch_events", events)
-    try:
-        # sql(), not execute(): the RETURNING rows come out as Arrow without a copy.
-        return con.sql(f"""
-            INSERT INTO ledger BY NAME
-            SELECT DISTINCT ON (event_id) * FROM batch_events
-            ORDER BY event_id, topic_partition, topic_offset
-            ON CONFLICT DO NOTHING
-            RETURNING {_RETURNED}""").to_arrow_table()
-    finally:
-        con.unregister("batch_events")
+
+def _first_of_each(events: pa.Table) -> pa.Table:
+    """One row per event_id: the first in (partition, offset) order."""
+    if pc.count_distinct(events.column("event_id")).as_py() == events.num_rows:
+        return events  # the usual case: no copies inside the batch
+    ordered = events.sort_by([("topic_partition", "ascending"), ("topic_offset", "ascending")])
+    ordered = ordered.append_column("row", pa.array(range(ordered.num_rows), pa.int64()))
+    first = ordered.group_by("event_id", use_threads=False).aggregate([("row", "min")])
+    rows = first.column("row_min")
+    return ordered.take(rows.take(pc.sort_indices(rows))).drop_columns(["row"])
 
 
 def _upsert_balances(con: duckdb.DuckDBPyConnection, new: pa.Table) -> None:
