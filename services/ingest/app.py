@@ -27,6 +27,7 @@ from pathlib import Path
 
 import uvicorn
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import CommitFailedError
 
 from services.ingest.http import create_app
 from services.ingest.identify import enrich
@@ -56,8 +57,10 @@ class KafkaPublisher:
         send = self._producer.send
         acks = [await send(self._topics.usage_events, e.model_dump_json().encode(),
                            key=e.user_id.encode()) for e in accepted]
-        acks += [await send(self._topics.usage_dlq, r.model_dump_json().encode())
-                 for r in rejected]
+        # Keyed by source: copies of a record rejected again after a crash share a partition,
+        # in order, so the projector keeps the same first copy live and in replay.
+        acks += [await send(self._topics.usage_dlq, r.model_dump_json().encode(),
+                            key=r.source.encode()) for r in rejected]
         await asyncio.gather(*acks)
 
 
@@ -95,9 +98,19 @@ async def consume(
     async for batch in batches(consumer, max_records=10_000):
         accepted, rejected = triage_records(batch, directory, datetime.now(UTC))
         await publisher.publish(accepted, rejected)
-        await consumer.commit(next_offsets(batch))
+        await commit(consumer, batch)
         if rejected:
             log.info("batch of %d: %d to usage.dlq", len(batch), len(rejected))
+
+
+async def commit(consumer: AIOKafkaConsumer, batch: Sequence[Record]) -> None:
+    """Commit a published batch. A group rebalance meanwhile refuses the commit; the batch
+    is then read again from the last commit, by us or the partitions' new owner."""
+    try:
+        await consumer.commit(next_offsets(batch))
+    except CommitFailedError:
+        log.warning("group rebalanced before the commit: %d records will be read again",
+                    len(batch))
 
 
 class _Server(uvicorn.Server):
