@@ -246,10 +246,18 @@ def _upsert_balances(con: duckdb.DuckDBPyConnection, new: pa.Table) -> None:
 
 
 def _insert_rejected(con: duckdb.DuckDBPyConnection, rejected: pa.Table) -> None:
+    """A usage.raw record rejected again (the ingest is at-least-once) is stored once: its
+    first copy, found by its source; HTTP rejections name no record and are all kept."""
     con.register("batch_rejected", rejected)
     try:
-        con.execute("INSERT INTO rejected BY NAME SELECT * FROM batch_rejected "
-                    "ON CONFLICT DO NOTHING")
+        con.execute("""
+            INSERT INTO rejected BY NAME
+            SELECT * FROM batch_rejected b
+            WHERE b.source IS NULL OR b.source NOT LIKE 'kafka:%'
+               OR NOT EXISTS (SELECT 1 FROM rejected r WHERE r.source = b.source)
+            QUALIFY b.source IS NULL OR b.source NOT LIKE 'kafka:%' OR row_number()
+                OVER (PARTITION BY b.source ORDER BY b.partition, b."offset") = 1
+            ON CONFLICT DO NOTHING""")
     finally:
         con.unregister("batch_rejected")
 
