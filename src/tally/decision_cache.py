@@ -3,6 +3,11 @@
 The cache reads the compacted topic from the beginning, then follows it. `get` never
 touches the network, so a gateway can call it on its request path. A user with no
 decision yet is allowed or refused as configured (`fail_open`).
+
+A pydantic BudgetDecided costs ~3 KB per user in memory, so decisions are kept packed in
+columns (`DecisionTable`: integers in an array, repeated texts as ids, ~250 bytes per
+user) and a model is built again when asked for; the last `BUILT` models asked for are
+kept, so `get` for a busy user is a dict lookup, and `allows` never builds one.
 """
 
 from __future__ import annotations
@@ -10,18 +15,134 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from array import array
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from tally.kafka import Record, batches, end_offsets, make_consumer, partitions_of
 from tally.topics import Topics
-from tally.wire import BudgetDecided
+from tally.wire import BudgetDecided, PeriodName, PeriodStatus
 
-__all__ = ["DecisionCache"]
+__all__ = ["DecisionCache", "DecisionTable"]
 
 log = logging.getLogger(__name__)
 
 BLOCKING_ACTIONS = frozenset({"hard_stop"})
+M = TypeVar("M", BudgetDecided, PeriodStatus)
+BUILT = 1024  # models kept built for `get`, newest first out last
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_NONE = -(2**63)  # status_code None in the integer column
+_INTS = ("percent_used", "tokens_used", "tokens_limit", "tokens_remaining", "status_code")
+_TEXTS = ("status", "action", "period", "budget", "reset_time", "message", "footer",
+          "force_model")
+_PERIOD_INTS = ("tokens_used", "tokens_limit", "tokens_remaining", "percent_used")
+_PERIOD_TEXTS = ("status", "reset_time")
+_NI = len(_INTS) + 1 + 2 * (len(_PERIOD_INTS) + 1)  # + as_of, + period_start each
+_NT = len(_TEXTS) + 2 * len(_PERIOD_TEXTS)
+
+
+class DecisionTable:
+    """Every user's decision packed in columns; a decision that would not come back equal
+    (a naive period_start, say) is kept as its model instead."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, int] = {}
+        self.blocking = bytearray()
+        self._ints = array("q")
+        self._texts = array("I")
+        self._words: list[str | None] = [None]
+        self._word_ids: dict[str | None, int] = {None: 0}
+        self._free: list[int] = []
+        self._odd: dict[str, BudgetDecided] = {}
+
+    def put(self, user: str, decision: BudgetDecided) -> None:
+        self.remove(user)
+        row = self._free.pop() if self._free else self._grow()
+        self.rows[user] = row
+        self.blocking[row] = decision.action in BLOCKING_ACTIONS
+        ints, texts = self._pack(decision)
+        self._ints[row * _NI:(row + 1) * _NI] = ints
+        self._texts[row * _NT:(row + 1) * _NT] = texts
+        if self.build(user) != decision:
+            self._odd[user] = decision
+
+    def remove(self, user: str) -> None:
+        row = self.rows.pop(user, None)
+        if row is not None:
+            self._free.append(row)
+            self._odd.pop(user, None)
+
+    def build(self, user: str) -> BudgetDecided:
+        odd = self._odd.get(user)
+        if odd is not None:
+            return odd
+        row = self.rows[user]
+        ints = self._ints[row * _NI:(row + 1) * _NI]
+        words = [self._words[i] for i in self._texts[row * _NT:(row + 1) * _NT]]
+        fields: dict[str, Any] = {"schema_version": 1, "user_id": user}
+        fields.update(zip(_TEXTS, words, strict=False))
+        fields.update(zip(_INTS, ints, strict=False))
+        if fields["status_code"] == _NONE:
+            fields["status_code"] = None
+        n, m = len(_INTS) + 1, len(_TEXTS)
+        fields["daily"] = _period("daily", ints[n:n + 5], words[m:m + 2])
+        fields["monthly"] = _period("monthly", ints[n + 5:n + 10], words[m + 2:m + 4])
+        fields["as_of"] = _instant(ints[len(_INTS)])
+        return _model(BudgetDecided, fields)
+
+    def _grow(self) -> int:
+        self.blocking.append(0)
+        self._ints.extend([0] * _NI)
+        self._texts.extend([0] * _NT)
+        return len(self.blocking) - 1
+
+    def _pack(self, d: BudgetDecided) -> tuple[array[int], array[int]]:
+        ints = [getattr(d, name) for name in _INTS]
+        ints[4] = _NONE if d.status_code is None else d.status_code
+        ints.append(_micros(d.as_of))
+        texts = [self._word(getattr(d, name)) for name in _TEXTS]
+        for p in (d.daily, d.monthly):
+            ints += [_micros(p.period_start), *(getattr(p, name) for name in _PERIOD_INTS)]
+            texts += [self._word(getattr(p, name)) for name in _PERIOD_TEXTS]
+        return array("q", ints), array("I", texts)
+
+    def _word(self, text: str | None) -> int:
+        found = self._word_ids.get(text)
+        if found is None:
+            found = self._word_ids[text] = len(self._words)
+            self._words.append(text)
+        return found
+
+
+def _micros(at: datetime) -> int:
+    if at.tzinfo is None:
+        return _NONE  # never equal when built again: kept as the model
+    return (at - _EPOCH) // timedelta(microseconds=1)
+
+
+def _instant(micros: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=micros)
+
+
+def _period(kind: PeriodName, ints: array[int], words: list[str | None]) -> PeriodStatus:
+    fields: dict[str, Any] = {"period": kind, "period_start": _instant(ints[0])}
+    fields.update(zip(_PERIOD_INTS, ints[1:], strict=True))
+    fields.update(zip(_PERIOD_TEXTS, words, strict=True))
+    return _model(PeriodStatus, fields)
+
+
+def _model(cls: type[M], fields: dict[str, Any]) -> M:
+    """What `cls.model_construct(**fields)` makes, in ~1 us instead of ~6 us: the values
+    come from a model validated when it arrived, so there is nothing to default or check."""
+    model = cls.__new__(cls)
+    object.__setattr__(model, "__dict__", fields)
+    object.__setattr__(model, "__pydantic_fields_set__", set(fields))
+    object.__setattr__(model, "__pydantic_extra__", None)
+    object.__setattr__(model, "__pydantic_private__", None)
+    return model
 
 
 class DecisionCache:
@@ -33,28 +154,37 @@ class DecisionCache:
         self._bootstrap = bootstrap
         self._topic = (topics or Topics()).budget_decisions
         self._fail_open = fail_open
-        self._decisions: dict[str, BudgetDecided] = {}
+        self._table = DecisionTable()
+        self._built: dict[str, BudgetDecided] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self._follower: asyncio.Task[None] | None = None
         self._caught_up = asyncio.Event()
 
     def get(self, user_id: str) -> BudgetDecided | None:
         """The user's latest decision (with its `as_of`), or None if there is none yet."""
-        return self._decisions.get(user_id)
+        built = self._built.get(user_id)
+        if built is not None:
+            return built
+        if user_id not in self._table.rows:
+            return None
+        if len(self._built) >= BUILT:
+            del self._built[next(iter(self._built))]
+        built = self._built[user_id] = self._table.build(user_id)
+        return built
 
     def allows(self, user_id: str) -> bool:
         """Whether a request may go ahead now; unknown users follow `fail_open`."""
-        decision = self._decisions.get(user_id)
-        if decision is None:
+        row = self._table.rows.get(user_id)
+        if row is None:
             return self._fail_open
-        return decision.action not in BLOCKING_ACTIONS
+        return not self._table.blocking[row]
 
     def snapshot(self) -> list[BudgetDecided]:
         """Every cached decision, for status pages and reports."""
-        return list(self._decisions.values())
+        return [self._table.build(user) for user in self._table.rows]
 
     def __len__(self) -> int:
-        return len(self._decisions)
+        return len(self._table.rows)
 
     async def start(self, timeout: float = 30.0) -> None:
         """Connect, then return once everything published before now has been read."""
@@ -98,11 +228,14 @@ class DecisionCache:
         if record.key is None:
             return
         user_id = record.key.decode()
+        self._built.pop(user_id, None)
         if record.value is None:  # a tombstone: the user's decision was withdrawn
-            self._decisions.pop(user_id, None)
+            self._table.remove(user_id)
             return
         try:
-            self._decisions[user_id] = BudgetDecided.model_validate_json(record.value)
+            decision = BudgetDecided.model_validate_json(record.value)
         except ValueError as error:
             log.warning("skipping undecodable decision for %s at offset %d: %s",
                         user_id, record.offset, error)
+            return
+        self._table.put(user_id, decision)
