@@ -29,12 +29,13 @@ import uvicorn
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError
 
-from services.ingest.http import create_app
+from services.ingest.http import count_rejected, create_app
 from services.ingest.identify import enrich
 from services.ingest.validate import parse_event, rejection
 from tally.config.models import Config
 from tally.identity import Directory
-from tally.kafka import Record, batches, ensure_topics, make_consumer, make_producer
+from tally.kafka import Record, ensure_topics, fetch, make_consumer, make_producer
+from tally.ops import Metrics, Readiness, observe_lag
 from tally.topics import Topics
 from tally.wire import RejectedEvent, UsageRecorded
 
@@ -93,14 +94,27 @@ def next_offsets(records: Sequence[Record]) -> dict[TopicPartition, int]:
 
 
 async def consume(
-    consumer: AIOKafkaConsumer, publisher: KafkaPublisher, directory: Directory
+    consumer: AIOKafkaConsumer, publisher: KafkaPublisher, directory: Directory,
+    metrics: Metrics, readiness: Readiness,
 ) -> None:
-    async for batch in batches(consumer, max_records=10_000):
-        accepted, rejected = triage_records(batch, directory, datetime.now(UTC))
-        await publisher.publish(accepted, rejected)
-        await commit(consumer, batch)
-        if rejected:
-            log.info("batch of %d: %d to usage.dlq", len(batch), len(rejected))
+    while True:
+        batch = await fetch(consumer, 10_000, 50)
+        if batch:
+            await handle(batch, consumer, publisher, directory, metrics)
+        # Also when idle: an empty usage.raw is caught up too.
+        await observe_lag(metrics, consumer)
+        await readiness.check(consumer)
+
+
+async def handle(batch: list[Record], consumer: AIOKafkaConsumer, publisher: KafkaPublisher,
+                 directory: Directory, metrics: Metrics) -> None:
+    accepted, rejected = triage_records(batch, directory, datetime.now(UTC))
+    await publisher.publish(accepted, rejected)
+    await commit(consumer, batch)
+    metrics.count_in(batch)
+    count_rejected(metrics, rejected)
+    if rejected:
+        log.info("batch of %d: %d to usage.dlq", len(batch), len(rejected))
 
 
 async def commit(consumer: AIOKafkaConsumer, batch: Sequence[Record]) -> None:
@@ -135,8 +149,10 @@ async def serve_http(server: _Server, sock: socket.socket) -> None:
         sock.close()
 
 
-def http_server(config: Config, publisher: KafkaPublisher, config_dir: Path | None) -> _Server:
-    app = create_app(config, publisher, config_dir=config_dir)
+def http_server(config: Config, publisher: KafkaPublisher, config_dir: Path | None,
+                metrics: Metrics, readiness: Readiness) -> _Server:
+    app = create_app(config, publisher, config_dir=config_dir, metrics=metrics,
+                     readiness=readiness)
     return _Server(uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False))
 
 
@@ -150,8 +166,10 @@ async def run_ingest(
     host: str = "127.0.0.1",
     partitions: int = 3,
     config_dir: Path | None = None,
+    metrics: Metrics | None = None,
 ) -> None:
-    """Run until `stop` is set (or a part fails, which is re-raised)."""
+    """Run until `stop` is set (or a part fails, which is re-raised). The HTTP port also
+    serves /metrics (into `metrics`, when given), /healthz and /readyz."""
     await ensure_topics(bootstrap, topics, partitions)
     producer = make_producer(bootstrap)
     consumer = make_consumer(bootstrap, group_id=f"tally-ingest:{topics.usage_raw}")
@@ -160,7 +178,8 @@ async def run_ingest(
         await consumer.start()
         consumer.subscribe([topics.usage_raw])
         publisher = KafkaPublisher(producer, topics)
-        await _run_parts(consumer, publisher, config, port, stop, host, config_dir)
+        ops = (metrics or Metrics(), Readiness())
+        await _run_parts(consumer, publisher, config, port, stop, host, config_dir, ops)
     finally:
         await consumer.stop()
         await producer.stop()  # flushes whatever the cancelled loop had buffered
@@ -168,16 +187,17 @@ async def run_ingest(
 
 async def _run_parts(
     consumer: AIOKafkaConsumer, publisher: KafkaPublisher, config: Config, port: int | None,
-    stop: asyncio.Event, host: str, config_dir: Path | None,
+    stop: asyncio.Event, host: str, config_dir: Path | None, ops: tuple[Metrics, Readiness],
 ) -> None:
     # Bind first: a busy port fails the start before anything else is running.
     sock = bind(host, port) if port is not None else None
     directory = Directory.from_config(config)
-    loop = asyncio.create_task(consume(consumer, publisher, directory), name="ingest-kafka")
+    loop = asyncio.create_task(consume(consumer, publisher, directory, *ops),
+                               name="ingest-kafka")
     server: _Server | None = None
     parts = [loop]
     if sock is not None:
-        server = http_server(config, publisher, config_dir)
+        server = http_server(config, publisher, config_dir, *ops)
         log.info("ingest HTTP on http://%s:%d/v1/usage", host, sock.getsockname()[1])
         parts.append(asyncio.create_task(serve_http(server, sock), name="ingest-http"))
     try:

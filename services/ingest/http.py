@@ -35,13 +35,14 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from services.ingest.identify import enrich, may_report
-from services.ingest.validate import parse_batch, rejection, validate_object
+from services.ingest.validate import parse_batch, reason_kind, rejection, validate_object
 from tally.auth import Authenticator, AuthError
 from tally.config.models import Config
 from tally.identity import Directory, Principal
+from tally.ops import Metrics, Readiness, ops_routes
 from tally.wire import RejectedEvent, UsageRecorded
 
-__all__ = ["MAX_BODY_BYTES", "SOURCE", "Publisher", "create_app"]
+__all__ = ["MAX_BODY_BYTES", "SOURCE", "Publisher", "count_rejected", "create_app"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,11 @@ class Triage:
     accepted: list[UsageRecorded] = field(default_factory=list)
     rejected: list[RejectedEvent] = field(default_factory=list)
     results: list[dict[str, Any]] = field(default_factory=list)
+
+
+def count_rejected(metrics: Metrics, rejected: Sequence[RejectedEvent]) -> None:
+    for event in rejected:
+        metrics.events_rejected.labels(reason_kind(event.reason)).inc()
 
 
 def json_response(status: int, content: object) -> Response:
@@ -125,6 +131,7 @@ class UsageEndpoint:
     directory: Directory
     publisher: Publisher
     clock: Callable[[], datetime]
+    metrics: Metrics
 
     async def handle(self, request: Request) -> Response:
         try:
@@ -170,11 +177,9 @@ class UsageEndpoint:
         except Exception:  # the I/O boundary: any Kafka failure becomes a retryable 503
             log.exception("publishing %d events failed", len(accepted) + len(rejected))
             return False
+        self.metrics.events_in.labels("http").inc(len(accepted) + len(rejected))
+        count_rejected(self.metrics, rejected)
         return True
-
-
-async def health(request: Request) -> Response:
-    return json_response(200, {"status": "ok"})
 
 
 def create_app(
@@ -183,11 +188,15 @@ def create_app(
     *,
     config_dir: Path | None = None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    metrics: Metrics | None = None,
+    readiness: Readiness | None = None,
 ) -> Starlette:
-    """The ingest HTTP app; `config_dir` resolves a relative `public_key_file`."""
+    """The ingest HTTP app, with /metrics, /healthz and /readyz (ready once the usage.raw
+    loop has caught up); `config_dir` resolves a relative `public_key_file`."""
     authenticator = Authenticator.build(config, config_dir)
-    endpoint = UsageEndpoint(authenticator, authenticator.directory, publisher, clock)
+    metrics = metrics or Metrics()
+    endpoint = UsageEndpoint(authenticator, authenticator.directory, publisher, clock, metrics)
     return Starlette(routes=[
         Route("/v1/usage", endpoint.handle, methods=["POST"]),
-        Route("/healthz", health, methods=["GET"]),
+        *ops_routes(metrics, readiness or Readiness()),
     ])

@@ -20,6 +20,7 @@ __all__ = [
     "describe",
     "parse_batch",
     "parse_event",
+    "reason_kind",
     "rejection",
     "validate_object",
 ]
@@ -78,6 +79,17 @@ def describe(error: ValidationError) -> str:
 def _describe_one(problem: ErrorDetails) -> str:
     field = ".".join(str(part) for part in problem["loc"]) or _TOP_LEVEL
     return f"{field}: {problem['msg']}"
+
+
+# A reason names fields a sender made up; metrics get these few kinds instead.
+_KINDS = (("empty message", "empty"), ("event too large", "too_large"),
+          ("invalid JSON", "invalid_json"), ("body:", "not_an_object"),
+          (f"{_TOP_LEVEL}:", "not_an_object"))
+
+
+def reason_kind(reason: str) -> str:
+    """The kind of a rejection reason, as the events-rejected metric labels it."""
+    return next((kind for prefix, kind in _KINDS if reason.startswith(prefix)), "invalid_fields")
 
 
 def rejection(original: bytes | None, reason: str, source: str, now: datetime) -> RejectedEvent:

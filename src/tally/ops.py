@@ -13,9 +13,11 @@ and mounts `ops_routes` in its Starlette app.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import IllegalStateError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge
 from prometheus_client import generate_latest as _generate_latest
 from starlette.requests import Request
@@ -66,12 +68,13 @@ class Metrics:
 
 async def observe_lag(metrics: Metrics, consumer: AIOKafkaConsumer) -> None:
     """Set the lag of every assigned partition whose high watermark a fetch has seen."""
-    for tp in consumer.assignment():
-        highwater = consumer.highwater(tp)
-        if highwater is None:
-            continue
-        position = await consumer.position(tp)
-        metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(highwater - position, 0))
+    # A group rebalance may revoke a partition while we look: look again next time.
+    with contextlib.suppress(IllegalStateError):
+        for tp in consumer.assignment():
+            highwater = consumer.highwater(tp)
+            if highwater is not None:
+                lag = max(highwater - await consumer.position(tp), 0)
+                metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(lag)
 
 
 class Readiness:
@@ -93,9 +96,13 @@ class Readiness:
         if not assigned:
             self.detail = "waiting for partitions"
             return False
-        if set(self._targets) != assigned:
-            self._targets = await consumer.end_offsets(list(assigned))
-        behind = [tp for tp, end in self._targets.items() if await consumer.position(tp) < end]
+        try:
+            if set(self._targets) != assigned:
+                self._targets = await consumer.end_offsets(list(assigned))
+            behind = [tp for tp, end in self._targets.items()
+                      if await consumer.position(tp) < end]
+        except IllegalStateError:  # revoked by a rebalance meanwhile: look again next time
+            return False
         self.ready = not behind
         self.detail = (f"catching up on {len(behind)} of {len(self._targets)} partitions"
                        if behind else "caught up")

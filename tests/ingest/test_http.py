@@ -20,6 +20,7 @@ from services.ingest.app import KafkaPublisher
 from services.ingest.http import MAX_BODY_BYTES, SOURCE, create_app
 from tally.config.models import Config
 from tally.kafka import ensure_topics, make_producer
+from tally.ops import Metrics, Readiness
 from tally.topics import Topics
 from tally.wire import RejectedEvent, UsageRecorded
 
@@ -188,11 +189,20 @@ async def test_kafka_failure_is_a_retryable_503() -> None:
     assert response.status_code == 503
 
 
-async def test_health() -> None:
-    app = create_app(make_config(), MemoryPublisher())
+async def test_health_readiness_and_metrics() -> None:
+    metrics, readiness = Metrics(), Readiness()
+    app = create_app(make_config(), MemoryPublisher(), metrics=metrics, readiness=readiness)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://ingest") as client:
         assert (await client.get("/healthz")).json() == {"status": "ok"}
+        assert (await client.get("/readyz")).status_code == 503  # usage.raw not read yet
+        readiness.ready = True
+        assert (await client.get("/readyz")).status_code == 200
+        await client.post("/v1/usage", content=orjson.dumps(
+            [usage("a"), usage("b", input_tokens=-1)]), headers=ALICE)
+        text = (await client.get("/metrics")).text.splitlines()
+    assert 'tally_events_in_total{source="http"} 2.0' in text
+    assert 'tally_events_rejected_total{reason="invalid_fields"} 1.0' in text
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from services.ingest.validate import (
     MAX_EVENT_BYTES,
     parse_batch,
     parse_event,
+    reason_kind,
     rejection,
     validate_object,
 )
@@ -108,3 +109,13 @@ def test_rejection_keeps_the_original_bytes() -> None:
     assert record.original == "{\ufffd"
     assert (record.reason, record.source, record.rejected_at) == (
         "invalid JSON: x", "kafka:usage.raw[0]@7", now)
+
+
+@pytest.mark.parametrize(("raw", "kind"), [
+    (b"", "empty"), (b"{not json", "invalid_json"), (b"[1]", "not_an_object"),
+    (b" " * (MAX_EVENT_BYTES + 1), "too_large"), (orjson.dumps({**GOOD, "mystery": 1}),
+                                                   "invalid_fields"),
+])
+def test_reasons_come_in_a_few_kinds_for_metrics(raw: bytes, kind: str) -> None:
+    reason = parse_event(raw)
+    assert isinstance(reason, str) and reason_kind(reason) == kind
