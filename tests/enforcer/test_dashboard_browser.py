@@ -1,0 +1,129 @@
+"""The admin dashboard in a real headless Chromium, fed by the whole pipeline on a real
+broker: sign in, see every user, then a user's own usage posted to the ingest turns their
+row red without a reload. The screenshot is test-artifacts/dashboard.png."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from playwright.async_api import Page
+
+from services.enforcer.app import run_enforcer
+from services.ingest.app import run_ingest
+from services.projector.app import run_projector
+from tally.config.loader import load_config
+from tally.topics import Topics
+from tests.test_pipeline import produce, running
+
+from .browser import chromium_page, log_in, screenshot, visible_users
+from .kit import BUDGETS, KEYS, USAGE, USERS, events, free_port
+
+pytestmark = pytest.mark.kafka
+
+
+def write_config(directory: Path) -> Path:
+    directory.mkdir()
+    (directory / "users.yaml").write_text(yaml.safe_dump(
+        {"user_identification": {"users": USERS}}))
+    (directory / "budgets.yaml").write_text(yaml.safe_dump(BUDGETS))
+    return directory
+
+
+async def statuses(client: httpx.AsyncClient, url: str) -> dict[str, str]:
+    answer = await client.get(f"{url}/api/admin/budgets", headers={"x-api-key": KEYS["carol"]})
+    if answer.status_code != 200:
+        return {}
+    return {row["user_id"]: row["status"] for row in answer.json()["users"]}
+
+
+async def refused_login(page: Page, url: str, credential: str) -> str:
+    await log_in(page, url, credential)
+    await page.wait_for_function("document.getElementById('login-error').textContent != ''")
+    return await page.inner_text("#login-error")
+
+
+@contextlib.asynccontextmanager
+async def pipeline(bootstrap: str, topics: Topics, tmp_path: Path,
+                   now: datetime) -> AsyncIterator[tuple[str, str]]:
+    """Ingest (with HTTP), projector and enforcer (with the API); yields both URLs."""
+    config_dir = write_config(tmp_path / "config")
+    config = load_config(config_dir)
+    ingest_port, enforcer_port = free_port(), free_port()
+
+    def ingest(stop: asyncio.Event) -> Awaitable[None]:
+        return run_ingest(config, bootstrap, topics, ingest_port, stop)
+
+    def projector(stop: asyncio.Event) -> Awaitable[None]:
+        return run_projector(config, bootstrap, topics, tmp_path / "p.db", stop)
+
+    def enforcer(stop: asyncio.Event) -> Awaitable[None]:
+        return run_enforcer(config_dir, bootstrap, topics, stop, clock=lambda: now,
+                            tick_seconds=0.2, port=enforcer_port)
+
+    async with running(ingest), running(projector), running(enforcer):
+        yield f"http://127.0.0.1:{ingest_port}", f"http://127.0.0.1:{enforcer_port}"
+
+
+async def settled(client: httpx.AsyncClient, url: str) -> dict[str, str]:
+    """Every user's status once dave's limit and bob's warning have come through."""
+    seen: dict[str, str] = {}
+    for _ in range(600):
+        seen = await statuses(client, url)
+        if seen.get("dave") == "over_limit" and seen.get("bob") == "warning":
+            break
+        await asyncio.sleep(0.1)
+    return seen
+
+
+async def test_sign_in_see_everyone_and_watch_a_row_change_live(
+    kafka_bootstrap: str, unique_name: str, tmp_path: Path
+) -> None:
+    topics, now = Topics(f"dash-{unique_name}"), datetime.now(UTC)
+    async with pipeline(kafka_bootstrap, topics, tmp_path, now) as (ingest_url, url), \
+            httpx.AsyncClient(timeout=10) as client, chromium_page() as page:
+        await asyncio.sleep(1)  # topics exist once every service started
+        await produce(kafka_bootstrap, topics.usage_raw,
+                      [e.model_dump_json().encode() for e in events(USAGE, now)])
+        assert await settled(client, url) == {"alice": "ok", "bob": "warning", "carol": "ok",
+                                              "dave": "over_limit", "erin": "ok"}
+        assert (await client.get(f"{url}/readyz")).status_code == 200
+
+        assert await refused_login(page, url, "ak_wrong_0000000000") == "unknown API key"
+        assert await refused_login(page, url, KEYS["bob"]) == (
+            "admin role required: bob has role 'viewer'")
+        await log_in(page, url, KEYS["carol"])
+        await page.wait_for_selector("tr[data-user=dave][data-status=over_limit]")
+        assert await visible_users(page) == ["dave", "bob", "alice", "carol", "erin"]
+        assert await page.inner_text("#n-over_limit") == "1"
+        assert "Stopped until" in await page.inner_text("#alerts")
+
+        await watch_alice_go_over(page, client, ingest_url, now)
+        await page.fill("#search", "research")
+        assert await visible_users(page) == ["alice", "dave"]
+        await page.fill("#search", "")
+        await page.wait_for_timeout(300)  # let the row's flash fade a little
+        await screenshot(page, "dashboard.png")
+
+
+async def watch_alice_go_over(page: Page, client: httpx.AsyncClient, ingest_url: str,
+                              now: datetime) -> None:
+    """Alice posts her own usage; her row turns red in place, in the same document."""
+    await page.evaluate("window.__sameDocument = true;"
+                        "document.querySelector('tr[data-user=alice]').__sameRow = true")
+    posted = await client.post(f"{ingest_url}/v1/usage", headers={"x-api-key": KEYS["alice"]},
+                               json={"event_id": "alice-live", "model": "m/x",
+                                     "occurred_at": now.isoformat(),
+                                     "input_tokens": 900, "output_tokens": 0})
+    assert posted.status_code == 202, posted.text
+    await page.wait_for_selector("tr[data-user=alice][data-status=over_limit]", timeout=60_000)
+    assert await page.evaluate("window.__sameDocument && "
+                               "document.querySelector('tr[data-user=alice]').__sameRow")
+    assert "1,200 / 1,000" in await page.inner_text("tr[data-user=alice] .daily")
+    await page.wait_for_selector("#alerts li[data-alert^='alice|daily'][data-alert$='|limit|100']")
