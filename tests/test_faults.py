@@ -9,26 +9,28 @@ which the session's shared test broker must never be. The full run is
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import duckdb
 import pyarrow as pa
 import pytest
+import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError
 
 from bench.faults import Broker, Plan, render, run_faults
 from bench.faults.chaos import low_free_port
-from services.ingest.app import KafkaPublisher, consume
+from services.enforcer.app import run_enforcer
+from services.ingest.app import KafkaPublisher, handle
 from services.projector import store
 from tally.identity import Directory
+from tally.kafka import Record, ensure_topics, make_producer, read_to_end
+from tally.ops import Metrics
 from tally.topics import Topics
-from tally.wire import RejectedEvent, UsageRecorded
+from tally.wire import BalanceUpdated, BudgetDecided, RejectedEvent, UsageRecorded
 
 NOW = datetime(2026, 5, 10, 12, tzinfo=UTC)
 
@@ -36,36 +38,15 @@ NOW = datetime(2026, 5, 10, 12, tzinfo=UTC)
 # Bugs the fault run found, each shown without Kafka ----------------------------------------
 
 
-@dataclass(frozen=True)
-class Message:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes
-    timestamp: int = 0
+class RebalancedConsumer:
+    """Its commits fail as they do when the group rebalanced during the batch."""
 
-
-class RebalancingConsumer:
-    """Hands out `batches`, then idles; its first commit fails as after a group rebalance."""
-
-    def __init__(self, batches: list[list[Message]]) -> None:
-        self.pending = batches
+    def __init__(self) -> None:
         self.commits: list[dict[TopicPartition, int]] = []
-        self.drained = asyncio.Event()
-
-    async def getmany(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, Any]:
-        if not self.pending:
-            self.drained.set()
-            await asyncio.sleep(timeout_ms / 1000)
-            return {}
-        batch = self.pending.pop(0)
-        return {TopicPartition(batch[0].topic, batch[0].partition): batch}
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         self.commits.append(offsets)
-        if len(self.commits) == 1:
-            raise CommitFailedError("the group has rebalanced")
+        raise CommitFailedError("the group has rebalanced")
 
 
 class Recorder:
@@ -87,27 +68,17 @@ class Recorder:
         return done
 
 
-def raw_message(offset: int) -> Message:
-    value = (f'{{"event_id": "e{offset}", "occurred_at": "2026-05-10T12:00:00Z", '
-             f'"user_id": "alice", "model": "m", "input_tokens": 1, "output_tokens": 1}}')
-    return Message("t.usage.raw", 0, offset, None, value.encode())
-
-
 async def test_ingest_goes_on_when_a_rebalance_refuses_its_commit() -> None:
     """The run saw ingest exit with CommitFailedError when its group rebalanced mid-batch.
     The batch is read again after the rebalance (at-least-once): no reason to die."""
-    consumer = RebalancingConsumer([[raw_message(0)], [raw_message(1)]])
-    publisher = Recorder()
-    loop = asyncio.create_task(consume(cast(AIOKafkaConsumer, consumer),
-                                       cast(KafkaPublisher, publisher), Directory()))
-    drained = asyncio.ensure_future(consumer.drained.wait())
-    await asyncio.wait([loop, drained], timeout=10, return_when=asyncio.FIRST_COMPLETED)
-    assert not loop.done(), "consume() ended instead of going on"
-    for task in (loop, drained):
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    assert len(publisher.published) == 2 and len(consumer.commits) == 2
+    value = (b'{"event_id": "e1", "occurred_at": "2026-05-10T12:00:00Z", "user_id": "alice",'
+             b' "model": "m", "input_tokens": 1, "output_tokens": 1}')
+    consumer, publisher = RebalancedConsumer(), Recorder()
+    await handle([Record("t.usage.raw", 0, 41, None, value, 0)],
+                 cast(AIOKafkaConsumer, consumer), cast(KafkaPublisher, publisher),
+                 Directory(), Metrics())
+    assert consumer.commits == [{TopicPartition("t.usage.raw", 0): 42}]
+    assert [len(accepted) for accepted, _ in publisher.published] == [1]
 
 
 async def test_ingest_keys_a_dlq_record_by_its_source() -> None:
@@ -142,6 +113,43 @@ def test_projector_stores_a_malformed_message_once_however_often_it_was_rejected
         ("http:POST /v1/usage", 0, 4)))
     assert con.execute('SELECT source, "offset" FROM rejected ORDER BY 2').fetchall() == [
         ("kafka:t.usage.raw[0]@5", 0), ("http:POST /v1/usage", 3), ("http:POST /v1/usage", 4)]
+
+
+@pytest.mark.kafka
+async def test_a_restarted_enforcer_judges_nobody_before_it_has_read_the_balances(
+    kafka_bootstrap: str, unique_name: str, tmp_path: Path
+) -> None:
+    """The run saw every restarted enforcer publish, before reading budget.balances, a
+    decision with 0 tokens used for every users.yaml user: a user past the limit was told
+    `allow` until the balances were read again."""
+    topics, config_dir = Topics(f"faults-restart-{unique_name}"), tmp_path / "config"
+    config_dir.mkdir()
+    (config_dir / "users.yaml").write_text(yaml.safe_dump(
+        {"user_identification": {"users": [{"id": "alice"}]}}))
+    (config_dir / "budgets.yaml").write_text(yaml.safe_dump({"per_user_budgets": {
+        "default_limits": {"daily_tokens": 1000, "monthly_tokens": 100000},
+        "on_limit_exceeded": {"action": "hard_stop"}}}))
+    await ensure_topics(kafka_bootstrap, topics, 3)
+    over = BalanceUpdated(user_id="alice", daily={"2026-05-10T00:00:00+00:00": 1500},
+                          monthly={"2026-05-01T00:00:00+00:00": 1500},
+                          last_event_at=NOW, as_of=NOW)
+    producer = make_producer(kafka_bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topics.budget_balances, over.model_dump_json().encode(),
+                                     key=b"alice")
+    finally:
+        await producer.stop()
+    for run in (1, 2):
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_enforcer(config_dir, kafka_bootstrap, topics, stop,
+                                                clock=lambda: NOW, tick_seconds=0.1))
+        await asyncio.sleep(3.0)
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        decisions = [BudgetDecided.model_validate_json(r.value or b"")
+                     for r in await read_to_end(kafka_bootstrap, topics.budget_decisions)]
+        assert [(d.action, d.tokens_used) for d in decisions] == [("hard_stop", 1500)], run
 
 
 # The run itself ----------------------------------------------------------------------------

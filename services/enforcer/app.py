@@ -168,12 +168,25 @@ class Loop:
             parts = await partitions_of(consumer, self.topics.budget_balances)
             consumer.assign(parts)
             await consumer.seek_to_beginning(*parts)
-            await self.publish(producer, self.board.enforcer.on_tick(self.clock()))
-            await self._follow(consumer, producer, stop, tick_seconds)
+            if await self._caught_up(consumer, stop):
+                await self.publish(producer, self.board.enforcer.on_tick(self.clock()))
+                await self._follow(consumer, producer, stop, tick_seconds)
         finally:
             with contextlib.suppress(Exception):
                 await producer.stop()
             await consumer.stop()
+
+    async def _caught_up(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> bool:
+        """Read budget.balances to its end before judging anyone: judged on no usage (or
+        half of it), a user past the limit would be told `allow` until the rest is read.
+        False when stopped first."""
+        while not await self.readiness.check(consumer):
+            if stop.is_set():
+                return False
+            records = await fetch(consumer, 10_000, 50)
+            self.board.metrics.count_in(records)
+            self.board.enforcer.remember(decode_balances(records))
+        return True
 
     async def publish(self, producer: AIOKafkaProducer, outcome: Outcome) -> None:
         await publish(producer, self.topics, outcome)

@@ -60,11 +60,15 @@ class Enforcer:
         self.sent_alerts.update(alert_ids)
 
     def on_balances(self, balances: Iterable[BalanceUpdated], now: datetime) -> Outcome:
+        return self.evaluate(self._affected(self.remember(balances)), now)
+
+    def remember(self, balances: Iterable[BalanceUpdated]) -> set[str]:
+        """Take in usage without judging anyone (catching up at start); the users in it."""
         changed = set()
         for balance in balances:
             self.usages[balance.user_id] = from_balance(balance)
             changed.add(balance.user_id)
-        return self.evaluate(self._affected(changed), now)
+        return changed
 
     def on_config(self, config: Config, now: datetime) -> Outcome:
         """New limits: everyone is judged again."""
