@@ -5,8 +5,6 @@ row red without a reload. The screenshot is test-artifacts/dashboard.png."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,15 +13,12 @@ import pytest
 import yaml
 from playwright.async_api import Page
 
-from services.enforcer.app import run_enforcer
-from services.ingest.app import run_ingest
-from services.projector.app import run_projector
-from tally.config.loader import load_config
 from tally.topics import Topics
-from tests.test_pipeline import produce, running
+from tests.test_pipeline import produce
 
 from .browser import chromium_page, log_in, screenshot, visible_users
-from .kit import BUDGETS, KEYS, USAGE, USERS, events, free_port
+from .kit import BUDGETS, KEYS, USAGE, USERS, events
+from .pipeline import pipeline, ready, until
 
 pytestmark = pytest.mark.kafka
 
@@ -49,36 +44,15 @@ async def refused_login(page: Page, url: str, credential: str) -> str:
     return await page.inner_text("#login-error")
 
 
-@contextlib.asynccontextmanager
-async def pipeline(bootstrap: str, topics: Topics, tmp_path: Path,
-                   now: datetime) -> AsyncIterator[tuple[str, str]]:
-    """Ingest (with HTTP), projector and enforcer (with the API); yields both URLs."""
-    config_dir = write_config(tmp_path / "config")
-    config = load_config(config_dir)
-    ingest_port, enforcer_port = free_port(), free_port()
-
-    def ingest(stop: asyncio.Event) -> Awaitable[None]:
-        return run_ingest(config, bootstrap, topics, ingest_port, stop)
-
-    def projector(stop: asyncio.Event) -> Awaitable[None]:
-        return run_projector(config, bootstrap, topics, tmp_path / "p.db", stop)
-
-    def enforcer(stop: asyncio.Event) -> Awaitable[None]:
-        return run_enforcer(config_dir, bootstrap, topics, stop, clock=lambda: now,
-                            tick_seconds=0.2, port=enforcer_port)
-
-    async with running(ingest), running(projector), running(enforcer):
-        yield f"http://127.0.0.1:{ingest_port}", f"http://127.0.0.1:{enforcer_port}"
-
-
 async def settled(client: httpx.AsyncClient, url: str) -> dict[str, str]:
     """Every user's status once dave's limit and bob's warning have come through."""
     seen: dict[str, str] = {}
-    for _ in range(600):
-        seen = await statuses(client, url)
-        if seen.get("dave") == "over_limit" and seen.get("bob") == "warning":
-            break
-        await asyncio.sleep(0.1)
+
+    async def through() -> bool:
+        seen.update(await statuses(client, url))
+        return seen.get("dave") == "over_limit" and seen.get("bob") == "warning"
+
+    await until(through)
     return seen
 
 
@@ -86,14 +60,16 @@ async def test_sign_in_see_everyone_and_watch_a_row_change_live(
     kafka_bootstrap: str, unique_name: str, tmp_path: Path
 ) -> None:
     topics, now = Topics(f"dash-{unique_name}"), datetime.now(UTC)
-    async with pipeline(kafka_bootstrap, topics, tmp_path, now) as (ingest_url, url), \
+    config_dir = write_config(tmp_path / "config")
+    async with pipeline(kafka_bootstrap, topics, config_dir, tmp_path / "p.db", now) as (
+            ingest_url, url), \
             httpx.AsyncClient(timeout=10) as client, chromium_page() as page:
         await asyncio.sleep(1)  # topics exist once every service started
         await produce(kafka_bootstrap, topics.usage_raw,
                       [e.model_dump_json().encode() for e in events(USAGE, now)])
         assert await settled(client, url) == {"alice": "ok", "bob": "warning", "carol": "ok",
                                               "dave": "over_limit", "erin": "ok"}
-        assert (await client.get(f"{url}/readyz")).status_code == 200
+        assert await ready(client, url)
 
         assert await refused_login(page, url, "ak_wrong_0000000000") == "unknown API key"
         assert await refused_login(page, url, KEYS["bob"]) == (

@@ -1,0 +1,57 @@
+"""The three services in this event loop on a real broker, with both HTTP surfaces on free
+ports: for the tests that go through the whole pipeline to the API and the dashboard."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+
+from services.enforcer.app import run_enforcer
+from services.ingest.app import run_ingest
+from services.projector.app import run_projector
+from tally.config.loader import load_config
+from tally.ops import Metrics
+from tally.topics import Topics
+from tests.test_pipeline import running
+
+from .kit import free_port
+
+
+@contextlib.asynccontextmanager
+async def pipeline(bootstrap: str, topics: Topics, config_dir: Path, db: Path, now: datetime,
+                   metrics: Metrics | None = None) -> AsyncIterator[tuple[str, str]]:
+    """Ingest (with HTTP), projector, and the enforcer (with the API, its clock stopped at
+    `now`, its metrics into `metrics`); yields the ingest's and the enforcer's base URLs."""
+    config = load_config(config_dir)
+    ingest_port, enforcer_port = free_port(), free_port()
+
+    def ingest(stop: asyncio.Event) -> Awaitable[None]:
+        return run_ingest(config, bootstrap, topics, ingest_port, stop)
+
+    def projector(stop: asyncio.Event) -> Awaitable[None]:
+        return run_projector(config, bootstrap, topics, db, stop)
+
+    def enforcer(stop: asyncio.Event) -> Awaitable[None]:
+        return run_enforcer(config_dir, bootstrap, topics, stop, clock=lambda: now,
+                            tick_seconds=0.2, port=enforcer_port, metrics=metrics)
+
+    async with running(ingest), running(projector), running(enforcer):
+        yield f"http://127.0.0.1:{ingest_port}", f"http://127.0.0.1:{enforcer_port}"
+
+
+async def until(check: Callable[[], Awaitable[bool]], timeout: float = 60) -> None:
+    async with asyncio.timeout(timeout):
+        while not await check():
+            await asyncio.sleep(0.1)
+
+
+async def ready(client: httpx.AsyncClient, base_url: str) -> bool:
+    try:
+        return (await client.get(f"{base_url}/readyz")).status_code == 200
+    except httpx.TransportError:  # not listening yet
+        return False
