@@ -10,6 +10,7 @@ The ledger has no primary key: `dedupe` says which events of a batch are new.
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ __all__ = [
     "REJECTED_ARROW",
     "Applied",
     "apply_batch",
+    "commit",
     "connect",
     "default_db_path",
     "index_event_ids",
@@ -36,6 +38,8 @@ __all__ = [
     "load_usages",
     "merge_usages",
     "new_usages",
+    "rollback",
+    "write_batch",
 ]
 
 Offsets = Mapping[tuple[str, int], int]  # (topic, partition) -> next offset to read
@@ -192,6 +196,19 @@ def apply_batch(
     rejected: pa.Table | None = None,
 ) -> Applied:
     """Write one batch and the offsets after it atomically; all or nothing."""
+    applied = write_batch(con, events, offsets, rejected)
+    commit(con)
+    return applied
+
+
+def write_batch(
+    con: duckdb.DuckDBPyConnection,
+    events: pa.Table,
+    offsets: Offsets,
+    rejected: pa.Table | None = None,
+) -> Applied:
+    """apply_batch's writes in a transaction left open for the caller to `commit` (or roll
+    back); a failure here rolls it back."""
     con.execute("BEGIN TRANSACTION")
     try:
         new = _insert_ledger(con, events)
@@ -200,11 +217,23 @@ def apply_batch(
         if rejected is not None and rejected.num_rows:
             _insert_rejected(con, rejected)
         _upsert_offsets(con, offsets)
-        con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
         raise
     return Applied(new)
+
+
+def commit(con: duckdb.DuckDBPyConnection) -> None:
+    try:
+        con.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(duckdb.Error):  # a failed COMMIT may have ended it already
+            con.execute("ROLLBACK")
+        raise
+
+
+def rollback(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute("ROLLBACK")
 
 
 def _insert_ledger(con: duckdb.DuckDBPyConnection, events: pa.Table) -> pa.Table:
