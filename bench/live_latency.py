@@ -1,0 +1,210 @@
+"""Benchmark 2: live latency, from producing a usage event to its user's new decision in a
+DecisionCache, through the three running services.
+
+    .venv/bin/python -m bench.live_latency [--rate 1000] [--seconds 60] [--users 1000]
+
+Ingest, projector and enforcer run as their own processes (`python -m tally.cli ...`) on
+the bench broker, in a fresh topic namespace and data directory. This process produces
+UsageRecorded events to usage.raw at a steady rate, as a gateway would, and follows
+budget.decisions with a DecisionCache. An event's latency is from just before its send to
+the moment the cache first holds a decision for its user whose daily tokens_used includes
+it (decisions are absolute, so one decision can complete several events).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import contextlib
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+
+from bench.common import BENCH_DATA, CONFIG_DIR, ROOT, bench_broker, machine, print_table
+from tally.decision_cache import DecisionCache
+from tally.kafka import Record, ensure_topics, make_producer
+from tally.topics import Topics
+
+__all__ = ["main"]
+
+SERVICES = ("ingest", "projector", "enforcer")
+
+
+class WatchedCache(DecisionCache):
+    """A DecisionCache that notes when each user's daily tokens_used became visible."""
+
+    def __init__(self, bootstrap: str, topics: Topics) -> None:
+        super().__init__(bootstrap, topics)
+        self.seen: dict[str, list[tuple[int, float]]] = defaultdict(list)
+
+    def _apply(self, batch: list[Record]) -> None:
+        super()._apply(batch)
+        now = time.perf_counter()
+        for user in {r.key.decode() for r in batch if r.key is not None}:
+            decision = self.get(user)
+            if decision is not None:
+                self.seen[user].append((decision.daily.tokens_used, now))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def services(bootstrap: str, topics: Topics, data: Path, after_commit: bool) -> Iterator[None]:
+    """The three services as child processes; SIGTERM (then SIGKILL) at the end."""
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+           "TALLY_TOPIC_NAMESPACE": topics.namespace, "TALLY_DATA_DIR": str(data),
+           "TALLY_CONFIG_DIR": str(CONFIG_DIR), "TALLY_INGEST_PORT": str(free_port()),
+           "TALLY_PROJECTOR_PORT": str(free_port()), "TALLY_ENFORCER_PORT": str(free_port())}
+    data.mkdir(parents=True, exist_ok=True)
+    logs = [(data / f"{name}.log").open("w") for name in SERVICES]
+    extra = {"projector": ["--publish-after-commit"] if after_commit else []}
+    children = [subprocess.Popen([sys.executable, "-m", "tally.cli", name, *extra.get(name, [])],
+                                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                for name, log in zip(SERVICES, logs, strict=True)]
+    try:
+        yield
+    finally:
+        for child in children:
+            child.terminate()
+        for child in children:
+            try:
+                child.wait(30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        for log in logs:
+            log.close()
+
+
+def usage(user: str, tokens: int) -> bytes:
+    return orjson.dumps({
+        "event_id": uuid.uuid4().hex, "occurred_at": datetime.now(UTC).isoformat(),
+        "user_id": user, "model": "openai/gpt-4.1", "provider": "openai",
+        "input_tokens": tokens, "output_tokens": 0, "source": "bench"})
+
+
+@contextlib.asynccontextmanager
+async def following(bootstrap: str, topics: Topics) -> AsyncIterator[WatchedCache]:
+    cache = WatchedCache(bootstrap, topics)
+    await cache.start()
+    try:
+        yield cache
+    finally:
+        await cache.stop()
+
+
+async def warm_up(producer: object, topics: Topics, cache: WatchedCache) -> None:
+    """Until an event goes all the way through (the ingest's group has joined, etc.)."""
+    send = producer.send  # type: ignore[attr-defined]
+    for _ in range(600):
+        await send(topics.usage_raw, usage("bench_warmup", 1), key=b"bench_warmup")
+        await asyncio.sleep(0.1)
+        if cache.get("bench_warmup") is not None:
+            return
+    raise RuntimeError("no decision came back within 60 s: see the service logs")
+
+
+async def steady(producer: object, topics: Topics, rate: int, seconds: float,
+                 users: int) -> dict[str, list[tuple[int, float]]]:
+    """Send `rate` events a second for `seconds`; per user, (cumulative tokens, sent at)."""
+    send = producer.send  # type: ignore[attr-defined]
+    sent: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    totals: dict[str, int] = defaultdict(int)
+    total = int(rate * seconds)
+    started = time.perf_counter()
+    for i in range(total):
+        due = started + i / rate
+        delay = due - time.perf_counter()
+        if delay > 0.001:
+            await asyncio.sleep(delay)
+        user = f"bench_{i * 7919 % users:05d}"
+        tokens = 10 + i % 90
+        totals[user] += tokens
+        sent[user].append((totals[user], time.perf_counter()))
+        await send(topics.usage_raw, usage(user, tokens), key=user.encode())
+    await producer.flush()  # type: ignore[attr-defined]
+    return sent
+
+
+def latencies(sent: dict[str, list[tuple[int, float]]],
+              seen: dict[str, list[tuple[int, float]]]) -> tuple[list[float], int]:
+    """Per event, ms until a decision covering it was visible; and how many never were."""
+    found, missing = [], 0
+    for user, events in sent.items():
+        arrivals = seen.get(user, [])
+        used = [tokens for tokens, _ in arrivals]
+        for tokens, at in events:
+            i = bisect.bisect_left(used, tokens)
+            if i == len(used):
+                missing += 1
+            else:
+                found.append((arrivals[i][1] - at) * 1000)
+    return found, missing
+
+
+async def one_run(bootstrap: str, rate: int, seconds: float, users: int,
+                  after_commit: bool) -> tuple[list[float], int]:
+    topics = Topics(f"live-{uuid.uuid4().hex[:8]}")
+    data = BENCH_DATA / topics.namespace
+    await ensure_topics(bootstrap, topics, 3)
+    with services(bootstrap, topics, data, after_commit):
+        async with following(bootstrap, topics) as cache:
+            producer = make_producer(bootstrap)
+            await producer.start()
+            try:
+                await warm_up(producer, topics, cache)
+                sent = await steady(producer, topics, rate, seconds, users)
+                await asyncio.sleep(3)  # the last events' decisions
+            finally:
+                await producer.stop()
+    shutil.rmtree(data, ignore_errors=True)
+    return latencies(sent, cache.seen)
+
+
+def quantile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=1000, method="inclusive")[int(q * 1000) - 1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.live_latency")
+    parser.add_argument("--rate", type=int, default=1000)
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--users", type=int, default=1000)
+    parser.add_argument("--runs", type=int, default=1, help="runs of each design")
+    parser.add_argument("--designs", default="before,after",
+                        help="before: balances sent before the DuckDB commit (the default "
+                             "projector); after: --publish-after-commit")
+    args = parser.parse_args()
+    rows = []
+    with bench_broker() as bootstrap:
+        print(f"machine: {machine()}; {args.rate:,} events/s for {args.seconds:g} s, "
+              f"{args.users:,} users, {args.runs} run(s) of each design")
+        for run in range(args.runs):
+            for design in args.designs.split(","):
+                found, missing = asyncio.run(one_run(bootstrap, args.rate, args.seconds,
+                                                     args.users, design == "after"))
+                rows.append((f"publish {design} commit, run {run + 1}", len(found), missing,
+                             *(quantile(found, q) for q in (0.5, 0.95, 0.99)), max(found)))
+    print_table(("design", "events", "never seen", "p50 ms", "p95 ms", "p99 ms", "max ms"),
+                [(name, f"{n:,}", m, *(f"{v:,.1f}" for v in qs)) for name, n, m, *qs in rows])
+
+
+if __name__ == "__main__":
+    main()
