@@ -184,4 +184,5 @@ async def test_kills_and_a_broker_restart_lose_nothing_and_count_nothing_twice(
     assert figures.balances.lost == 0 and figures.balances.extra == 0
     assert figures.dlq.records == figures.dlq.malformed_on_raw == 200
     assert figures.decisions.users >= 40 and not figures.decisions.mismatched
+    assert figures.history.published > 0 and not figures.history.went_back
     assert figures.alerts > 0 and figures.duplicate_alerts == 0

@@ -5,6 +5,8 @@
 - decisions: each user's last decision against `tally simulate`'s functions (read_events,
   fold_events, budgets_report) over the same events, at that decision's own `as_of`
   (the enforcer's wall clock), so a period boundary crossed during the run is no excuse;
+  and every decision published: usage never going back within a period, nor beyond the
+  recount;
 - alerts: no alert_id twice, and (when no period ended during the run) none missing.
 """
 
@@ -28,7 +30,7 @@ from tally.simulate import read_events
 from tally.wire import BudgetDecided, UsageRecorded
 
 __all__ = ["Balances", "Decisions", "Dlq", "check_balances", "check_decisions", "check_dlq",
-           "missing_alerts"]
+           "check_history", "missing_alerts"]
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,9 @@ class Decisions:
     users: int
     mismatched: list[str]  # "user: field a != b" for the first differing fields
     missing: list[str]  # users simulate reports and no decision was published for
+    published: int = 0  # every decision on budget.decisions
+    went_back: list[str] = field(default_factory=list)  # less usage than the one before
+    beyond_final: int = 0  # more usage than the recount of all events
 
 
 class _Simulation:
@@ -140,6 +145,28 @@ def check_decisions(events: Sequence[Event], config: Config,
             mismatched.append(f"{user}: {_first_difference(want or {}, got)}")
     missing = sorted(simulation.report(end).keys() - latest.keys())
     return Decisions(len(latest), mismatched, missing)
+
+
+def check_history(decisions: Sequence[BudgetDecided], events: Sequence[Event]) -> Decisions:
+    """Every decision, in order per user: within a period usage only grows, and never
+    beyond what all the events come to; otherwise a gateway was told something stale."""
+    final = recount(events)
+    previous: dict[str, BudgetDecided] = {}
+    went_back, beyond = [], 0
+    for d in decisions:
+        before = previous.get(d.user_id)
+        if before is not None and _went_back(before, d):
+            went_back.append(f"{d.user_id}: {before.daily.tokens_used:,} then "
+                             f"{d.daily.tokens_used:,} at {d.as_of:%H:%M:%S.%f}")
+        beyond += any(p.tokens_used > final.get((d.user_id, p.period, p.period_start), 0)
+                      for p in (d.daily, d.monthly))
+        previous[d.user_id] = d
+    return Decisions(len(previous), [], [], len(decisions), went_back, beyond)
+
+
+def _went_back(before: BudgetDecided, after: BudgetDecided) -> bool:
+    return any(b.period_start == a.period_start and a.tokens_used < b.tokens_used
+               for b, a in ((before.daily, after.daily), (before.monthly, after.monthly)))
 
 
 def _first_difference(want: Mapping[str, Any], got: Mapping[str, Any]) -> str:

@@ -26,6 +26,7 @@ class Figures:
     balances: Balances
     dlq: Dlq
     decisions: Decisions
+    history: Decisions
     alerts: int
     duplicate_alerts: int
     missing_alerts: list[str] | None  # None: a period ended during the run, not judged
@@ -60,6 +61,8 @@ class Figures:
                 d.rejected_missing + d.rejected_duplicated + d.rejected_not_malformed) > 0,
             "usage.raw holds messages the run never sent": d.raw_foreign > 0,
             "decisions differ from simulate": bool(dec.mismatched or dec.missing),
+            "decisions went back or beyond the events": bool(
+                self.history.went_back or self.history.beyond_final),
             "an alert was sent twice": self.duplicate_alerts > 0,
             "alerts missing": bool(self.missing_alerts),
             "a service did not stop on SIGTERM": any(
@@ -97,11 +100,14 @@ def render(f: Figures) -> str:
         f"{d.rejected_not_malformed}",
         f"  decisions: {dec.users} users' last decisions vs simulate at their as_of: "
         f"{len(dec.mismatched)} mismatches, {len(dec.missing)} users without a decision",
+        f"  every decision ({f.history.published:,}): {len(f.history.went_back)} went back "
+        f"within a period, {f.history.beyond_final} beyond the recount",
         f"  alerts: {f.alerts} on budget.alerts, {f.duplicate_alerts} sent twice, "
         f"{_missing(f)} missing",
         f"  period boundary crossed during the run: {'yes' if f.boundary_crossed else 'no'}",
     ]
     lines += [f"    mismatch {m}" for m in dec.mismatched[:5]]
+    lines += [f"    went back {m}" for m in f.history.went_back[:5]]
     lines += [f"    missing alert {a}" for a in (f.missing_alerts or [])[:5]]
     failures = f.failures()
     lines.append("verdict: PASS" if not failures else f"verdict: FAIL ({'; '.join(failures)})")

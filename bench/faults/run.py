@@ -18,7 +18,13 @@ import yaml
 from aiokafka.admin import AIOKafkaAdminClient
 
 from bench.faults.chaos import Broker, kill_on_schedule, kill_plan, restart_broker_at
-from bench.faults.checks import check_balances, check_decisions, check_dlq, missing_alerts
+from bench.faults.checks import (
+    check_balances,
+    check_decisions,
+    check_dlq,
+    check_history,
+    missing_alerts,
+)
 from bench.faults.drain import wait_until_drained
 from bench.faults.evidence import gather
 from bench.faults.producer import produce_paced
@@ -140,6 +146,7 @@ async def _figures(setup: Setup, broker: Broker, work_dir: Path) -> Figures:
         balances=check_balances(events, evidence.ledger_ids, evidence.balances),
         dlq=check_dlq(setup.workload, evidence),
         decisions=check_decisions(events, config, evidence.decisions, end),
+        history=check_history(evidence.decisions, events),
         alerts=len(alert_ids), duplicate_alerts=len(alert_ids) - len(set(alert_ids)),
         missing_alerts=None if crossed else missing_alerts(events, config, end, alert_ids))
 
