@@ -18,7 +18,13 @@ from collections.abc import Iterable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import IllegalStateError
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    disable_created_metrics,
+)
 from prometheus_client import generate_latest as _generate_latest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -27,6 +33,10 @@ from starlette.routing import Route
 from tally.kafka import Record
 
 __all__ = ["Metrics", "Readiness", "observe_lag", "ops_routes"]
+
+# Every counter would also get a `_created` timestamp series: twice the lines, and nothing
+# here reads them. (A process-wide switch; only Tally's own registries live in it.)
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class Metrics:
