@@ -15,7 +15,7 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,6 +25,7 @@ import duckdb
 import pyarrow as pa
 import uvicorn
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from starlette.routing import BaseRoute
 
 from services.projector import store
 from services.projector.audit import audit_app
@@ -34,6 +35,7 @@ from tally.config.loader import load_config
 from tally.config.models import Config
 from tally.core.usage import UserUsage, to_balance
 from tally.kafka import Record, batches, ensure_topics, make_consumer, make_producer, partitions_of
+from tally.ops import Metrics, Readiness, ops_routes, watching
 from tally.settings import Settings
 from tally.topics import Topics
 
@@ -109,6 +111,7 @@ class Projector:
         self.mirror: dict[str, UserUsage] = store.load_usages(self.writer)
         self.publish_before_commit = publish_before_commit
         self._work: asyncio.Future[None] | None = None
+        self.metrics = Metrics()
 
     def write(self, records: list[Record]) -> set[str]:
         """Write a batch in an open transaction and fold its new rows into the mirror; the
@@ -153,6 +156,7 @@ class Projector:
             # Shielded: a stop lets the batch under way commit and publish (see finish).
             self._work = asyncio.ensure_future(self.handle(records))
             await asyncio.shield(self._work)
+            self.metrics.count_in(records)
 
     async def finish(self) -> None:
         if self._work is not None:
@@ -162,7 +166,8 @@ class Projector:
 async def run_projector(config: Config, bootstrap: str, topics: Topics, db_path: Path,
                         stop: asyncio.Event, port: int | None = None,
                         partitions: int = 3, publish_before_commit: bool = True) -> None:
-    """Run until `stop` is set; with a port, serve POST /audit on 127.0.0.1:port."""
+    """Run until `stop` is set; with a port, serve POST /audit, /metrics, /healthz and
+    /readyz (ready once caught up with usage.events and usage.dlq) on 127.0.0.1:port."""
     await ensure_topics(bootstrap, topics, partitions)
     db_path.parent.mkdir(parents=True, exist_ok=True)
     async with contextlib.AsyncExitStack() as stack:
@@ -174,8 +179,11 @@ async def run_projector(config: Config, bootstrap: str, topics: Topics, db_path:
                           store.load_offsets(projector.writer))
         # Heals a crash between a commit and its publish: every balance, once.
         await projector.publish(projector.mirror)
+        readiness = Readiness()
+        await stack.enter_async_context(watching(consumer, projector.metrics, readiness))
         if port is not None:
-            await stack.enter_async_context(_serving(con, port))
+            routes = ops_routes(projector.metrics, readiness)
+            await stack.enter_async_context(_serving(con, port, routes))
         log.info("projector: %d users, reading %s", len(projector.mirror), topics.usage_events)
         await _until(stop, projector, consumer)
 
@@ -211,9 +219,11 @@ class _Server(uvicorn.Server):
 
 
 @contextlib.asynccontextmanager
-async def _serving(con: duckdb.DuckDBPyConnection, port: int) -> AsyncIterator[None]:
-    """The read-only audit endpoint, in this event loop, for as long as the block runs."""
-    server = _Server(uvicorn.Config(audit_app(con), log_level="warning", lifespan="off"))
+async def _serving(con: duckdb.DuckDBPyConnection, port: int,
+                   routes: Sequence[BaseRoute]) -> AsyncIterator[None]:
+    """The read-only audit endpoint (and `routes`), in this event loop, while the block runs."""
+    server = _Server(uvicorn.Config(audit_app(con, routes), log_level="warning",
+                                    lifespan="off"))
     # Bound here so a busy port raises OSError to the caller; uvicorn would sys.exit(1).
     sock = socket.create_server(("127.0.0.1", port))
     task = asyncio.ensure_future(server.serve(sockets=[sock]))

@@ -18,6 +18,7 @@ import re
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from services.projector import store
 from tally.settings import Settings
@@ -86,8 +87,9 @@ def to_json(result: QueryResult) -> bytes:
 # the endpoint ------------------------------------------------------------------------------
 
 
-def audit_app(con: duckdb.DuckDBPyConnection) -> Starlette:
-    """POST /audit {"sql": "..."} -> {"columns", "rows", "truncated"}; 400 with {"error"}."""
+def audit_app(con: duckdb.DuckDBPyConnection, more: Sequence[BaseRoute] = ()) -> Starlette:
+    """POST /audit {"sql": "..."} -> {"columns", "rows", "truncated"}; 400 with {"error"}.
+    `more`: routes served beside it (the projector's /metrics, /healthz, /readyz)."""
 
     async def audit(request: Request) -> Response:
         try:
@@ -104,7 +106,7 @@ def audit_app(con: duckdb.DuckDBPyConnection) -> Starlette:
             cursor.close()
         return Response(to_json(result), media_type="application/json")
 
-    return Starlette(routes=[Route("/audit", audit, methods=["POST"])])
+    return Starlette(routes=[Route("/audit", audit, methods=["POST"]), *more])
 
 
 def _error(message: str) -> Response:

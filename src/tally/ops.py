@@ -13,8 +13,9 @@ and mounts `ops_routes` in its Starlette app.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import IllegalStateError
@@ -32,7 +33,7 @@ from starlette.routing import Route
 
 from tally.kafka import Record
 
-__all__ = ["Metrics", "Readiness", "observe_lag", "ops_routes"]
+__all__ = ["Metrics", "Readiness", "observe_lag", "ops_routes", "watching"]
 
 # Every counter would also get a `_created` timestamp series: twice the lines, and nothing
 # here reads them. (A process-wide switch; only Tally's own registries live in it.)
@@ -117,6 +118,27 @@ class Readiness:
         self.detail = (f"catching up on {len(behind)} of {len(self._targets)} partitions"
                        if behind else "caught up")
         return self.ready
+
+
+@contextlib.asynccontextmanager
+async def watching(consumer: AIOKafkaConsumer, metrics: Metrics, readiness: Readiness,
+                   every: float = 0.5) -> AsyncIterator[None]:
+    """Look at `consumer`'s lag and readiness every `every` seconds, beside a loop that
+    does not (the projector's)."""
+
+    async def watch() -> None:
+        while True:
+            await observe_lag(metrics, consumer)
+            await readiness.check(consumer)
+            await asyncio.sleep(every)
+
+    task = asyncio.create_task(watch(), name="ops-watch")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def ops_routes(metrics: Metrics, readiness: Readiness) -> list[Route]:
