@@ -59,6 +59,8 @@ import { periodValues, render } from "./templates.js";
  * @property {number} pendingTtlMs
  */
 
+const UNDER_LIMIT = new Set(["allow", "warn"]);
+
 /** @param {string | undefined} iso */
 function timeOf(iso) {
   const t = iso ? Date.parse(iso) : NaN;
@@ -198,9 +200,14 @@ export class BudgetBook {
     return verdictOf("allow", null, "unknown-user");
   }
 
-  /** @param {Decision} d @param {number} pending */
+  /**
+   * A stop predicted from the pending calls, for a user the decision still has under the
+   * limit. Past the limit the decision already carries the policy's own action.
+   * @param {Decision} d @param {number} pending
+   */
   #localStop(d, pending) {
     if (pending <= 0 || this.options.localLimitAction !== "hard_stop") return null;
+    if (!UNDER_LIMIT.has(d.action)) return null;
     for (const period of [d.daily, d.monthly, drivingPeriod(d)]) {
       if (!period) continue;
       const used = period.tokens_used + pending;

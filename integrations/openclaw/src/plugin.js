@@ -102,7 +102,10 @@ export function createTally({ config, transport, logger, clock = Date.now }) {
   const handlers = {
     before_agent_reply(/** @type {any} */ _event, /** @type {any} */ ctx) {
       const verdict = verdictFor(ctx);
-      if (verdict.action !== "hard_stop") return undefined;
+      if (verdict.action !== "hard_stop") {
+        runs.admit(ctx?.runId);
+        return undefined;
+      }
       return { handled: true, reply: { text: verdict.message ?? "" },
                reason: `tally:${verdict.basis}` };
     },
@@ -113,9 +116,12 @@ export function createTally({ config, transport, logger, clock = Date.now }) {
       return modelOverride(verdict.forceModel) ?? undefined;
     },
 
+    // Only for runs that did not come through before_agent_reply (e.g. cron, heartbeat):
+    // a run admitted there is let finish, since a block here reaches an HTTP client as a
+    // bare 500 "internal error", not as the budget message.
     before_agent_run(/** @type {any} */ event, /** @type {any} */ ctx) {
       const verdict = verdictFor(ctx, event);
-      if (verdict.action !== "hard_stop") return undefined;
+      if (runs.admitted(ctx?.runId) || verdict.action !== "hard_stop") return undefined;
       return { outcome: "block", reason: `tally:${verdict.basis}`,
                message: verdict.message ?? undefined };
     },

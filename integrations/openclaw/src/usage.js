@@ -80,7 +80,7 @@ export class RunMemory {
   /** @param {number} [limit] */
   constructor(limit = 10_000) {
     this.limit = limit;
-    /** @type {Map<string, {identity?: string, attempts: number}>} */
+    /** @type {Map<string, {identity?: string, attempts: number, admitted?: boolean}>} */
     this.runs = new Map();
   }
 
@@ -98,6 +98,16 @@ export class RunMemory {
   /** @param {string | undefined} runId @param {string} identity */
   remember(runId, identity) {
     if (runId) this.#entry(runId).identity = identity;
+  }
+
+  /** The run passed the budget check once already. @param {string | undefined} runId */
+  admit(runId) {
+    if (runId) this.#entry(runId).admitted = true;
+  }
+
+  /** @param {string | undefined} runId */
+  admitted(runId) {
+    return runId ? this.runs.get(runId)?.admitted === true : false;
   }
 
   /** @param {string | undefined} runId */

@@ -66,6 +66,14 @@ test("calls since the decision count at once: a stop without the round trip", ()
   assert.equal(book({ localLimitAction: "none" }).verdict("u", NOON).action, "allow");
 });
 
+test("past the limit the decision's own action stands, whatever is pending", () => {
+  const b = book();
+  b.applyDecision("u", decision("u", 1050, "reduced_priority", { force_model: "p/cheap" }));
+  b.addUsage("u", 120, NOON);
+  assert.equal(b.verdict("u", NOON).action, "reduced_priority");
+  assert.equal(b.verdict("u", NOON).forceModel, "p/cheap");
+});
+
 test("a decision that counts the calls replaces them; one that does not keeps them", () => {
   const b = book();
   b.applyDecision("u", decision("u", 700));

@@ -54,7 +54,8 @@ test("a hard stop answers with the decision's message, before any model call", (
   decide(tally, "openai-user:alice", 1050, "hard_stop", { message: "Stopped until tomorrow." });
   assert.deepEqual(hooks.before_agent_reply({ cleanedBody: "hi" }, ALICE),
     { handled: true, reply: { text: "Stopped until tomorrow." }, reason: "tally:decision" });
-  assert.deepEqual(hooks.before_agent_run({ prompt: "hi" }, ALICE),
+  const cron = { ...ALICE, runId: "cron-1", trigger: "cron" }; // never through before_agent_reply
+  assert.deepEqual(hooks.before_agent_run({ prompt: "hi" }, cron),
     { outcome: "block", reason: "tally:decision", message: "Stopped until tomorrow." });
   const bob = { ...ALICE, sessionKey: "agent:main:openai-user:bob", runId: "r2" };
   assert.equal(hooks.before_agent_reply({ cleanedBody: "hi" }, bob), undefined);
@@ -67,6 +68,14 @@ test("the gateway's own count stops a user past the limit before the decision do
   const answer = hooks.before_agent_reply({ cleanedBody: "hi" }, { ...ALICE, runId: "r3" });
   assert.equal(answer?.reply.text,
                `You've reached your daily token limit. Your budget resets at ${RESET}.`);
+});
+
+test("a run admitted by before_agent_reply is let finish, even if the user is stopped since", () => {
+  const { tally, hooks } = setup();
+  assert.equal(hooks.before_agent_reply({ cleanedBody: "hi" }, ALICE), undefined);
+  decide(tally, "openai-user:alice", 1050, "hard_stop", { message: "Stopped." });
+  assert.equal(hooks.before_agent_run({ prompt: "hi" }, ALICE), undefined);
+  assert.equal(hooks.before_agent_reply({}, { ...ALICE, runId: "r2" })?.reply.text, "Stopped.");
 });
 
 test("reduced priority routes to the configured model, provider and model apart", () => {
