@@ -26,6 +26,8 @@ from bench.faults.chaos import low_free_port
 from services.enforcer.app import run_enforcer
 from services.ingest.app import KafkaPublisher, handle
 from services.projector import store
+from services.projector.app import run_projector
+from tally.config.loader import load_config
 from tally.identity import Directory
 from tally.kafka import Record, ensure_topics, make_producer, read_to_end
 from tally.ops import Metrics
@@ -150,6 +152,68 @@ async def test_a_restarted_enforcer_judges_nobody_before_it_has_read_the_balance
         decisions = [BudgetDecided.model_validate_json(r.value or b"")
                      for r in await read_to_end(kafka_bootstrap, topics.budget_decisions)]
         assert [(d.action, d.tokens_used) for d in decisions] == [("hard_stop", 1500)], run
+
+
+async def produce(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]]) -> None:
+    producer = make_producer(bootstrap)
+    await producer.start()
+    try:
+        for key, value in messages:
+            await producer.send_and_wait(topic, value, key=key)
+    finally:
+        await producer.stop()
+
+
+def alice_used(balance: bytes | None) -> int:
+    return BalanceUpdated.model_validate_json(balance or b"").daily["2026-05-10T00:00:00+00:00"]
+
+
+async def alice_balances(bootstrap: str, topics: Topics) -> list[int]:
+    return [alice_used(r.value) for r in sorted(
+        await read_to_end(bootstrap, topics.budget_balances), key=lambda r: r.offset)]
+
+
+@pytest.mark.kafka
+async def test_a_restarted_projector_never_sends_a_balance_older_than_one_already_sent(
+    kafka_bootstrap: str, unique_name: str, tmp_path: Path
+) -> None:
+    """The run saw decisions go back after a projector kill: balances are sent before
+    their commit, so a killed run may have sent more than it stored, and the restart sent
+    the stored (older) balances at once. Here the killed run's last send is forged."""
+    topics, config_dir = Topics(f"faults-proj-{unique_name}"), tmp_path / "config"
+    config_dir.mkdir()
+    (config_dir / "budgets.yaml").write_text(yaml.safe_dump({"per_user_budgets": {
+        "default_limits": {"daily_tokens": 1000, "monthly_tokens": 100000}}}))
+    config = load_config(config_dir)
+
+    def events(first: int, last: int) -> list[tuple[bytes, bytes]]:
+        return [(b"alice", UsageRecorded(event_id=f"e{i}", user_id="alice", occurred_at=NOW,
+                                         model="m", input_tokens=10, output_tokens=0)
+                 .model_dump_json().encode()) for i in range(first, last)]
+
+    async def project_until(tokens: int, times: int = 1) -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_projector(config, kafka_bootstrap, topics,
+                                                 tmp_path / "p.duckdb", stop))
+        for _ in range(300):
+            if (await alice_balances(kafka_bootstrap, topics)).count(tokens) >= times:
+                break
+            await asyncio.sleep(0.1)
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+    await ensure_topics(kafka_bootstrap, topics, 1)
+    await produce(kafka_bootstrap, topics.usage_events, events(0, 10))
+    await project_until(100)
+    ahead = BalanceUpdated(user_id="alice", daily={"2026-05-10T00:00:00+00:00": 200},
+                           monthly={"2026-05-01T00:00:00+00:00": 200},
+                           last_event_at=NOW, as_of=NOW)
+    await produce(kafka_bootstrap, topics.usage_events, events(10, 20))
+    await produce(kafka_bootstrap, topics.budget_balances,
+                  [(b"alice", ahead.model_dump_json().encode())])
+    await project_until(200, times=2)  # the forged one, then the restarted run's
+    sent = await alice_balances(kafka_bootstrap, topics)
+    assert sent == sorted(sent) and sent.count(200) == 2, sent
 
 
 # The run itself ----------------------------------------------------------------------------

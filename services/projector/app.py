@@ -34,7 +34,15 @@ from tally.config.errors import ConfigError
 from tally.config.loader import load_config
 from tally.config.models import Config
 from tally.core.usage import UserUsage, to_balance
-from tally.kafka import Record, batches, ensure_topics, make_consumer, make_producer, partitions_of
+from tally.kafka import (
+    Record,
+    batches,
+    end_offsets,
+    ensure_topics,
+    make_consumer,
+    make_producer,
+    partitions_of,
+)
 from tally.ops import Metrics, Readiness, ops_routes, watching
 from tally.settings import Settings
 from tally.topics import Topics
@@ -112,6 +120,23 @@ class Projector:
         self.publish_before_commit = publish_before_commit
         self._work: asyncio.Future[None] | None = None
         self.metrics = Metrics()
+        self.held: dict[tuple[str, int], int] = {}  # see hold_until
+
+    def hold_until(self, stored: store.Offsets, ends: store.Offsets) -> None:
+        """Send no balance until the consumer reaches `ends` (the topics' ends at start).
+        Balances go out before their commit, so a killed run may have sent more than it
+        stored: sent before then, the stored (older) figures would make decisions go back."""
+        self.held = {key: end for key, end in ends.items() if end > stored.get(key, 0)}
+
+    async def release(self, records: list[Record]) -> None:
+        """After a batch: once the ends are reached, every balance, once."""
+        if not self.held:
+            return
+        for key, reached in next_offsets(records).items():
+            if self.held.get(key, reached + 1) <= reached:
+                del self.held[key]
+        if not self.held:
+            await self.publish(self.mirror)
 
     def write(self, records: list[Record]) -> set[str]:
         """Write a batch in an open transaction and fold its new rows into the mirror; the
@@ -140,6 +165,8 @@ class Projector:
 
     async def send(self, users: Iterable[str]) -> list[asyncio.Future[object]]:
         """Queue each user's absolute balance; the futures settle when the broker acks."""
+        if self.held:
+            return []  # held back until caught up (see hold_until)
         as_of = datetime.now(UTC)
         return [
             await self.producer.send(self.topics.budget_balances, key=user.encode(),
@@ -157,6 +184,7 @@ class Projector:
             self._work = asyncio.ensure_future(self.handle(records))
             await asyncio.shield(self._work)
             self.metrics.count_in(records)
+            await self.release(records)
 
     async def finish(self) -> None:
         if self._work is not None:
@@ -175,9 +203,13 @@ async def run_projector(config: Config, bootstrap: str, topics: Topics, db_path:
         consumer = await stack.enter_async_context(_started(make_consumer(bootstrap)))
         producer = await stack.enter_async_context(_started(make_producer(bootstrap)))
         projector = Projector(con, config, topics, producer, publish_before_commit)
-        await assign_from(consumer, (topics.usage_events, topics.usage_dlq),
-                          store.load_offsets(projector.writer))
-        # Heals a crash between a commit and its publish: every balance, once.
+        stored = store.load_offsets(projector.writer)
+        parts = await assign_from(consumer, (topics.usage_events, topics.usage_dlq), stored)
+        if publish_before_commit:
+            ends = await end_offsets(consumer, parts)
+            projector.hold_until(stored, {(tp.topic, tp.partition): n for tp, n in ends.items()})
+        # Heals a crash between a commit and its publish: every balance, once (when held
+        # back, once caught up).
         await projector.publish(projector.mirror)
         readiness = Readiness()
         await stack.enter_async_context(watching(consumer, projector.metrics, readiness))
