@@ -28,7 +28,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path,
                         default=project_root() / ".local" / "kafka-faults")
     parser.add_argument("--keep", action="store_true",
-                        help="keep the work dir, the topics and the broker running")
+                        help="keep the work dir, the topics and the broker running "
+                             "(a failed run keeps the first two anyway)")
     return parser.parse_args(argv)
 
 
@@ -39,9 +40,10 @@ async def _run(args: argparse.Namespace, work_dir: Path) -> bool:
         plan = Plan(events=args.events, kills=args.kills, rate=args.rate, seed=args.seed)
         figures = await run_faults(plan, broker, work_dir)
         print(render(figures), flush=True)
-        if not args.keep:
+        passed = not figures.failures()
+        if passed and not args.keep:  # a failed run's topics stay for a look
             await delete_topics(broker.bootstrap, Topics(figures.namespace))
-        return not figures.failures()
+        return passed
     finally:
         if not args.keep:
             await asyncio.to_thread(broker.stop)
