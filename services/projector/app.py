@@ -138,29 +138,26 @@ class Projector:
         if not self.held:
             await self.publish(self.mirror)
 
-    def write(self, records: list[Record]) -> set[str]:
-        """Write a batch in an open transaction and fold its new rows into the mirror; the
-        changed users. The caller commits (store.commit)."""
+    def begin(self, records: list[Record]) -> tuple[Decoded, store.Applied]:
+        """Decode a batch, open its transaction to find its new events, and fold them into
+        the mirror: all a publish needs. `complete` writes the rest and commits."""
         decoded = Decoded.of(self.decoder, self.topics, records)
-        applied = store.write_batch(self.writer, decoded.events, decoded.offsets,
-                                    decoded.rejected)
-        try:
-            added = store.new_usages(self.writer, applied)
-        except BaseException:
-            store.rollback(self.writer)
-            raise
-        store.merge_usages(self.mirror, added)
-        return applied.users
+        applied = store.begin_batch(self.writer, decoded.events)
+        store.merge_usages(self.mirror, store.usages_of(applied.new))
+        return decoded, applied
+
+    def complete(self, decoded: Decoded, applied: store.Applied) -> None:
+        store.finish_batch(self.writer, applied, decoded.offsets, decoded.rejected)
 
     async def handle(self, records: list[Record]) -> None:
         # DuckDB releases the GIL: in a thread, the audit endpoint and fetches go on.
-        users = await asyncio.to_thread(self.write, records)
+        decoded, applied = await asyncio.to_thread(self.begin, records)
         if self.publish_before_commit:
-            sent = await self.send(users)
-            await asyncio.to_thread(store.commit, self.writer)
+            sent = await self.send(applied.users)
+            await asyncio.to_thread(self.complete, decoded, applied)
         else:
-            await asyncio.to_thread(store.commit, self.writer)
-            sent = await self.send(users)
+            await asyncio.to_thread(self.complete, decoded, applied)
+            sent = await self.send(applied.users)
         await asyncio.gather(*sent)
 
     async def send(self, users: Iterable[str]) -> list[asyncio.Future[object]]:

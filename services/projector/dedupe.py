@@ -22,6 +22,8 @@ differs.
 
 from __future__ import annotations
 
+from weakref import WeakKeyDictionary
+
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -36,11 +38,15 @@ CREATE TABLE IF NOT EXISTS event_ids (h UBIGINT NOT NULL);  -- hash() of each le
 CREATE TABLE IF NOT EXISTS hash_check (probe UBIGINT NOT NULL);
 """
 _INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS event_ids_h ON event_ids (h)"
+# Per connection (or cursor): whether event_ids has its index, asked once (a statement
+# costs a millisecond or more on a busy machine, as much as a small batch's whole check).
+_KNOWN: WeakKeyDictionary[duckdb.DuckDBPyConnection, bool] = WeakKeyDictionary()
 
 
 def index_event_ids(con: duckdb.DuckDBPyConnection) -> None:
     """The unique index that makes step 1 a point lookup (the live projector's case)."""
     con.execute(_INDEX)
+    _KNOWN[con] = True
 
 
 def rehash_if_changed(con: duckdb.DuckDBPyConnection) -> None:
@@ -50,6 +56,7 @@ def rehash_if_changed(con: duckdb.DuckDBPyConnection) -> None:
     if stored == [(probe,)]:
         return
     indexed = _indexed(con)
+    _KNOWN.pop(con, None)
     con.execute("BEGIN TRANSACTION")
     con.execute("DROP INDEX IF EXISTS event_ids_h")
     con.execute("DELETE FROM event_ids")
@@ -78,9 +85,12 @@ def not_stored(con: duckdb.DuckDBPyConnection, events: pa.Table) -> pa.Table:
 
 
 def _indexed(con: duckdb.DuckDBPyConnection) -> bool:
-    rows = con.execute("SELECT count(*) FROM duckdb_indexes() "
-                       "WHERE index_name = 'event_ids_h'").fetchall()
-    return bool(rows[0][0])
+    known = _KNOWN.get(con)
+    if known is None:
+        rows = con.execute("SELECT count(*) FROM duckdb_indexes() "
+                           "WHERE index_name = 'event_ids_h'").fetchall()
+        known = _KNOWN[con] = bool(rows[0][0])
+    return known
 
 
 def _record_new_hashes(con: duckdb.DuckDBPyConnection) -> pa.Array:

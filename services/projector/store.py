@@ -13,10 +13,10 @@ from __future__ import annotations
 import contextlib
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import duckdb
 import pyarrow as pa
@@ -30,16 +30,16 @@ __all__ = [
     "REJECTED_ARROW",
     "Applied",
     "apply_batch",
-    "commit",
+    "begin_batch",
     "connect",
     "default_db_path",
+    "finish_batch",
     "index_event_ids",
     "load_offsets",
     "load_usages",
     "merge_usages",
     "new_usages",
-    "rollback",
-    "write_batch",
+    "usages_of",
 ]
 
 Offsets = Mapping[tuple[str, int], int]  # (topic, partition) -> next offset to read
@@ -152,14 +152,9 @@ WHERE b.period = 'monthly' AND b.period_start = (
     WHERE period = 'monthly' AND period_start <= current_timestamp);
 """
 
-# Only what the balances, the users table and the in-memory mirror need of a new row.
-_RETURNED = ("event_id, user_id, occurred_at, tokens, daily_start, monthly_start, "
-             "role, department, project")
-
-
 @dataclass(frozen=True)
 class Applied:
-    """The ledger rows a batch really added: duplicates of stored events are not in it."""
+    """The ledger rows a batch adds (LEDGER_ARROW): copies of stored events are not in it."""
 
     new: pa.Table
 
@@ -196,35 +191,34 @@ def apply_batch(
     rejected: pa.Table | None = None,
 ) -> Applied:
     """Write one batch and the offsets after it atomically; all or nothing."""
-    applied = write_batch(con, events, offsets, rejected)
-    commit(con)
+    applied = begin_batch(con, events)
+    finish_batch(con, applied, offsets, rejected)
     return applied
 
 
-def write_batch(
-    con: duckdb.DuckDBPyConnection,
-    events: pa.Table,
-    offsets: Offsets,
-    rejected: pa.Table | None = None,
-) -> Applied:
-    """apply_batch's writes in a transaction left open for the caller to `commit` (or roll
-    back); a failure here rolls it back."""
+def begin_batch(con: duckdb.DuckDBPyConnection, events: pa.Table) -> Applied:
+    """Open the batch's transaction and find its new events (their ids are recorded);
+    `finish_batch` writes the rest and commits. A failure here rolls back."""
     con.execute("BEGIN TRANSACTION")
     try:
-        new = _insert_ledger(con, events)
-        if new.num_rows:
-            _upsert_balances(con, new)
-        if rejected is not None and rejected.num_rows:
-            _insert_rejected(con, rejected)
-        _upsert_offsets(con, offsets)
+        new = _first_of_each(events)
+        return Applied(dedupe.not_stored(con, new) if new.num_rows else new)
     except BaseException:
         con.execute("ROLLBACK")
         raise
-    return Applied(new)
 
 
-def commit(con: duckdb.DuckDBPyConnection) -> None:
+def finish_batch(con: duckdb.DuckDBPyConnection, applied: Applied, offsets: Offsets,
+                 rejected: pa.Table | None = None) -> None:
+    """The ledger rows, balances, rejected records and offsets of the batch begun, then
+    COMMIT; all or nothing."""
     try:
+        if applied.new.num_rows:
+            _append(con, "ledger", applied.new)
+            _upsert_balances(con, applied.new)
+        if rejected is not None and rejected.num_rows:
+            _insert_rejected(con, rejected)
+        _upsert_offsets(con, offsets)
         con.execute("COMMIT")
     except BaseException:
         with contextlib.suppress(duckdb.Error):  # a failed COMMIT may have ended it already
@@ -232,22 +226,12 @@ def commit(con: duckdb.DuckDBPyConnection) -> None:
         raise
 
 
-def rollback(con: duckdb.DuckDBPyConnection) -> None:
-    con.execute("ROLLBACK")
-
-
-def _insert_ledger(con: duckdb.DuckDBPyConnection, events: pa.Table) -> pa.Table:
-    """Insert events not yet in the ledger; return the rows that were new."""
-    events = _first_of_each(events)
-    if events.num_rows:
-        events = dedupe.not_stored(con, events)
-    if events.num_rows:
-        con.register("batch_events", events)
-        try:
-            con.execute("INSERT INTO ledger BY NAME SELECT * FROM batch_events")
-        finally:
-            con.unregister("batch_events")
-    return events.select(_RETURNED.split(", "))
+def _append(con: duckdb.DuckDBPyConnection, table: str, rows: pa.Table) -> None:
+    con.register("batch_rows", rows)
+    try:
+        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM batch_rows")
+    finally:
+        con.unregister("batch_rows")
 
 
 def _first_of_each(events: pa.Table) -> pa.Table:
@@ -314,20 +298,37 @@ def load_usages(con: duckdb.DuckDBPyConnection) -> dict[str, UserUsage]:
     return _usages(periods.fetchall(), _labels(con, "ledger"))
 
 
-def new_usages(con: duckdb.DuckDBPyConnection, applied: Applied) -> dict[str, UserUsage]:
-    """The usage a batch's new rows add, per user: one grouped query, not one per user."""
-    if not applied.new.num_rows:
-        return {}
-    con.register("batch_new", applied.new)
-    try:
-        periods = con.execute("""
-            SELECT user_id, 'daily', daily_start, sum(tokens) FROM batch_new GROUP BY ALL
-            UNION ALL
-            SELECT user_id, 'monthly', monthly_start, sum(tokens) FROM batch_new GROUP BY ALL
-        """).fetchall()
-        return _usages(periods, _labels(con, "batch_new"))
-    finally:
-        con.unregister("batch_new")
+def new_usages(con: duckdb.DuckDBPyConnection | None, applied: Applied,
+               ) -> dict[str, UserUsage]:
+    """The usage a batch's new rows add, per user. Folded in Python: for a live batch of a
+    few rows that takes microseconds, where each DuckDB statement takes milliseconds
+    (`con` is not used; it stays for callers)."""
+    return usages_of(applied.new)
+
+
+def usages_of(rows: pa.Table) -> dict[str, UserUsage]:
+    """Per user, the usage of ledger rows: sums per period start, the latest event, and
+    each label from the latest (occurred_at, event_id) row stating it, like LABELS_SQL."""
+    columns = rows.select(["user_id", "occurred_at", "event_id", "tokens", "daily_start",
+                           "monthly_start", *LABELS]).to_pydict()
+    found: dict[str, UserUsage] = {}
+    for user, at, event_id, tokens, day, month, *labels in zip(*columns.values(), strict=True):
+        usage = found.get(user)
+        if usage is None:
+            usage = found[user] = UserUsage(user, {}, {}, at, {})
+        daily, monthly, stamps = (cast(dict[datetime, int], usage.daily),
+                                  cast(dict[datetime, int], usage.monthly),
+                                  cast(dict[str, Stamped], usage.labels))
+        daily[day] = daily.get(day, 0) + tokens
+        monthly[month] = monthly.get(month, 0) + tokens
+        for name, value in zip(LABELS, labels, strict=True):
+            if value is not None:
+                stamp = Stamped(at, event_id, value)
+                if name not in stamps or stamp > stamps[name]:
+                    stamps[name] = stamp
+        if usage.last_event_at is None or at > usage.last_event_at:
+            found[user] = replace(usage, last_event_at=at)
+    return found
 
 
 def merge_usages(mirror: dict[str, UserUsage], added: Mapping[str, UserUsage]) -> None:
