@@ -137,8 +137,10 @@ def peak_rss_mib() -> float:
 
 def machine() -> str:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (f"{os.cpu_count()} cores, {mem:.0f} GiB, {platform.python_implementation()} "
-            f"{platform.python_version()}, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
+            f"{platform.python_version()}, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, "
+            f"load average {load} at start")
 
 
 def print_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
