@@ -66,10 +66,10 @@ export default definePluginEntry({
       id: "tally-kafka",
       start: () => link.start(),
       stop: async () => {
-        await link.stop();
         const s = tally.stats();
         logger.info(`tally: ${link.sent} usage events sent; hooks took ${s.meanMicros} µs ` +
                     `on average, ${s.maxMicros} µs at most, over ${s.calls} calls`);
+        await link.stop();
       },
     });
   },

@@ -105,7 +105,9 @@ export class KafkaLink {
     if (!this.running) return;
     this.running = false;
     await Promise.race([this.flushDone ?? Promise.resolve(), sleep(graceMs)]);
-    await Promise.allSettled([this.consumer.disconnect(), this.producer.disconnect()]);
+    const disconnected = Promise.allSettled([this.consumer.disconnect(),
+                                             this.producer.disconnect()]);
+    await Promise.race([disconnected, sleep(2_000)]);
   }
 
   #flushSoon() {
