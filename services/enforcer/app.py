@@ -136,9 +136,12 @@ async def run_enforcer(
             stack.callback(board.hub.close)  # open streams end, or the server waits on them
         await ensure_topics(bootstrap, topics, partitions)
         await restore(board, bootstrap, topics)
+        # Its own stop: it ends after the loop, whether the loop stopped or failed.
+        notifier_stop = asyncio.Event()
         notifier = asyncio.create_task(run_notifier(
-            bootstrap, topics, lambda: webhook_of(board), stop, board.metrics))
-        stack.push_async_callback(_finish, notifier, stop)
+            bootstrap, topics, lambda: webhook_of(board), notifier_stop, board.metrics))
+        notifier.add_done_callback(_report_failure)
+        stack.push_async_callback(_finish, notifier, notifier_stop)
         loop = Loop(board, ConfigWatcher(config_dir), readiness, topics, clock)
         await loop.run(bootstrap, stop, tick_seconds)
 
@@ -148,8 +151,14 @@ def webhook_of(board: Board) -> AlertWebhook | None:
 
 
 async def _finish(task: asyncio.Task[None], stop: asyncio.Event) -> None:
-    stop.set()  # also when the loop failed: the notifier must not outlive it
+    stop.set()
     await task
+
+
+def _report_failure(task: asyncio.Task[None]) -> None:
+    # Said when it happens; the error is raised again when the enforcer stops.
+    if not task.cancelled() and task.exception() is not None:
+        log.error("alert delivery stopped", exc_info=task.exception())
 
 
 class Loop:

@@ -18,7 +18,7 @@ import contextlib
 from collections.abc import AsyncIterator, Iterable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import IllegalStateError
+from aiokafka.errors import KafkaError
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -79,8 +79,9 @@ class Metrics:
 
 async def observe_lag(metrics: Metrics, consumer: AIOKafkaConsumer) -> None:
     """Set the lag of every assigned partition whose high watermark a fetch has seen."""
-    # A group rebalance may revoke a partition while we look: look again next time.
-    with contextlib.suppress(IllegalStateError):
+    # A rebalance may revoke a partition while we look, or the broker be away: the loop
+    # itself must not fail for a metric. Look again next time.
+    with contextlib.suppress(KafkaError):
         for tp in consumer.assignment():
             highwater = consumer.highwater(tp)
             if highwater is not None:
@@ -112,7 +113,7 @@ class Readiness:
                 self._targets = await consumer.end_offsets(list(assigned))
             behind = [tp for tp, end in self._targets.items()
                       if await consumer.position(tp) < end]
-        except IllegalStateError:  # revoked by a rebalance meanwhile: look again next time
+        except KafkaError:  # a partition revoked meanwhile, or the broker away: next time
             return False
         self.ready = not behind
         self.detail = (f"catching up on {len(behind)} of {len(self._targets)} partitions"
