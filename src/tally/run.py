@@ -152,6 +152,8 @@ def main(argv: list[str]) -> int:
         processes = [start_service(name, settings, logs) for name in SERVICES]
         stack.callback(stop_services, processes)
         say(f"services started; logs in {logs}")
+        say(f"dashboard: http://127.0.0.1:{settings.enforcer_port}/admin "
+            "(sign in with an admin's API key from users.yaml, e.g. ak_carol_example_0003)")
         history = sample_history(config, datetime.now(UTC))
         say(f"feeding {len(history)} sample usage events")
         try:
