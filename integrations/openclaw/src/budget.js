@@ -82,7 +82,9 @@ export class BudgetBook {
     this.decisions = new Map();
     /** @type {Map<string, string>} normalised identity -> user id */
     this.owners = new Map();
-    /** @type {Map<string, Pending[]>} identity -> calls not yet in a decision */
+    /** @type {Map<string, string[]>} user id -> the identities its decision lists */
+    this.claimed = new Map();
+    /** @type {Map<string, Pending[]>} normalised identity -> calls not yet in a decision */
     this.pending = new Map();
   }
 
@@ -103,23 +105,18 @@ export class BudgetBook {
    * @param {Decision | null} decision
    */
   applyDecision(userId, decision) {
-    this.#forgetOwner(userId);
+    for (const identity of this.claimed.get(userId) ?? []) this.owners.delete(identity);
+    this.claimed.delete(userId);
     if (!decision) {
       this.decisions.delete(userId);
       return;
     }
     this.decisions.set(userId, decision);
-    for (const identity of Array.isArray(decision.identities) ? decision.identities : []) {
-      this.owners.set(normaliseIdentity(String(identity)), userId);
-    }
+    const identities = (Array.isArray(decision.identities) ? decision.identities : [])
+      .map((identity) => normaliseIdentity(String(identity)));
+    for (const identity of identities) this.owners.set(identity, userId);
+    if (identities.length) this.claimed.set(userId, identities);
     this.#settle(userId, decision);
-  }
-
-  /** @param {string} userId */
-  #forgetOwner(userId) {
-    for (const [identity, owner] of this.owners) {
-      if (owner === userId) this.owners.delete(identity);
-    }
   }
 
   /** Drop the pending calls this decision counts. @param {string} userId @param {Decision} d */
@@ -139,9 +136,10 @@ export class BudgetBook {
     else this.pending.delete(identity);
   }
 
-  /** @param {string} userId */
+  /** The identities with pending calls that belong to `userId`. @param {string} userId */
   #identitiesOf(userId) {
-    return [...this.pending.keys()].filter((identity) => this.userOf(identity) === userId);
+    const names = new Set([userId, ...(this.claimed.get(userId) ?? [])]);
+    return [...names].filter((identity) => this.pending.has(identity));
   }
 
   /**
@@ -150,12 +148,11 @@ export class BudgetBook {
    */
   addUsage(identity, tokens, nowMs) {
     if (!(tokens > 0)) return;
-    const user = this.userOf(identity);
-    const d = this.decisions.get(user);
+    const d = this.decisions.get(this.userOf(identity));
     const base = d?.daily?.tokens_used ?? d?.tokens_used ?? 0;
     const expect = base + this.pendingTokens(identity, nowMs) + tokens;
-    const list = this.pending.get(identity) ?? [];
-    this.pending.set(identity, [...list, { tokens, at: nowMs, expect }]);
+    const key = normaliseIdentity(identity);
+    this.pending.set(key, [...(this.pending.get(key) ?? []), { tokens, at: nowMs, expect }]);
   }
 
   /**

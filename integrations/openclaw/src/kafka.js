@@ -54,6 +54,7 @@ export class KafkaLink {
     this.running = false;
     this.started = false;
     this.flushing = false;
+    this.scheduled = false;
     /** @type {Promise<void> | null} */
     this.flushDone = null;
     this.kafka = new Kafka({
@@ -73,7 +74,11 @@ export class KafkaLink {
     });
   }
 
-  /** Queue one event for usage.raw; never throws, never waits. @param {any} event */
+  /**
+   * Queue one event for usage.raw; never throws, never waits. The sending starts on a
+   * later turn of the event loop, outside the hook that called this.
+   * @param {any} event
+   */
   send(event) {
     this.queue.push(event);
     if (this.queue.length > this.maxQueue) {
@@ -83,7 +88,13 @@ export class KafkaLink {
         this.logger.warn(`tally: usage queue full, ${this.dropped} oldest events dropped`);
       }
     }
-    this.#flushSoon();
+    if (!this.scheduled) {
+      this.scheduled = true;
+      setImmediate(() => {
+        this.scheduled = false;
+        this.#flushSoon();
+      });
+    }
   }
 
   /** Connect in the background; returns at once. */
