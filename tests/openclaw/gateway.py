@@ -45,8 +45,10 @@ class GatewayPaths:
 
 def install() -> GatewayPaths:
     """Install (or find installed) the gateway and the plugin's dependencies."""
-    done = subprocess.run(["bash", str(PLUGIN_DIR / "setup.sh"), "--gateway"], check=True,
+    done = subprocess.run(["bash", str(PLUGIN_DIR / "setup.sh"), "--gateway"],
                           capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"integrations/openclaw/setup.sh failed:\n{done.stderr[-3000:]}")
     found = dict(line.split("=", 1) for line in done.stdout.split() if "=" in line)
     return GatewayPaths(Path(found["NODE"]), Path(found["OPENCLAW"]))
 
