@@ -71,3 +71,17 @@ async def test_reads_history_then_follows_new_decisions(
             await cache.stop()
     finally:
         await producer.stop()
+
+
+def test_packed_decisions_come_back_equal_with_their_identities() -> None:
+    from tally.decision_cache import DecisionTable
+
+    table = DecisionTable()
+    plain = decision_for("bob", 10)
+    claimed = decision_for("alice", 1200).model_copy(
+        update={"identities": ("openai-user:alice", "telegram:1")})
+    table.put("alice", claimed)
+    table.put("bob", plain)
+    assert table.build("alice") == claimed
+    assert table.build("bob") == plain
+    assert not table._odd  # both packed in columns, neither kept as a model

@@ -21,6 +21,7 @@ from tally.core import (
     known_usages,
     new_alerts,
 )
+from tally.core.report import with_identities
 from tally.core.usage import UserUsage
 from tally.wire import BalanceUpdated, BudgetAlerted, BudgetDecided
 
@@ -92,7 +93,8 @@ class Enforcer:
         budgets = self.config.budgets.per_user_budgets
         outcome = Outcome()
         for user_id in sorted(user_ids):
-            decision = decide(everyone[user_id], budgets, now, groups)
+            decision = with_identities(decide(everyone[user_id], budgets, now, groups),
+                                       self.config)
             previous = self.published.get(user_id)
             alerts = new_alerts(previous, decision, budgets, self.sent_alerts)
             self.sent_alerts.update(alert.alert_id for alert in alerts)

@@ -41,7 +41,7 @@ _TEXTS = ("status", "action", "period", "budget", "reset_time", "message", "foot
 _PERIOD_INTS = ("tokens_used", "tokens_limit", "tokens_remaining", "percent_used")
 _PERIOD_TEXTS = ("status", "reset_time")
 _NI = len(_INTS) + 1 + 2 * (len(_PERIOD_INTS) + 1)  # + as_of, + period_start each
-_NT = len(_TEXTS) + 2 * len(_PERIOD_TEXTS)
+_NT = len(_TEXTS) + 2 * len(_PERIOD_TEXTS) + 1  # + identities, joined by newlines
 
 
 class DecisionTable:
@@ -91,6 +91,8 @@ class DecisionTable:
         fields["daily"] = _period("daily", ints[n:n + 5], words[m:m + 2])
         fields["monthly"] = _period("monthly", ints[n + 5:n + 10], words[m + 2:m + 4])
         fields["as_of"] = _instant(ints[len(_INTS)])
+        joined = words[m + 4]
+        fields["identities"] = tuple(joined.split("\n")) if joined else ()
         return _model(BudgetDecided, fields)
 
     def _grow(self) -> int:
@@ -107,6 +109,7 @@ class DecisionTable:
         for p in (d.daily, d.monthly):
             ints += [_micros(p.period_start), *(getattr(p, name) for name in _PERIOD_INTS)]
             texts += [self._word(getattr(p, name)) for name in _PERIOD_TEXTS]
+        texts.append(self._word("\n".join(d.identities) or None))
         return array("q", ints), array("I", texts)
 
     def _word(self, text: str | None) -> int:

@@ -119,6 +119,9 @@ class BudgetDecided(Wire):
     daily: PeriodStatus
     monthly: PeriodStatus
     as_of: AwareDatetime
+    # The gateway identities the user claims in users.yaml (normalised), so a gateway that
+    # knows a person only as "openai-user:alice" finds the decision of user_alice.
+    identities: tuple[str, ...] = ()
 
 
 class BudgetAlerted(Wire):

@@ -121,3 +121,13 @@ def test_same_decision_ignores_only_as_of() -> None:
     assert same_decision(decision, later)
     assert not same_decision(decision, later.model_copy(update={"tokens_used": 101}))
     assert not same_decision(None, decision)
+
+
+def test_a_decision_names_the_identities_its_user_claims() -> None:
+    cfg = Config.model_validate({
+        "users": {"user_identification": {"users": [
+            {"id": "alice", "identities": ["openai-user:Alice", "telegram:42"]}]}},
+        "budgets": config().budgets.model_dump(),
+    })
+    decision = Enforcer(cfg).on_balances([balance_after(cfg, 100)], NOON).decisions[0]
+    assert decision.identities == ("openai-user:alice", "telegram:42")

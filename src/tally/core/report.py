@@ -15,9 +15,10 @@ from tally.config.models import Config
 from tally.core.limits import group_usage
 from tally.core.policy import decide
 from tally.core.usage import UserUsage, with_labels
+from tally.identity import normalise_identity
 from tally.wire import BudgetDecided
 
-__all__ = ["budget_row", "budgets_report", "known_usages"]
+__all__ = ["budget_row", "budgets_report", "known_usages", "with_identities"]
 
 
 def known_usages(usages: Mapping[str, UserUsage], config: Config) -> dict[str, UserUsage]:
@@ -37,8 +38,19 @@ def budgets_report(
     everyone = known_usages(usages, config)
     groups = group_usage(everyone.values())
     budgets = config.budgets.per_user_budgets
-    rows = [budget_row(decide(everyone[uid], budgets, now, groups)) for uid in sorted(everyone)]
+    rows = [budget_row(with_identities(decide(everyone[uid], budgets, now, groups), config))
+            for uid in sorted(everyone)]
     return {"users": rows}
+
+
+def with_identities(decision: BudgetDecided, config: Config) -> BudgetDecided:
+    """The decision, naming the gateway identities its user claims in users.yaml, so a
+    gateway that knows a person only as "openai-user:alice" finds user_alice's decision."""
+    user = config.user_by_id(decision.user_id)
+    if user is None or not user.identities:
+        return decision
+    claimed = tuple(normalise_identity(i) for i in user.identities)
+    return decision.model_copy(update={"identities": claimed})
 
 
 def budget_row(decision: BudgetDecided) -> dict[str, Any]:
