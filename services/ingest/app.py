@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import signal
 import socket
-import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -36,6 +33,13 @@ from tally.config.models import Config
 from tally.identity import Directory
 from tally.kafka import Record, ensure_topics, fetch, make_consumer, make_producer
 from tally.ops import Metrics, Readiness, observe_lag
+from tally.service import (
+    QuietServer,
+    bind,
+    configure_logging,
+    load_config_or_report,
+    stop_on_signals,
+)
 from tally.topics import Topics
 from tally.wire import RejectedEvent, UsageRecorded
 
@@ -127,22 +131,7 @@ async def commit(consumer: AIOKafkaConsumer, batch: Sequence[Record]) -> None:
                     len(batch))
 
 
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handlers: run_ingest's caller owns the signals."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """Bound here, not by uvicorn, so a busy port raises OSError instead of sys.exit."""
-    sock = socket.create_server((host, port), reuse_port=False)
-    sock.setblocking(False)
-    return sock
-
-
-async def serve_http(server: _Server, sock: socket.socket) -> None:
+async def serve_http(server: QuietServer, sock: socket.socket) -> None:
     try:
         await server.serve(sockets=[sock])
     finally:
@@ -150,10 +139,10 @@ async def serve_http(server: _Server, sock: socket.socket) -> None:
 
 
 def http_server(config: Config, publisher: KafkaPublisher, config_dir: Path | None,
-                metrics: Metrics, readiness: Readiness) -> _Server:
+                metrics: Metrics, readiness: Readiness) -> QuietServer:
     app = create_app(config, publisher, config_dir=config_dir, metrics=metrics,
                      readiness=readiness)
-    return _Server(uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False))
+    return QuietServer(uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False))
 
 
 async def run_ingest(
@@ -194,7 +183,7 @@ async def _run_parts(
     directory = Directory.from_config(config)
     loop = asyncio.create_task(consume(consumer, publisher, directory, *ops),
                                name="ingest-kafka")
-    server: _Server | None = None
+    server: QuietServer | None = None
     parts = [loop]
     if sock is not None:
         server = http_server(config, publisher, config_dir, *ops)
@@ -218,7 +207,7 @@ async def _until_stop_or_failure(stop: asyncio.Event, parts: list[asyncio.Task[N
 
 
 async def _shut_down(
-    loop: asyncio.Task[None], server: _Server | None, parts: list[asyncio.Task[None]]
+    loop: asyncio.Task[None], server: QuietServer | None, parts: list[asyncio.Task[None]]
 ) -> None:
     loop.cancel()  # uncommitted work is redone after a restart: at-least-once
     if server is not None:
@@ -236,12 +225,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def stop_on_signals(stop: asyncio.Event) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-
-
 async def _main(config: Config, bootstrap: str, topics: Topics, args: argparse.Namespace,
                 port: int | None, partitions: int) -> None:
     stop = asyncio.Event()
@@ -255,20 +238,16 @@ async def _main(config: Config, bootstrap: str, topics: Topics, args: argparse.N
 
 
 def main(argv: list[str]) -> int:
-    from tally.config.errors import ConfigError
-    from tally.config.loader import load_config
     from tally.settings import Settings
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("aiokafka").setLevel(logging.WARNING)  # group chatter at INFO
     args = parse_args(argv)
     settings = Settings.from_env()
     args.config = args.config or settings.config_dir
-    try:
-        config = load_config(args.config)
-    except ConfigError as error:
-        print(f"tally ingest: invalid config in {args.config}:\n{error}", file=sys.stderr)
+    config = load_config_or_report(args.config, "tally ingest")
+    if config is None:
         return 1
+    configure_logging()
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)  # group chatter at INFO
     port = None if args.no_http else (settings.ingest_port if args.port is None else args.port)
     asyncio.run(_main(config, settings.bootstrap_servers, settings.topics, args, port,
                       settings.partitions))

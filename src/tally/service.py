@@ -23,7 +23,7 @@ from tally.config.errors import ConfigError
 from tally.config.loader import load_config
 from tally.config.models import Config
 
-__all__ = ["QuietServer", "configure_logging", "load_config_or_report", "serving",
+__all__ = ["QuietServer", "bind", "configure_logging", "load_config_or_report", "serving",
            "stop_on_signals"]
 
 
