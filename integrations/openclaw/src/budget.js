@@ -105,7 +105,9 @@ export class BudgetBook {
    * @param {Decision | null} decision
    */
   applyDecision(userId, decision) {
-    for (const identity of this.claimed.get(userId) ?? []) this.owners.delete(identity);
+    for (const identity of this.claimed.get(userId) ?? []) {
+      if (this.owners.get(identity) === userId) this.owners.delete(identity); // not if moved
+    }
     this.claimed.delete(userId);
     if (!decision) {
       this.decisions.delete(userId);

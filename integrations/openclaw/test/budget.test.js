@@ -129,3 +129,11 @@ test("a forced model is split into provider and model", () => {
   assert.equal(modelOverride(null), null);
   assert.equal(modelOverride("fake/"), null);
 });
+
+test("an identity moved to another user stays with the new one", () => {
+  const b = book();
+  b.applyDecision("alice", decision("alice", 100, "allow", { identities: ["telegram:1"] }));
+  b.applyDecision("bob", decision("bob", 200, "allow", { identities: ["telegram:1"] }));
+  b.applyDecision("alice", decision("alice", 100, "allow", { identities: [] }));
+  assert.equal(b.userOf("telegram:1"), "bob");
+});

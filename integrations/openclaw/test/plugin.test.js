@@ -87,6 +87,33 @@ test("reduced priority routes to the configured model, provider and model apart"
   assert.equal(hooks.before_agent_reply({ cleanedBody: "hi" }, ALICE), undefined);
 });
 
+test("a claimed user's decision is found by the identity the gateway sees", () => {
+  // users.yaml: {id: user_alice, identities: ["openai-user:alice"]}; the client sends
+  // user "Alice". The decision is keyed user_alice and lists her identities.
+  const { tally, hooks, sent } = setup();
+  const caller = { runId: "c1", sessionKey: "agent:main:openai-user:Alice" };
+  const claimed = { identities: ["openai-user:alice"] };
+  decide(tally, "user_alice", 900, "warn", claimed);
+  decide(tally, "openai-user:alice", 0, "allow"); // a stale one, from before the claim
+  assert.equal(hooks.before_agent_reply({ cleanedBody: "hi" }, caller), undefined);
+  hooks.llm_output({ runId: "c1", model: "m", usage: { input: 100, output: 20 } }, caller);
+  assert.equal(sent[0].user_id, "openai-user:alice"); // Tally's ingest resolves it
+  assert.equal(tally.book.pendingTokens("openai-user:alice", NOON), 120);
+  const next = { ...caller, runId: "c2" };
+  assert.equal(hooks.before_agent_reply({}, next)?.reason, "tally:local");
+
+  decide(tally, "user_alice", 1020, "hard_stop", { ...claimed, message: "Stopped." });
+  assert.equal(tally.book.pendingTokens("openai-user:alice", NOON), 0); // counted now
+  assert.deepEqual(hooks.before_agent_reply({}, { ...caller, runId: "c3" }),
+    { handled: true, reply: { text: "Stopped." }, reason: "tally:decision" });
+  decide(tally, "user_alice", 1020, "reduced_priority",
+         { ...claimed, force_model: "fake/cheap-model" });
+  assert.deepEqual(hooks.before_model_resolve({}, { ...caller, runId: "c4" }),
+                   { providerOverride: "fake", modelOverride: "cheap-model" });
+  const bob = { runId: "b1", sessionKey: "agent:main:openai-user:bob" };
+  assert.equal(hooks.before_model_resolve({}, bob), undefined);
+});
+
 test("channel replies get the warning and the footer", () => {
   const { tally, hooks } = setup();
   decide(tally, "telegram:42", 800, "warn", { message: "80% used", footer: "---\n800/1000" });
