@@ -7,11 +7,15 @@ with a controllable clock) runs in this process against the session's real broke
 tests/test_pipeline.py. Every call costs 100 input + 20 output tokens; the daily limit is
 1000.
 
-- alice: her first calls pass and their tokens reach DuckDB exactly; at 50% the warning
-  alert is published; past the limit the gateway stops her at once from its own count
-  (the enforcer is paused to prove it), then with the configured hard-stop message, and
-  the upstream is not called; switched to reduced_priority she is served by the cheaper
-  model; after the daily reset her calls pass again.
+- alice is a claimed user: users.yaml has her as `alice` with the identity
+  "openai-user:alice", and her client sends `user: "Alice"`. The gateway knows her only as
+  openai-user:alice; Tally counts and decides under `alice`, and the plugin finds that
+  decision through the identities it lists. Her first calls pass and their tokens reach
+  DuckDB exactly, under `alice`; at 50% the warning alert is published; past the limit the
+  gateway stops her at once from its own count (the enforcer is paused to prove it), then
+  with the configured hard-stop message, and the upstream is not called; switched to
+  reduced_priority she is served by the cheaper model; after the daily reset her calls
+  pass again.
 - bob, on the same gateway, is served throughout.
 - carol measures the overshoot: 40 tokens under the limit she sends N calls at once
   through N agents (one session each, as one person in N conversations: OpenClaw refuses
@@ -61,6 +65,8 @@ pytestmark = [pytest.mark.kafka, pytest.mark.timeout(600)]
 
 IN, OUT = 100, 20
 PER_CALL = IN + OUT
+ALICE = "alice"  # her users.yaml id
+ALICE_SENDS = "Alice"  # the OpenAI `user` her client sends
 LIMIT = 1000
 N = 4  # concurrent calls for the overshoot
 AGENTS = ("main", "a1", "a2", "a3")
@@ -90,6 +96,12 @@ def budgets(reset: datetime, action: str) -> dict[str, Any]:
                               "reduced_priority": {"force_model": "fake/cheap-model",
                                                    "message": "Over budget: cheaper model"}},
     }}
+
+
+def users() -> dict[str, Any]:
+    """Alice claims her gateway name; bob and carol are known by theirs only."""
+    return {"user_identification": {"method": "api_key", "users": [
+        {"id": ALICE, "identities": ["openai-user:alice"]}]}}
 
 
 @contextlib.asynccontextmanager
@@ -169,6 +181,7 @@ async def test_budgets_on_a_real_openclaw_gateway(
     reset = (now + timedelta(hours=6)).replace(second=0, microsecond=0)
     config_dir.mkdir()
     (config_dir / "budgets.yaml").write_text(yaml.safe_dump(budgets(reset, "hard_stop")))
+    (config_dir / "users.yaml").write_text(yaml.safe_dump(users()))
     config, clock = load_config(config_dir), Clock(now)
     plugin = {"brokers": [f"127.0.0.1:{kafka_port}"], "namespace": topics.namespace,
               "localLimitMessage": LOCAL_MESSAGE}
@@ -230,57 +243,58 @@ async def scenario_before_the_limit(chat: Chat, upstream: FakeUpstream, cache: D
                                     bootstrap: str, topics: Topics) -> None:
     assert await chat("warmup", "warm up") == "Answer from big-model"  # the first chat is slow
     for i in range(3):
-        assert await chat("Alice", f"alice-{i}") == "Answer from big-model"
+        assert await chat(ALICE_SENDS, f"alice-{i}") == "Answer from big-model"
     assert [r.model for r in upstream.calls("alice-")] == ["big-model"] * 3
-    await eventually(lambda: daily(cache, "openai-user:alice") == ("allow", 360), "alice at 360")
+    await eventually(lambda: daily(cache, ALICE) == ("allow", 360), "alice at 360")
     assert await chat("bob", "bob-0") == "Answer from big-model"
 
     # 600 of 1000: the warning. The HTTP reply is the model's own: message_sending, which
     # appends warnings, runs for channel deliveries only.
     for i in range(3, 5):
-        assert await chat("alice", f"alice-{i}") == "Answer from big-model"
-    await eventually(lambda: daily(cache, "openai-user:alice") == ("warn", 600), "the warning")
+        assert await chat(ALICE_SENDS, f"alice-{i}") == "Answer from big-model"
+    await eventually(lambda: daily(cache, ALICE) == ("warn", 600), "the warning")
     sent = [BudgetAlerted.model_validate_json(r.value or b"")
             for r in await read_to_end(bootstrap, topics.budget_alerts)]
     assert [(a.user_id, a.kind, a.threshold, a.message) for a in sent] == [
-        ("openai-user:alice", "warning", 50, "Half of your daily budget is used")]
+        (ALICE, "warning", 50, "Half of your daily budget is used")]
 
 
 async def scenario_local_stop(chat: Chat, upstream: FakeUpstream, cache: DecisionCache) -> None:
     """The enforcer is paused: no new decision can arrive, the gateway counts on its own."""
     for i in range(5, 9):  # 720, 840, 960 (under the limit when sent), 1080
-        assert await chat("alice", f"alice-{i}") == "Answer from big-model"
-    decided = cache.get("openai-user:alice")
+        assert await chat(ALICE_SENDS, f"alice-{i}") == "Answer from big-model"
+    decided = cache.get(ALICE)
     assert decided is not None and decided.action == "warn"
+    assert decided.identities == ("openai-user:alice",)  # how the plugin finds it
     before = len(upstream.calls("alice-"))
-    assert await chat("alice", "alice-local-stop") == LOCAL_MESSAGE.format(
+    assert await chat(ALICE_SENDS, "alice-local-stop") == LOCAL_MESSAGE.format(
         tokens_used=1080, tokens_limit=LIMIT, reset_time=decided.daily.reset_time)
     assert len(upstream.calls("alice-")) == before  # the upstream was not called
 
 
 async def scenario_past_the_limit(chat: Chat, upstream: FakeUpstream, cache: DecisionCache,
                                   config_dir: Path, reset: datetime, clock: Clock) -> None:
-    await eventually(lambda: daily(cache, "openai-user:alice") == ("hard_stop", 1080),
+    await eventually(lambda: daily(cache, ALICE) == ("hard_stop", 1080),
                      "the hard stop decision")
-    decided = cache.get("openai-user:alice")
+    decided = cache.get(ALICE)
     assert decided is not None and decided.message == STOP_MESSAGE.format(
         reset_time=decided.reset_time)
     before = len(upstream.calls())
-    assert await chat("alice", "alice-stopped") == decided.message
-    assert await chat("alice", "alice-stopped-stream", stream=True) == decided.message
+    assert await chat(ALICE_SENDS, "alice-stopped") == decided.message
+    assert await chat(ALICE_SENDS, "alice-stopped-stream", stream=True) == decided.message
     assert len(upstream.calls()) == before
     assert await chat("bob", "bob-1") == "Answer from big-model"  # bob is not affected
     assert upstream.calls("bob-1")[0].model == "big-model"
 
     (config_dir / "budgets.yaml").write_text(yaml.safe_dump(budgets(reset, "reduced_priority")))
-    await eventually(lambda: daily(cache, "openai-user:alice") == ("reduced_priority", 1080),
+    await eventually(lambda: daily(cache, ALICE) == ("reduced_priority", 1080),
                      "reduced priority after the reload")
-    assert await chat("alice", "alice-cheap") == "Answer from cheap-model"
+    assert await chat(ALICE_SENDS, "alice-cheap") == "Answer from cheap-model"
     assert [r.model for r in upstream.calls("alice-cheap")] == ["cheap-model"]
 
     clock.now = reset + timedelta(minutes=1)  # past the daily reset
-    await eventually(lambda: daily(cache, "openai-user:alice") == ("allow", 0), "the reset")
-    assert await chat("alice", "alice-next-day") == "Answer from big-model"
+    await eventually(lambda: daily(cache, ALICE) == ("allow", 0), "the reset")
+    assert await chat(ALICE_SENDS, "alice-next-day") == "Answer from big-model"
     assert upstream.calls("alice-next-day")[0].model == "big-model"
     assert daily(cache, "openai-user:bob") == ("allow", 0)
 
@@ -316,9 +330,10 @@ def check_ledger(db: Path, upstream: FakeUpstream) -> None:
     for user, _, _, _, _, tokens in rows:
         by_user[user] = by_user.get(user, 0) + tokens
     alice_calls = len(upstream.calls("alice-"))
-    assert by_user["openai-user:alice"] == alice_calls * PER_CALL == 11 * PER_CALL
+    assert by_user[ALICE] == alice_calls * PER_CALL == 11 * PER_CALL
+    assert "openai-user:alice" not in by_user  # all counted under her users.yaml id
     assert by_user["openai-user:bob"] == 2 * PER_CALL
-    assert [row[2] for row in rows if row[0] == "openai-user:alice"].count("cheap-model") == 1
+    assert [row[2] for row in rows if row[0] == ALICE].count("cheap-model") == 1
 
 
 def hook_timing(log: Path) -> dict[str, Any]:
