@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import duckdb
 import pyarrow as pa
@@ -52,6 +52,7 @@ __all__ = ["BATCH_SIZE", "Decoded", "assign_from", "base_parser", "main", "run_p
 log = logging.getLogger(__name__)
 
 BATCH_SIZE = 10_000
+READ_AHEAD = 8  # fetched batches held while one is handled
 K = TypeVar("K", AIOKafkaConsumer, AIOKafkaProducer)
 
 
@@ -119,6 +120,7 @@ class Projector:
         self.mirror: dict[str, UserUsage] = store.load_usages(self.writer)
         self.publish_before_commit = publish_before_commit
         self._work: asyncio.Future[None] | None = None
+        self._acks: asyncio.Future[list[object]] | None = None
         self.metrics = Metrics()
         self.held: dict[tuple[str, int], int] = {}  # see hold_until
 
@@ -158,7 +160,15 @@ class Projector:
         else:
             await asyncio.to_thread(self.complete, decoded, applied)
             sent = await self.send(applied.users)
-        await asyncio.gather(*sent)
+        # The acks are awaited while the next batch is read, before its balances are sent.
+        await self.acked()
+        self._acks = asyncio.gather(*sent)
+
+    async def acked(self) -> None:
+        """Until the broker has acknowledged every balance sent (a failure raises here)."""
+        if self._acks is not None:
+            acks, self._acks = self._acks, None
+            await acks
 
     async def send(self, users: Iterable[str]) -> list[asyncio.Future[object]]:
         """Queue each user's absolute balance; the futures settle when the broker acks."""
@@ -176,16 +186,50 @@ class Projector:
         await asyncio.gather(*await self.send(users))
 
     async def consume(self, consumer: AIOKafkaConsumer) -> None:
-        async for records in batches(consumer, max_records=BATCH_SIZE):
-            # Shielded: a stop lets the batch under way commit and publish (see finish).
-            self._work = asyncio.ensure_future(self.handle(records))
-            await asyncio.shield(self._work)
-            self.metrics.count_in(records)
-            await self.release(records)
+        # Read ahead while a batch is handled: aiokafka sends the next fetch only once the
+        # records it holds are taken, so a reader that waited for each batch's commit left
+        # new events at the broker for up to two batch times (~65 ms at 1,000 events/s).
+        ahead: asyncio.Queue[list[Record]] = asyncio.Queue(maxsize=READ_AHEAD)
+        reader = asyncio.ensure_future(_read_ahead(consumer, ahead))
+        try:
+            while True:
+                records = await _take(ahead, reader)
+                # Shielded: a stop lets the batch under way commit and publish (see finish).
+                self._work = asyncio.ensure_future(self.handle(records))
+                await asyncio.shield(self._work)
+                self.metrics.count_in(records)
+                await self.release(records)
+        finally:
+            reader.cancel()  # what it read and nobody took is read again after a restart
 
     async def finish(self) -> None:
         if self._work is not None:
             await self._work
+        await self.acked()
+
+
+async def _read_ahead(consumer: AIOKafkaConsumer, ahead: asyncio.Queue[list[Record]]) -> None:
+    async for records in batches(consumer, max_records=BATCH_SIZE):
+        await ahead.put(records)
+
+
+async def _take(ahead: asyncio.Queue[list[Record]], reader: asyncio.Future[None],
+                ) -> list[Record]:
+    """Everything read ahead (up to about BATCH_SIZE), once there is something."""
+    if ahead.empty():
+        getting: asyncio.Future[Any] = asyncio.ensure_future(ahead.get())
+        waiting: set[asyncio.Future[Any]] = {getting, reader}
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if not getting.done():
+            getting.cancel()
+            reader.result()  # the reader's error, if it failed
+            raise RuntimeError("the projector's reader stopped")
+        records: list[Record] = getting.result()
+    else:
+        records = ahead.get_nowait()
+    while not ahead.empty() and len(records) < BATCH_SIZE:
+        records = records + ahead.get_nowait()
+    return records
 
 
 async def run_projector(config: Config, bootstrap: str, topics: Topics, db_path: Path,
