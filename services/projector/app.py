@@ -13,9 +13,8 @@ import asyncio
 import contextlib
 import logging
 import signal
-import socket
 import sys
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,9 +22,7 @@ from typing import Any, TypeVar
 
 import duckdb
 import pyarrow as pa
-import uvicorn
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from starlette.routing import BaseRoute
 
 from services.projector import store
 from services.projector.audit import audit_app
@@ -44,6 +41,7 @@ from tally.kafka import (
     partitions_of,
 )
 from tally.ops import Metrics, Readiness, ops_routes, watching
+from tally.service import serving
 from tally.settings import Settings
 from tally.topics import Topics
 
@@ -256,7 +254,7 @@ async def run_projector(config: Config, bootstrap: str, topics: Topics, db_path:
         await stack.enter_async_context(watching(consumer, projector.metrics, readiness))
         if port is not None:
             routes = ops_routes(projector.metrics, readiness)
-            await stack.enter_async_context(_serving(con, port, routes))
+            await stack.enter_async_context(serving(audit_app(con, routes), port))
         log.info("projector: %d users, reading %s", len(projector.mirror), topics.usage_events)
         await _until(stop, projector, consumer)
 
@@ -283,31 +281,6 @@ async def _started(client: K) -> AsyncIterator[K]:
         yield client
     finally:
         await client.stop()
-
-
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield  # signals belong to whoever runs the projector (main, or a test's stop Event)
-
-
-@contextlib.asynccontextmanager
-async def _serving(con: duckdb.DuckDBPyConnection, port: int,
-                   routes: Sequence[BaseRoute]) -> AsyncIterator[None]:
-    """The read-only audit endpoint (and `routes`), in this event loop, while the block runs."""
-    server = _Server(uvicorn.Config(audit_app(con, routes), log_level="warning",
-                                    lifespan="off"))
-    # Bound here so a busy port raises OSError to the caller; uvicorn would sys.exit(1).
-    sock = socket.create_server(("127.0.0.1", port))
-    task = asyncio.ensure_future(server.serve(sockets=[sock]))
-    while not server.started and not task.done():
-        await asyncio.sleep(0.01)
-    try:
-        yield None
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
 
 
 # the command -------------------------------------------------------------------------------
