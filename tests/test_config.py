@@ -347,9 +347,19 @@ def test_jwt_public_key_file_is_relative_to_the_config_dir(tmp_path: Path) -> No
 
 
 def test_jwt_with_a_secret_loads(tmp_path: Path) -> None:
-    auth = {"authentication": {"method": "jwt", "secret": "s3cret", "algorithms": ["HS256"]}}
+    secret = "s3cret-of-thirty-two-bytes-or-so"
+    auth = {"authentication": {"method": "jwt", "secret": secret, "algorithms": ["HS256"]}}
     config = load_config(write(tmp_path, auth=auth, budgets=MINIMAL_BUDGETS))
     assert config.auth.authentication.algorithms == ("HS256",)
+
+
+@pytest.mark.parametrize("secret", ["", "x", "s" * 31])
+def test_config_check_refuses_a_short_hs256_secret(tmp_path: Path, secret: str) -> None:
+    auth = {"authentication": {"method": "jwt", "secret": secret, "algorithms": ["HS256"]}}
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, auth=auth, budgets=MINIMAL_BUDGETS))
+    assert f"at least 32 bytes, got {len(secret)}" in str(caught.value)
+    assert "auth.yaml" in str(caught.value)
 
 
 # files, YAML and many problems -------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from bench.faults.evidence import Evidence, latest_by_user, source_of
+from bench.faults.evidence import Evidence, latest_by_user
 from bench.faults.workload import Event, Workload, recount
 from tally.config.models import Config
 from tally.core import budgets_report, fold_events, new_alerts
@@ -78,7 +78,7 @@ class Dlq:
 
 
 def check_dlq(workload: Workload, evidence: Evidence) -> Dlq:
-    malformed = {source_of(r): r.value or b"" for r in evidence.raw
+    malformed = {r.source: r.value or b"" for r in evidence.raw
                  if (r.value or b"") in workload.malformed}
     topic = Counter(d.source for d in evidence.dlq)
     table = Counter(evidence.rejected_sources)

@@ -16,7 +16,7 @@ from tally.kafka import Record, read_to_end
 from tally.topics import Topics
 from tally.wire import BudgetAlerted, BudgetDecided, RejectedEvent
 
-__all__ = ["Evidence", "gather", "latest_by_user", "source_of"]
+__all__ = ["Evidence", "gather", "latest_by_user"]
 
 BalanceRow = tuple[str, str, datetime]
 
@@ -30,11 +30,6 @@ class Evidence:
     ledger_ids: list[str]
     balances: dict[BalanceRow, int]
     rejected_sources: list[str]
-
-
-def source_of(record: Record) -> str:
-    """How ingest names a usage.raw record in the DLQ (RejectedEvent.source)."""
-    return f"kafka:{record.topic}[{record.partition}]@{record.offset}"
 
 
 def in_order(records: Iterable[Record]) -> list[Record]:

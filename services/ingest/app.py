@@ -19,6 +19,7 @@ import asyncio
 import logging
 import socket
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -28,8 +29,8 @@ from aiokafka.errors import CommitFailedError
 
 from services.ingest.http import count_rejected, create_app
 from services.ingest.identify import enrich
-from services.ingest.validate import parse_event, rejection
-from tally.config.models import Config
+from services.ingest.validate import admit, parse_event, rejection
+from tally.config.models import Config, EventTimeWindow
 from tally.identity import Directory
 from tally.kafka import Record, ensure_topics, fetch, make_consumer, make_producer
 from tally.ops import Metrics, Readiness, observe_lag
@@ -43,7 +44,7 @@ from tally.service import (
 from tally.topics import Topics
 from tally.wire import RejectedEvent, UsageRecorded
 
-__all__ = ["KafkaPublisher", "main", "run_ingest", "triage_records"]
+__all__ = ["Intake", "KafkaPublisher", "main", "run_ingest", "triage_records"]
 
 log = logging.getLogger("tally.ingest")
 
@@ -69,22 +70,44 @@ class KafkaPublisher:
         await asyncio.gather(*acks)
 
 
-def source_of(record: Record) -> str:
-    return f"kafka:{record.topic}[{record.partition}]@{record.offset}"
+@dataclass(frozen=True)
+class Intake:
+    """What deciding on one usage.raw record needs: who the users are, which times count."""
+
+    directory: Directory
+    window: EventTimeWindow
+
+    @classmethod
+    def of(cls, config: Config) -> Intake:
+        return cls(Directory.from_config(config), config.budgets.per_user_budgets.event_time_window)
+
+    def triage(self, record: Record, now: datetime) -> UsageRecorded | str:
+        outcome = parse_event(record.value)
+        if not isinstance(outcome, str):
+            outcome = admit(outcome, self.window, now)
+        if isinstance(outcome, str):
+            return outcome
+        # Only gateways may write usage.raw: they may label identities nobody claims.
+        return enrich(outcome, self.directory, from_gateway=True)
 
 
 def triage_records(
-    records: Sequence[Record], directory: Directory, now: datetime
+    records: Sequence[Record], intake: Intake, now: datetime
 ) -> tuple[list[UsageRecorded], list[RejectedEvent]]:
-    """Each record becomes an identified event or a DLQ record; none is dropped."""
+    """Each record becomes an identified event or a DLQ record; none is dropped, and
+    none stops the loop: what fails unforeseen is dead-lettered with the error."""
     accepted: list[UsageRecorded] = []
     rejected: list[RejectedEvent] = []
     for record in records:
-        outcome = parse_event(record.value)
+        try:
+            outcome = intake.triage(record, now)
+        except Exception as error:  # a bug must not freeze counting for everyone
+            log.exception("usage.raw record %s could not be triaged", record.source)
+            outcome = f"ingest could not process this record: {type(error).__name__}"
         if isinstance(outcome, str):
-            rejected.append(rejection(record.value, outcome, source_of(record), now))
+            rejected.append(rejection(record.value, outcome, record.source, now))
         else:
-            accepted.append(enrich(outcome, directory))
+            accepted.append(outcome)
     return accepted, rejected
 
 
@@ -98,21 +121,21 @@ def next_offsets(records: Sequence[Record]) -> dict[TopicPartition, int]:
 
 
 async def consume(
-    consumer: AIOKafkaConsumer, publisher: KafkaPublisher, directory: Directory,
+    consumer: AIOKafkaConsumer, publisher: KafkaPublisher, intake: Intake,
     metrics: Metrics, readiness: Readiness,
 ) -> None:
     while True:
         batch = await fetch(consumer, 10_000, 50)
         if batch:
-            await handle(batch, consumer, publisher, directory, metrics)
+            await handle(batch, consumer, publisher, intake, metrics)
         # Also when idle: an empty usage.raw is caught up too.
         await observe_lag(metrics, consumer)
         await readiness.check(consumer)
 
 
 async def handle(batch: list[Record], consumer: AIOKafkaConsumer, publisher: KafkaPublisher,
-                 directory: Directory, metrics: Metrics) -> None:
-    accepted, rejected = triage_records(batch, directory, datetime.now(UTC))
+                 intake: Intake, metrics: Metrics) -> None:
+    accepted, rejected = triage_records(batch, intake, datetime.now(UTC))
     await publisher.publish(accepted, rejected)
     await commit(consumer, batch)
     metrics.count_in(batch)
@@ -180,8 +203,7 @@ async def _run_parts(
 ) -> None:
     # Bind first: a busy port fails the start before anything else is running.
     sock = bind(host, port) if port is not None else None
-    directory = Directory.from_config(config)
-    loop = asyncio.create_task(consume(consumer, publisher, directory, *ops),
+    loop = asyncio.create_task(consume(consumer, publisher, Intake.of(config), *ops),
                                name="ingest-kafka")
     server: QuietServer | None = None
     parts = [loop]

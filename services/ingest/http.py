@@ -35,9 +35,15 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from services.ingest.identify import enrich, may_report
-from services.ingest.validate import parse_batch, reason_kind, rejection, validate_object
+from services.ingest.validate import (
+    admit,
+    parse_batch,
+    reason_kind,
+    rejection,
+    validate_object,
+)
 from tally.auth import Authenticator, AuthError
-from tally.config.models import Config
+from tally.config.models import Config, EventTimeWindow
 from tally.identity import Directory, Principal
 from tally.ops import Metrics, Readiness, ops_routes
 from tally.wire import RejectedEvent, UsageRecorded
@@ -101,19 +107,22 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
 
 def triage(
     items: list[object], body: bytes, principal: Principal | None,
-    directory: Directory, now: datetime,
+    directory: Directory, window: EventTimeWindow, now: datetime,
 ) -> Triage:
     sorted_ = Triage()
+    from_gateway = principal is not None and principal.gateway
     for index, item in enumerate(items):
         if principal is not None and not principal.gateway and isinstance(item, dict):
             item = {"user_id": principal.user_id, **item}  # a user reports as themselves
         outcome = validate_object(item)
+        if not isinstance(outcome, str):
+            outcome = admit(outcome, window, now)
         if isinstance(outcome, str):
             original = body if len(items) == 1 else orjson.dumps(item)
             sorted_.rejected.append(rejection(original, outcome, SOURCE, now))
             sorted_.results.append({"index": index, "status": "rejected", "reason": outcome})
         else:
-            event = enrich(outcome, directory)
+            event = enrich(outcome, directory, from_gateway)
             sorted_.accepted.append(event)
             sorted_.results.append({"index": index, "status": "accepted",
                                     "event_id": event.event_id, "user_id": event.user_id})
@@ -129,6 +138,7 @@ def forbidden(accepted: Sequence[UsageRecorded], principal: Principal | None) ->
 class UsageEndpoint:
     authenticator: Authenticator
     directory: Directory
+    window: EventTimeWindow
     publisher: Publisher
     clock: Callable[[], datetime]
     metrics: Metrics
@@ -147,7 +157,7 @@ class UsageEndpoint:
         items = parse_batch(body)
         if isinstance(items, str):
             return await self.refuse_body(body, items)
-        result = triage(items, body, principal, self.directory, self.clock())
+        result = triage(items, body, principal, self.directory, self.window, self.clock())
         others = forbidden(result.accepted, principal)
         if others:
             return error_response(403, "you may only report your own usage",
@@ -195,7 +205,9 @@ def create_app(
     loop has caught up); `config_dir` resolves a relative `public_key_file`."""
     authenticator = Authenticator.build(config, config_dir)
     metrics = metrics or Metrics()
-    endpoint = UsageEndpoint(authenticator, authenticator.directory, publisher, clock, metrics)
+    endpoint = UsageEndpoint(authenticator, authenticator.directory,
+                             config.budgets.per_user_budgets.event_time_window, publisher,
+                             clock, metrics)
     return Starlette(routes=[
         Route("/v1/usage", endpoint.handle, methods=["POST"]),
         *ops_routes(metrics, readiness or Readiness()),

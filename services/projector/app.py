@@ -15,7 +15,7 @@ import logging
 import signal
 import sys
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,7 +26,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from services.projector import store
 from services.projector.audit import audit_app
-from services.projector.decode import Decoder, rejected
+from services.projector.decode import Decoder, Skipped, error_text, rejected
 from tally.config.errors import ConfigError
 from tally.config.loader import load_config
 from tally.config.models import Config
@@ -44,30 +44,37 @@ from tally.ops import Metrics, Readiness, ops_routes, watching
 from tally.service import serving
 from tally.settings import Settings
 from tally.topics import Topics
+from tally.wire import rejection
 
 __all__ = ["BATCH_SIZE", "Decoded", "assign_from", "base_parser", "main", "run_projector"]
 
 log = logging.getLogger(__name__)
 
 BATCH_SIZE = 10_000
+# What a batch's own contents can raise, as opposed to the broker going away: such a batch
+# is split until the record at fault is found.
+RECORD_FAULTS = (duckdb.Error, pa.ArrowException, ValueError, TypeError, KeyError,
+                 ArithmeticError)
 READ_AHEAD = 8  # fetched batches held while one is handled
 K = TypeVar("K", AIOKafkaConsumer, AIOKafkaProducer)
 
 
 @dataclass(frozen=True)
 class Decoded:
-    """A batch of both topics, decoded, with the offsets to store along with it."""
+    """A batch of both topics, decoded, with the offsets to store along with it, and the
+    usage.events records that cannot be counted (the live projector dead-letters them)."""
 
     events: pa.Table
     rejected: pa.Table
     offsets: dict[tuple[str, int], int]
+    skipped: Skipped = field(default_factory=list)
 
     @classmethod
     def of(cls, decoder: Decoder, topics: Topics, records: list[Record]) -> Decoded:
         events, dlq = topics.usage_events, topics.usage_dlq
-        return cls(decoder.events(r for r in records if r.topic == events),
-                   rejected(r for r in records if r.topic == dlq),
-                   next_offsets(records))
+        table, skipped = decoder.events(r for r in records if r.topic == events)
+        return cls(table, rejected(r for r in records if r.topic == dlq),
+                   next_offsets(records), skipped)
 
     def apply(self, con: duckdb.DuckDBPyConnection) -> store.Applied:
         """One transaction: the same write path for the live projector and replay."""
@@ -143,16 +150,33 @@ class Projector:
         the mirror: all a publish needs. `complete` writes the rest and commits."""
         decoded = Decoded.of(self.decoder, self.topics, records)
         applied = store.begin_batch(self.writer, decoded.events)
-        store.merge_usages(self.mirror, store.usages_of(applied.new))
+        try:
+            store.merge_usages(self.mirror, store.usages_of(applied.new))
+        except BaseException:
+            self.writer.execute("ROLLBACK")
+            raise
         return decoded, applied
 
     def complete(self, decoded: Decoded, applied: store.Applied) -> None:
         store.finish_batch(self.writer, applied, decoded.offsets, decoded.rejected)
 
     async def handle(self, records: list[Record]) -> None:
+        """Fold a batch; if it fails on what it holds, find the record at fault by halves
+        (the rest is counted exactly once) and dead-letter it: no record stops counting."""
+        try:
+            await self.fold(records, self.publish_before_commit)
+        except RECORD_FAULTS as error:
+            log.error("a batch of %d records failed (%s): looking for the record at fault",
+                      len(records), error_text(error))
+            await asyncio.to_thread(self.restore)
+            await self.split(records)
+            await self.publish(self.mirror)  # what the failed attempt may have sent is redone
+
+    async def fold(self, records: list[Record], publish_first: bool) -> None:
         # DuckDB releases the GIL: in a thread, the audit endpoint and fetches go on.
         decoded, applied = await asyncio.to_thread(self.begin, records)
-        if self.publish_before_commit:
+        await self.dead_letter(decoded.skipped)
+        if publish_first:
             sent = await self.send(applied.users)
             await asyncio.to_thread(self.complete, decoded, applied)
         else:
@@ -161,6 +185,49 @@ class Projector:
         # The acks are awaited while the next batch is read, before its balances are sent.
         await self.acked()
         self._acks = asyncio.gather(*sent)
+
+    def restore(self) -> None:
+        """After a failed batch (rolled back): the mirror as stored, without its part."""
+        self.mirror = store.load_usages(self.writer)
+
+    async def split(self, records: list[Record]) -> None:
+        """Fold each half on its own (balances sent after each commit), halving again
+        whichever fails, down to the one record that cannot be folded."""
+        if len(records) == 1:
+            await self.give_up_on(records[0])
+            return
+        middle = len(records) // 2
+        for piece in (records[:middle], records[middle:]):
+            try:
+                await self.fold(piece, publish_first=False)
+            except RECORD_FAULTS:
+                await asyncio.to_thread(self.restore)
+                await self.split(piece)
+
+    async def give_up_on(self, record: Record) -> None:
+        """Dead-letter a record that fails alone, and store the offset past it. First a
+        write of the offsets it stands at: if the store itself fails (a full disk), that
+        raises, and no record is blamed for it."""
+        here = {(record.topic, record.partition): record.offset}
+        await asyncio.to_thread(store.apply_batch, self.writer, store.no_events(), here)
+        reason = "projector: this record fails the fold even alone"
+        log.error("dead-lettering %s: %s", record.source, reason)
+        await self.dead_letter([(record, reason)])
+        await asyncio.to_thread(store.apply_batch, self.writer, store.no_events(),
+                                next_offsets([record]))
+
+    async def dead_letter(self, skipped: Skipped) -> None:
+        """usage.events records that cannot be counted go to usage.dlq, acknowledged before
+        the batch commits (so none is lost; a copy after a crash is stored once, by source)."""
+        if not skipped:
+            return
+        now = datetime.now(UTC)
+        acks = [await self.producer.send(
+                    self.topics.usage_dlq, key=record.source.encode(),
+                    value=rejection(record.value, reason, record.source, now)
+                    .model_dump_json().encode())
+                for record, reason in skipped]
+        await asyncio.gather(*acks)
 
     async def acked(self) -> None:
         """Until the broker has acknowledged every balance sent (a failure raises here)."""

@@ -5,9 +5,14 @@ C++: its values joined as JSON lines and read by `pyarrow.json.read_json` (~2 us
 and the GIL released), the counted tokens summed column-wise and the period starts taken
 from the core's `Calendar` once per window the batch touches. Anything that path does not
 accept exactly (a missing or null field, a wrong type, a time without a zone, an empty
-id) sends the whole batch down the per-record path: orjson and a few dict lookups
-(~8 us an event), where a record that still fails to decode is logged and skipped; it
-must never stop the projector. Both paths give the same rows for the same records.
+id, a value outside the wire contract's ranges) sends the whole batch down the per-record
+path: orjson and a few dict lookups (~8 us an event), where a record that still fails to
+decode is returned as skipped, with the reason: it must never stop the projector. Both
+paths give the same rows for the same records.
+
+The ranges are checked again here although the ingest enforces them, because a producer
+may write to usage.events directly: a token count past MAX_TOKENS could overflow a sum, a
+time past LATEST_EVENT the period arithmetic.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import io
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import orjson
@@ -29,9 +34,11 @@ from tally.config.models import PerUserBudgets, TokenField
 from tally.core.periods import Calendar, Window, calendar_for
 from tally.core.usage import counted_tokens
 from tally.kafka import Record
-from tally.wire import UsageRecorded
+from tally.wire import EARLIEST_EVENT, LATEST_EVENT, MAX_TOKENS, UsageRecorded, event_time_problem
 
-__all__ = ["Decoder"]
+__all__ = ["Decoder", "Skipped", "error_text", "rejected"]
+
+Skipped = list[tuple[Record, str]]  # records that cannot be counted, and why
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +77,12 @@ class Decoder:
     def of(cls, budgets: PerUserBudgets) -> Decoder:
         return cls(calendar_for(budgets.reset_schedule), budgets.counted_tokens)
 
-    def events(self, records: Iterable[Record]) -> pa.Table:
-        """usage.events records -> a table in LEDGER_ARROW; bad records are skipped."""
+    def events(self, records: Iterable[Record]) -> tuple[pa.Table, Skipped]:
+        """usage.events records -> a table in LEDGER_ARROW, and the records skipped."""
         batch = list(records)
         table = self.whole([r.value for r in batch], [r.partition for r in batch],
                            [r.offset for r in batch])
-        return table if table is not None else self.one_by_one(batch)
+        return (table, []) if table is not None else self.one_by_one(batch)
 
     def whole(self, values: Sequence[bytes | None], partitions: Sequence[int],
               offsets: Sequence[int]) -> pa.Table | None:
@@ -88,7 +95,7 @@ class Decoder:
             at = pc.cast(raw.column("occurred_at"), _TS)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             return None
-        if raw.num_rows != len(values) or not _well_formed(raw):
+        if raw.num_rows != len(values) or not _well_formed(raw) or not _in_time_range(at):
             return None
         starts = self._starts(at)
         if starts is None:
@@ -111,16 +118,19 @@ class Decoder:
         monthly = _start_in(at, list({m.start: m for _, m in windows}.values()))
         return daily, monthly
 
-    def one_by_one(self, records: Iterable[Record]) -> pa.Table:
+    def one_by_one(self, records: Iterable[Record]) -> tuple[pa.Table, Skipped]:
         """The per-record path: a record that fails to decode is logged and skipped."""
         rows = []
+        skipped: Skipped = []
         for record in records:
             try:
                 rows.append(self.event_row(record))
-            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                log.error("skipping undecodable usage event %s", _where(record, e))
+            except Exception as e:  # whatever a record holds, the others are still counted
+                reason = f"projector: not a countable usage event: {error_text(e)}"
+                log.error("skipping usage event %s: %s", record.source, reason)
+                skipped.append((record, reason))
         columns = zip(*rows, strict=True) if rows else ([] for _ in LEDGER_ARROW.names)
-        return pa.table(list(map(list, columns)), schema=LEDGER_ARROW)
+        return pa.table(list(map(list, columns)), schema=LEDGER_ARROW), skipped
 
     def event_row(self, record: Record) -> tuple[Any, ...]:
         """One event as a tuple in LEDGER_ARROW's column order (tuples transpose fast)."""
@@ -146,7 +156,19 @@ def _well_formed(raw: pa.Table) -> bool:
     if any(column.null_count for column in columns):
         return False
     nonempty = all(pc.min(pc.utf8_length(raw.column(name))).as_py() > 0 for name in _REQUIRED)
-    return nonempty and all(pc.min(raw.column(name)).as_py() >= 0 for name in _COUNTS)
+    return nonempty and all(_within(raw.column(name), 0, MAX_TOKENS) for name in _COUNTS)
+
+
+def _in_time_range(at: pa.ChunkedArray) -> bool:
+    return _within(at, EARLIEST_EVENT, LATEST_EVENT - _ONE_MICROSECOND)
+
+
+_ONE_MICROSECOND = timedelta(microseconds=1)
+
+
+def _within(column: pa.ChunkedArray, low: Any, high: Any) -> bool:
+    bounds = pc.min_max(column)
+    return bool(bounds["min"].as_py() >= low and bounds["max"].as_py() <= high)
 
 
 def _windows_touched(calendar: Calendar, at: pa.ChunkedArray) -> list[tuple[Window, Window]] | None:
@@ -192,23 +214,25 @@ def rejected(records: Iterable[Record]) -> pa.Table:
     for record in records:
         try:
             rows.append(_rejected_row(record))
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            log.error("skipping undecodable rejected event %s", _where(record, e))
+        except Exception as e:  # a DLQ record is informative: never worth a stop
+            log.error("skipping undecodable rejected event %s: %s", record.source,
+                      error_text(e))
     return pa.Table.from_pylist(rows, schema=REJECTED_ARROW)
 
 
 def _rejected_row(record: Record) -> dict[str, Any]:
     data = orjson.loads(record.value or b"")
     at = data.get("rejected_at")
-    return {"reason": _text(data["reason"]), "source": data.get("source"),
-            "original": data.get("original"), "rejected_at": at and _instant(at),
+    return {"reason": _text(data["reason"]), "source": _optional(data.get("source")),
+            "original": _optional(data.get("original")), "rejected_at": at and _instant(at),
             "partition": record.partition, "offset": record.offset}
 
 
 def _instant(text: str) -> datetime:
     at = datetime.fromisoformat(text)
-    if at.tzinfo is None:
-        raise ValueError(f"occurred_at {text!r} has no time zone")
+    problem = event_time_problem(at)
+    if problem:
+        raise ValueError(f"occurred_at {problem}")
     return at.astimezone(UTC)
 
 
@@ -226,10 +250,10 @@ def _optional(value: Any) -> str | None:
 
 
 def _count(value: Any) -> int:
-    if not isinstance(value, int) or value < 0:
-        raise TypeError(f"expected a token count, got {value!r}")
+    if type(value) is not int or not 0 <= value <= MAX_TOKENS:  # a bool is an int subclass
+        raise TypeError(f"expected a token count from 0 to {MAX_TOKENS}, got {value!r:.40}")
     return value
 
 
-def _where(record: Record, error: Exception) -> str:
-    return f"{record.topic}[{record.partition}]@{record.offset}: {error}"
+def error_text(error: Exception) -> str:
+    return f"{type(error).__name__}: {error!s:.300}"

@@ -23,7 +23,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from services.projector import store
 from services.projector.app import Decoded, assign_from, base_parser
-from services.projector.decode import Decoder, rejected
+from services.projector.decode import Decoder, Skipped, rejected
 from tally.config.errors import ConfigError
 from tally.config.loader import load_config
 from tally.config.models import Config
@@ -132,11 +132,12 @@ def decode(decoder: Decoder, topics: Topics, fetched: Fetched) -> Decoded:
     values = [m.value for _, ms in events for m in ms]
     table = decoder.whole(values, [tp.partition for tp, ms in events for _ in ms],
                           [m.offset for _, ms in events for m in ms])
-    if table is None:
-        table = decoder.one_by_one(_records(events))
+    skipped: Skipped = []
+    if table is None:  # a record skipped here was dead-lettered by the live projector
+        table, skipped = decoder.one_by_one(_records(events))
     dlq = _records([(tp, ms) for tp, ms in fetched.items() if tp.topic == topics.usage_dlq])
     offsets = {(tp.topic, tp.partition): ms[-1].offset + 1 for tp, ms in fetched.items() if ms}
-    return Decoded(table, rejected(dlq), offsets)
+    return Decoded(table, rejected(dlq), offsets, skipped)
 
 
 def _records(fetched: list[tuple[TopicPartition, list[Any]]]) -> list[Record]:

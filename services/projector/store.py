@@ -39,6 +39,7 @@ __all__ = [
     "load_usages",
     "merge_usages",
     "new_usages",
+    "no_events",
     "usages_of",
 ]
 
@@ -177,6 +178,11 @@ def connect(path: Path | str, read_only: bool = False) -> duckdb.DuckDBPyConnect
         con.execute(VIEWS_SQL)
         dedupe.rehash_if_changed(con)
     return con
+
+
+def no_events() -> pa.Table:
+    """An empty batch: what storing offsets alone applies."""
+    return LEDGER_ARROW.empty_table()
 
 
 def index_event_ids(con: duckdb.DuckDBPyConnection) -> None:

@@ -46,6 +46,11 @@ class Record:
     value: bytes | None
     timestamp_ms: int
 
+    @property
+    def source(self) -> str:
+        """Where the record is, as logs and the DLQ name it: "kafka:usage.raw[0]@42"."""
+        return f"kafka:{self.topic}[{self.partition}]@{self.offset}"
+
 
 async def ensure_topics(bootstrap: str, topics: Topics, partitions: int) -> None:
     """Create the missing topics; compaction on the snapshot topics. Existing ones stay."""

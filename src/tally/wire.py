@@ -2,16 +2,31 @@
 
 Each carries a `schema_version`; `tally schemas write` renders them into schemas/*.json.
 Events are named in the past tense (what happened), as in eventsourcing.
+
+Every value a sender chooses has its range named here, once: token counts are integers
+(never strings or booleans) from 0 to MAX_TOKENS, so that no sum over any history can
+overflow a 64-bit balance (2^63 / (4 x 10^9) is two billion events of the largest size for
+one user); `occurred_at` lies within EARLIEST_EVENT..LATEST_EVENT, a static window that
+every period computation handles (the ingest narrows it further around its own clock);
+texts have a maximum length. Consumers re-check them (`in_range`), because a producer may
+write to a topic directly.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Literal
+import hashlib
+from datetime import UTC, datetime
+from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 __all__ = [
+    "EARLIEST_EVENT",
+    "LATEST_EVENT",
+    "MAX_ORIGINAL_BYTES",
+    "MAX_REASON_CHARS",
+    "MAX_TEXT",
+    "MAX_TOKENS",
     "WIRE_MODELS",
     "ActionName",
     "AlertKind",
@@ -23,12 +38,50 @@ __all__ = [
     "RejectedEvent",
     "StatusName",
     "UsageRecorded",
+    "bounded_text",
+    "event_time_problem",
+    "rejection",
 ]
 
 PeriodName = Literal["daily", "monthly"]
 StatusName = Literal["ok", "warning", "over_limit"]
 ActionName = Literal["allow", "warn", "soft_limit", "hard_stop", "reduced_priority"]
 AlertKind = Literal["warning", "limit", "reset"]
+
+
+MAX_TOKENS = 1_000_000_000  # per field of one event: far above any real model call
+MAX_TEXT = 200  # characters of an id, a model name or a label
+EARLIEST_EVENT = datetime(2000, 1, 1, tzinfo=UTC)
+LATEST_EVENT = datetime(2200, 1, 1, tzinfo=UTC)
+MAX_REASON_CHARS = 2_000
+MAX_ORIGINAL_BYTES = 16 * 1024  # the DLQ keeps this much of an original, plus size and hash
+
+
+def event_time_problem(at: datetime) -> str | None:
+    """Why an event time is outside the static window, or None."""
+    if at.tzinfo is None:
+        return "must have a time zone"
+    if not EARLIEST_EVENT <= at < LATEST_EVENT:
+        return (f"must be from {EARLIEST_EVENT:%Y-%m-%d} to before {LATEST_EVENT:%Y-%m-%d} "
+                f"(UTC), got {at.isoformat()}")
+    return None
+
+
+def _event_time(at: datetime) -> datetime:
+    problem = event_time_problem(at)
+    if problem:
+        raise ValueError(problem)
+    return at
+
+
+_PRINTABLE = r"^[^\x00-\x1f\x7f]*$"  # no control characters: ids end up in logs and headers
+
+TokenCount = Annotated[int, Field(ge=0, le=MAX_TOKENS, strict=True)]
+Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT, pattern=_PRINTABLE)]
+OptionalText = Annotated[str | None, Field(max_length=MAX_TEXT, pattern=_PRINTABLE)]
+EventTime = Annotated[AwareDatetime, AfterValidator(_event_time), Field(
+    description=f"from {EARLIEST_EVENT:%Y-%m-%d} to before {LATEST_EVENT:%Y-%m-%d} (UTC); "
+                "the ingest also refuses times too far from its clock")]
 
 
 class Wire(BaseModel):
@@ -39,31 +92,36 @@ class UsageRecorded(Wire):
     """One model call's token usage, as a gateway reports it (usage.raw, usage.events)."""
 
     schema_version: Literal[1] = 1
-    event_id: str = Field(min_length=1, max_length=200)
-    occurred_at: AwareDatetime
-    user_id: str = Field(min_length=1, max_length=200)
-    model: str = Field(min_length=1, max_length=200)
-    provider: str | None = None
-    input_tokens: int = Field(ge=0)
-    output_tokens: int = Field(ge=0)
-    cache_read_tokens: int = Field(default=0, ge=0)
-    cache_write_tokens: int = Field(default=0, ge=0)
-    session_key: str | None = None
-    channel: str | None = None
-    request_id: str | None = None
-    source: str | None = None
-    role: str | None = None
-    department: str | None = None
-    project: str | None = None
+    event_id: Text
+    occurred_at: EventTime
+    user_id: Text
+    model: Text
+    provider: OptionalText = None
+    input_tokens: TokenCount
+    output_tokens: TokenCount
+    cache_read_tokens: TokenCount = 0
+    cache_write_tokens: TokenCount = 0
+    session_key: OptionalText = None
+    channel: OptionalText = None
+    request_id: OptionalText = None
+    source: OptionalText = None
+    role: OptionalText = None
+    department: OptionalText = None
+    project: OptionalText = None
 
 
 class RejectedEvent(Wire):
-    """What usage.dlq holds: the original bytes, why they were refused, and from where."""
+    """What usage.dlq holds: why a record was refused, from where, and the record itself:
+    whole when it is small, else its first MAX_ORIGINAL_BYTES, so that a DLQ record never
+    outgrows what the topic accepts; `original_size` and `original_sha256` describe all of it."""
 
     schema_version: Literal[1] = 1
-    reason: str
-    source: str  # e.g. "kafka:usage.raw[0]@42" or "http:POST /v1/usage"
-    original: str  # the original bytes, decoded as UTF-8 with replacement
+    reason: str = Field(max_length=MAX_REASON_CHARS)
+    source: str = Field(max_length=MAX_TEXT)  # "kafka:usage.raw[0]@42", "http:POST /v1/usage"
+    original: str  # the original bytes (a prefix if truncated), decoded with replacement
+    original_size: int | None = Field(default=None, ge=0)  # bytes of the whole original
+    original_sha256: str | None = None  # hex digest of the whole original
+    original_truncated: bool = False
     rejected_at: AwareDatetime
 
 
@@ -141,6 +199,25 @@ class BudgetAlerted(Wire):
     message: str
     notify_admin: bool = False
     as_of: AwareDatetime
+
+
+def bounded_text(text: str, limit: int) -> str:
+    """`text` cut to `limit` characters, saying so."""
+    return text if len(text) <= limit else f"{text[:limit - 20]}... ({len(text)} chars)"
+
+
+def rejection(original: bytes | None, reason: str, source: str, now: datetime) -> RejectedEvent:
+    """The DLQ record: why, from where, and the bytes as they came (undecodable ones
+    replaced): whole up to MAX_ORIGINAL_BYTES, else that much of a prefix, with the size and
+    hash of the whole, so the record always fits the topic."""
+    raw = original or b""
+    text = raw[:MAX_ORIGINAL_BYTES].decode("utf-8", errors="replace")
+    # Each undecodable byte became 3 bytes (U+FFFD): cut again, at a character boundary.
+    text = text.encode()[:MAX_ORIGINAL_BYTES].decode("utf-8", errors="ignore")
+    return RejectedEvent(
+        reason=bounded_text(reason, MAX_REASON_CHARS), source=source, original=text,
+        original_size=len(raw), original_sha256=hashlib.sha256(raw).hexdigest(),
+        original_truncated=len(raw) > MAX_ORIGINAL_BYTES, rejected_at=now)
 
 
 WIRE_MODELS: dict[str, type[Wire]] = {

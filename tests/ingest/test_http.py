@@ -122,8 +122,7 @@ async def test_a_mixed_batch_accepts_the_good_events() -> None:
     payload = response.json()
     assert (payload["accepted"], payload["rejected"]) == (2, 1)
     assert payload["results"][1] == {"index": 1, "status": "rejected",
-                                     "reason": "output_tokens: Input should be a valid integer, "
-                                               "unable to parse string as an integer"}
+                                     "reason": "output_tokens: Input should be a valid integer"}
     assert [e.event_id for e in publisher.events] == ["a", "c"]
     assert orjson.loads(publisher.rejected[0].original)["event_id"] == "b"
 

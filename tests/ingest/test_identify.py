@@ -61,26 +61,36 @@ def test_normalise_identity() -> None:
     assert normalise_identity("telegram:Bob") == "telegram:Bob"
 
 
-def test_enrich_replaces_the_identity_and_fills_attributes() -> None:
-    enriched = enrich(event("openai-user:ALICE"), DIRECTORY)
-    assert (enriched.user_id, enriched.role, enriched.department, enriched.project) == (
-        "alice", "engineer", "platform", "atlas")
+def labels(e: UsageRecorded) -> tuple[str | None, ...]:
+    return e.role, e.department, e.project
 
 
-def test_enrich_keeps_what_the_event_says() -> None:
-    enriched = enrich(event("telegram:123456", role="lead", project="zeus"), DIRECTORY)
-    assert (enriched.role, enriched.department, enriched.project) == (
-        "lead", "platform", "zeus")
+@pytest.mark.parametrize("from_gateway", [True, False])
+def test_enrich_replaces_the_identity_and_fills_attributes(from_gateway: bool) -> None:
+    enriched = enrich(event("openai-user:ALICE"), DIRECTORY, from_gateway)
+    assert (enriched.user_id, *labels(enriched)) == ("alice", "engineer", "platform", "atlas")
 
 
-def test_enrich_leaves_unknown_identities_without_attributes() -> None:
-    enriched = enrich(event("discord:7"), DIRECTORY)
-    assert (enriched.user_id, enriched.role) == ("discord:7", None)
+@pytest.mark.parametrize("from_gateway", [True, False])
+def test_a_known_users_labels_are_users_yamls_whatever_the_event_says(from_gateway: bool) -> None:
+    enriched = enrich(event("telegram:123456", role="lead", project="zeus"), DIRECTORY,
+                      from_gateway)
+    assert labels(enriched) == ("engineer", "platform", "atlas")
+    # A label users.yaml leaves empty is empty: an event cannot put bob in project atlas.
+    assert labels(enrich(event("bob", project="atlas"), DIRECTORY, from_gateway)) == (
+        "intern", None, None)
+
+
+def test_an_unclaimed_identity_keeps_labels_only_from_a_gateway() -> None:
+    sent = event("discord:7", role="lead", project="zeus")
+    assert labels(enrich(sent, DIRECTORY, from_gateway=True)) == ("lead", None, "zeus")
+    stripped = enrich(sent, DIRECTORY, from_gateway=False)
+    assert (stripped.user_id, *labels(stripped)) == ("discord:7", None, None, None)
 
 
 def test_enrich_returns_the_same_event_when_nothing_changes() -> None:
     original = event("gw")
-    assert enrich(original, DIRECTORY) is original
+    assert enrich(original, DIRECTORY, from_gateway=True) is original
 
 
 def test_may_report() -> None:

@@ -59,10 +59,18 @@ def test_naive_timestamps_are_refused() -> None:
     assert reason == "occurred_at: Input should have timezone info"
 
 
-@pytest.mark.parametrize("value", [b"{", b"not json", b'{"a": 1,}', b"\xff\xfe"])
+@pytest.mark.parametrize("value", [b"{", b"not json", b'{"a": 1,}'])
 def test_malformed_json_is_named_as_json(value: bytes) -> None:
     reason = parse_event(value)
     assert isinstance(reason, str) and reason.startswith("invalid JSON: ")
+
+
+@pytest.mark.parametrize(("value", "offset"), [(b"\xff\xfe", 0), (b'{"model": "a\xc3"}', 12)])
+def test_bytes_that_are_not_utf8_are_named_as_such(value: bytes, offset: int) -> None:
+    reason = parse_event(value)
+    assert reason == f"not UTF-8: byte 0x{value[offset]:02x} at offset {offset}"
+    assert parse_batch(value) == reason
+    assert reason_kind(reason) == "not_utf8"
 
 
 @pytest.mark.parametrize("value", [b"[1, 2]", b'"alice"', b"42"])

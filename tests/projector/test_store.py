@@ -132,7 +132,7 @@ def test_mirror_matches_the_core_fold(con: duckdb.DuckDBPyConnection) -> None:
                for i, e in enumerate(events)]
     decoder, mirror = Decoder.of(budgets), store.load_usages(con)
     for start in range(0, len(records), 64):
-        applied = store.apply_batch(con, decoder.events(records[start:start + 64]), {})
+        applied = store.apply_batch(con, decoder.events(records[start:start + 64])[0], {})
         store.merge_usages(mirror, store.new_usages(con, applied))
     folded = fold_events(events, budgets)
     assert mirror == folded
@@ -146,7 +146,10 @@ def test_a_bad_record_is_skipped(con: duckdb.DuckDBPyConnection) -> None:
     records = [Record(TOPIC, 0, 0, None, b"{not json", 0),
                Record(TOPIC, 0, 1, None, b'{"event_id": "x"}', 0),
                Record(TOPIC, 0, 2, None, good.model_dump_json().encode(), 0)]
-    assert Decoder.of(budgets).events(records).column("event_id").to_pylist() == ["e1"]
+    table, skipped = Decoder.of(budgets).events(records)
+    assert table.column("event_id").to_pylist() == ["e1"]
+    assert [(r.offset, reason.split(":")[0]) for r, reason in skipped] == [
+        (0, "projector"), (1, "projector")]
 
 
 @pytest.mark.parametrize("sql", [

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hmac
 import re
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo
 
@@ -32,6 +33,7 @@ __all__ = [
     "Authentication",
     "BudgetsFile",
     "Config",
+    "EventTimeWindow",
     "HardStop",
     "Limits",
     "OnApproachingLimit",
@@ -146,10 +148,14 @@ def _http_url(value: str) -> str:
 
 
 HttpUrl = Annotated[str, AfterValidator(_http_url)]
-Tokens = Annotated[int, Field(ge=0)]
+MAX_LIMIT_TOKENS = 10**15  # far above any budget; keeps every sum of limits in 64 bits
+Tokens = Annotated[int, Field(ge=0, le=MAX_LIMIT_TOKENS)]
 
 
 # auth.yaml ---------------------------------------------------------------------------------
+
+
+MIN_HMAC_SECRET_BYTES = 32
 
 
 class Authentication(Strict):
@@ -174,6 +180,10 @@ class Authentication(Strict):
             and (self.secret is None) == (self.public_key_file is None)
         ):
             raise ValueError("method jwt needs exactly one of secret or public_key_file")
+        if self.secret is not None and len(self.secret.encode()) < MIN_HMAC_SECRET_BYTES:
+            # RFC 7518 3.2: an HMAC key at least as long as the hash; shorter ones are guessable.
+            raise ValueError(f"secret: an HMAC (HS256) secret needs at least "
+                             f"{MIN_HMAC_SECRET_BYTES} bytes, got {len(self.secret.encode())}")
         return self
 
 
@@ -294,6 +304,22 @@ class AlertWebhook(Strict):
     backoff_seconds: float = Field(default=1.0, ge=0, le=60)  # first retry; doubles, max 60 s
 
 
+class EventTimeWindow(Strict):
+    """added: how far an event's occurred_at may lie from the ingest's clock. Further ahead
+    would count against a period nobody is in yet; further back would rewrite history."""
+
+    future_tolerance_minutes: int = Field(default=60, ge=0, le=24 * 60)
+    max_age_days: int = Field(default=730, ge=1, le=3650)
+
+    @property
+    def future_tolerance(self) -> timedelta:
+        return timedelta(minutes=self.future_tolerance_minutes)
+
+    @property
+    def max_age(self) -> timedelta:
+        return timedelta(days=self.max_age_days)
+
+
 class PerUserBudgets(Strict):
     enabled: bool = True
     default_limits: Limits
@@ -316,6 +342,7 @@ class PerUserBudgets(Strict):
         strict=False,
     )
     alert_webhook: AlertWebhook | None = None  # added: deliver notify_admin alerts here
+    event_time_window: EventTimeWindow = EventTimeWindow()  # added: what the ingest accepts
 
 
 class BudgetsFile(Strict):
