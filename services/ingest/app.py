@@ -28,7 +28,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError
 
 from services.ingest.http import count_rejected, create_app
-from services.ingest.identify import enrich
+from services.ingest.identify import identify
 from services.ingest.validate import admit, parse_event, rejection
 from tally.config.models import Config, EventTimeWindow
 from tally.identity import Directory
@@ -88,7 +88,7 @@ class Intake:
         if isinstance(outcome, str):
             return outcome
         # Only gateways may write usage.raw: they may label identities nobody claims.
-        return enrich(outcome, self.directory, from_gateway=True)
+        return identify(outcome, self.directory, from_gateway=True)
 
 
 def triage_records(

@@ -34,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from services.ingest.identify import enrich, may_report
+from services.ingest.identify import identify, may_report
 from services.ingest.validate import (
     admit,
     parse_batch,
@@ -117,12 +117,14 @@ def triage(
         outcome = validate_object(item)
         if not isinstance(outcome, str):
             outcome = admit(outcome, window, now)
+        if not isinstance(outcome, str):
+            outcome = identify(outcome, directory, from_gateway)
         if isinstance(outcome, str):
             original = body if len(items) == 1 else orjson.dumps(item)
             sorted_.rejected.append(rejection(original, outcome, SOURCE, now))
             sorted_.results.append({"index": index, "status": "rejected", "reason": outcome})
         else:
-            event = enrich(outcome, directory, from_gateway)
+            event = outcome
             sorted_.accepted.append(event)
             sorted_.results.append({"index": index, "status": "accepted",
                                     "event_id": event.event_id, "user_id": event.user_id})

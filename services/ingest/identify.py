@@ -22,9 +22,9 @@ from __future__ import annotations
 from tally.config.models import User
 from tally.core.usage import LABELS
 from tally.identity import Directory, Principal
-from tally.wire import UsageRecorded
+from tally.wire import MAX_TEXT, UsageRecorded
 
-__all__ = ["enrich", "may_report"]
+__all__ = ["enrich", "identify", "may_report"]
 
 
 def enrich(event: UsageRecorded, directory: Directory, from_gateway: bool) -> UsageRecorded:
@@ -41,6 +41,16 @@ def enrich(event: UsageRecorded, directory: Directory, from_gateway: bool) -> Us
     update = {k: v for k, v in update.items() if getattr(event, k) != v}
     # model_copy skips validation: the values come from an already-validated Config.
     return event.model_copy(update=update) if update else event
+
+
+def identify(event: UsageRecorded, directory: Directory, from_gateway: bool,
+             ) -> UsageRecorded | str:
+    """`enrich`, or why the resolved id breaks the wire's text rule (lower-casing an
+    "openai-user:" name can lengthen it)."""
+    enriched = enrich(event, directory, from_gateway)
+    if len(enriched.user_id) > MAX_TEXT:
+        return f"user_id: resolves to {len(enriched.user_id)} characters, over {MAX_TEXT}"
+    return enriched
 
 
 def _labels_of(user: User) -> dict[str, str | None]:

@@ -15,18 +15,21 @@ write to a topic directly.
 from __future__ import annotations
 
 import hashlib
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 __all__ = [
+    "CONTROL_CHARACTERS",
     "EARLIEST_EVENT",
     "LATEST_EVENT",
+    "MAX_AMOUNT",
     "MAX_ORIGINAL_BYTES",
     "MAX_REASON_CHARS",
     "MAX_TEXT",
     "MAX_TOKENS",
+    "PRINTABLE",
     "WIRE_MODELS",
     "ActionName",
     "AlertKind",
@@ -53,6 +56,7 @@ MAX_TOKENS = 1_000_000_000  # per field of one event: far above any real model c
 MAX_TEXT = 200  # characters of an id, a model name or a label
 EARLIEST_EVENT = datetime(2000, 1, 1, tzinfo=UTC)
 LATEST_EVENT = datetime(2200, 1, 1, tzinfo=UTC)
+MAX_AMOUNT = 2**62  # any balance, limit or percentage: 64-bit arithmetic never overflows
 MAX_REASON_CHARS = 2_000
 MAX_ORIGINAL_BYTES = 16 * 1024  # the DLQ keeps this much of an original, plus size and hash
 
@@ -74,11 +78,14 @@ def _event_time(at: datetime) -> datetime:
     return at
 
 
-_PRINTABLE = r"^[^\x00-\x1f\x7f]*$"  # no control characters: ids end up in logs and headers
+# No control characters in texts: ids end up in logs, headers and terminals.
+CONTROL_CHARACTERS = r"[\x00-\x1f\x7f]"  # the same syntax in Python's re and Arrow's RE2
+PRINTABLE = f"^[^{CONTROL_CHARACTERS[1:-1]}]*$"
 
 TokenCount = Annotated[int, Field(ge=0, le=MAX_TOKENS, strict=True)]
-Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT, pattern=_PRINTABLE)]
-OptionalText = Annotated[str | None, Field(max_length=MAX_TEXT, pattern=_PRINTABLE)]
+Amount = Annotated[int, Field(ge=0, le=MAX_AMOUNT)]
+Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT, pattern=PRINTABLE)]
+OptionalText = Annotated[str | None, Field(max_length=MAX_TEXT, pattern=PRINTABLE)]
 EventTime = Annotated[AwareDatetime, AfterValidator(_event_time), Field(
     description=f"from {EARLIEST_EVENT:%Y-%m-%d} to before {LATEST_EVENT:%Y-%m-%d} (UTC); "
                 "the ingest also refuses times too far from its clock")]
@@ -117,12 +124,31 @@ class RejectedEvent(Wire):
 
     schema_version: Literal[1] = 1
     reason: str = Field(max_length=MAX_REASON_CHARS)
-    source: str = Field(max_length=MAX_TEXT)  # "kafka:usage.raw[0]@42", "http:POST /v1/usage"
+    source: str  # "kafka:usage.raw[0]@42", "http:POST /v1/usage"
     original: str  # the original bytes (a prefix if truncated), decoded with replacement
     original_size: int | None = Field(default=None, ge=0)  # bytes of the whole original
     original_sha256: str | None = None  # hex digest of the whole original
     original_truncated: bool = False
     rejected_at: AwareDatetime
+
+
+# A period holding an event may start up to a month (and a time zone) before the event.
+_EARLIEST_PERIOD = EARLIEST_EVENT - timedelta(days=62)
+
+
+def _period_starts(periods: dict[str, int]) -> dict[str, int]:
+    for key in periods:
+        try:
+            at = datetime.fromisoformat(key)
+        except ValueError:
+            raise ValueError(f"period start {key[:40]!r}: not an ISO 8601 time") from None
+        if at.tzinfo is None or not _EARLIEST_PERIOD <= at < LATEST_EVENT:
+            raise ValueError(f"period start {key[:40]!r}: outside "
+                             f"{_EARLIEST_PERIOD:%Y-%m-%d}..{LATEST_EVENT:%Y-%m-%d} (UTC)")
+    return periods
+
+
+PeriodTotals = Annotated[dict[str, Amount], AfterValidator(_period_starts)]
 
 
 class BalanceUpdated(Wire):
@@ -133,12 +159,12 @@ class BalanceUpdated(Wire):
     """
 
     schema_version: Literal[1] = 1
-    user_id: str
-    role: str | None = None
-    department: str | None = None
-    project: str | None = None
-    daily: dict[str, int]
-    monthly: dict[str, int]
+    user_id: Text
+    role: OptionalText = None
+    department: OptionalText = None
+    project: OptionalText = None
+    daily: PeriodTotals
+    monthly: PeriodTotals
     last_event_at: AwareDatetime
     as_of: AwareDatetime
 
@@ -148,10 +174,10 @@ class PeriodStatus(Wire):
 
     period: PeriodName
     period_start: datetime
-    tokens_used: int
-    tokens_limit: int
-    tokens_remaining: int
-    percent_used: int
+    tokens_used: Amount
+    tokens_limit: Amount
+    tokens_remaining: Amount
+    percent_used: Amount
     status: StatusName
     reset_time: str  # ISO 8601 in the configured time zone
 
@@ -160,20 +186,20 @@ class BudgetDecided(Wire):
     """What the gateway should do for a user now (budget.decisions, compacted by user_id)."""
 
     schema_version: Literal[1] = 1
-    user_id: str
+    user_id: Text
     status: StatusName
     action: ActionName
     period: PeriodName
     budget: str = "user"  # which budget drove it: "user", "department:<name>", "project:<name>"
-    percent_used: int
-    tokens_used: int
-    tokens_limit: int
-    tokens_remaining: int
+    percent_used: Amount
+    tokens_used: Amount
+    tokens_limit: Amount
+    tokens_remaining: Amount
     reset_time: str
     message: str | None = None
     footer: str | None = None
     force_model: str | None = None
-    status_code: int | None = None
+    status_code: int | None = Field(default=None, ge=100, le=599)
     daily: PeriodStatus
     monthly: PeriodStatus
     as_of: AwareDatetime
@@ -187,14 +213,14 @@ class BudgetAlerted(Wire):
 
     schema_version: Literal[1] = 1
     alert_id: str  # user_id|period|period_start|kind|threshold: the dedupe key
-    user_id: str
+    user_id: Text
     kind: AlertKind
     period: PeriodName
     period_start: datetime
-    threshold: int  # the at_percent crossed; 100 for the limit; 0 for a reset
-    percent_used: int
-    tokens_used: int
-    tokens_limit: int
+    threshold: int = Field(ge=0, le=100)  # the at_percent crossed; 100: the limit; 0: a reset
+    percent_used: Amount
+    tokens_used: Amount
+    tokens_limit: Amount
     budget: str = "user"
     message: str
     notify_admin: bool = False

@@ -174,7 +174,7 @@ def test_labels_do_not_depend_on_arrival_order() -> None:
 def test_with_labels_overrides_events() -> None:
     usage = fold_events([event(role="viewer", project="atlas")], budgets())["alice"]
     labelled = with_labels(usage, role="admin", project=None)
-    assert (labelled.role, labelled.project) == ("admin", "atlas")
+    assert (labelled.role, labelled.project) == ("admin", None)
     later = fold(labelled, event(at=utc(2026, 5, 11), role="viewer"), ResetSchedule(), ALL)
     assert later.role == "admin"
 

@@ -75,16 +75,17 @@ def test_row_shape() -> None:
 
 def test_users_yaml_labels_win_over_event_labels() -> None:
     found = known_usages(usages(event("ann", NOW, 5, role="viewer", project="atlas")), config())
+    # users.yaml leaves ann's project empty: an event cannot charge her to project atlas.
     assert (found["ann"].role, found["ann"].department, found["ann"].project) == (
         "admin",
         "research",
-        "atlas",
+        None,
     )
 
 
-def test_event_labels_fill_in_for_users_yaml() -> None:
+def test_event_labels_do_not_fill_in_for_a_users_yaml_user() -> None:
     found = known_usages(usages(event("ben", NOW, 5, role="viewer")), config())
-    assert found["ben"].role == "viewer"
+    assert found["ben"].role is None
 
 
 def test_group_budget_counts_members_seen_only_in_events() -> None:

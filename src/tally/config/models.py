@@ -21,6 +21,7 @@ from zoneinfo import ZoneInfo
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from tally.config.errors import ConfigProblem
+from tally.wire import MAX_TEXT, PRINTABLE
 
 __all__ = [
     "AUTH_FILE",
@@ -195,7 +196,7 @@ class AuthFile(Strict):
 
 
 class User(Strict):
-    id: str = Field(min_length=1)
+    id: str = Field(min_length=1, max_length=MAX_TEXT, pattern=PRINTABLE)
     api_key: str | None = Field(default=None, min_length=1)
     role: str | None = None  # added
     department: str | None = None  # added

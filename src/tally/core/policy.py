@@ -19,7 +19,7 @@ from tally.core.limits import GroupUsage, base_limits, group_budgets, period_lim
 from tally.core.periods import Calendar, Window, calendar_for
 from tally.core.templates import render
 from tally.core.usage import PeriodUsage, UserUsage
-from tally.wire import ActionName, BudgetDecided, PeriodStatus, StatusName
+from tally.wire import MAX_AMOUNT, ActionName, BudgetDecided, PeriodStatus, StatusName
 
 __all__ = [
     "SEVERITY",
@@ -62,8 +62,9 @@ def _standing_rank(standing: Standing) -> tuple[int, int]:
 
 
 def percent_used(used: int, limit: int) -> int:
-    """floor(100 * used / limit); 100 when the limit is 0."""
-    return 100 if limit == 0 else (100 * used) // limit
+    """floor(100 * used / limit); 100 when the limit is 0; at most MAX_AMOUNT (the wire's
+    range: a gateway keeps it in 64 bits)."""
+    return 100 if limit == 0 else min(MAX_AMOUNT, (100 * used) // limit)
 
 
 def period_status(

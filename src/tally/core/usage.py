@@ -231,10 +231,13 @@ def from_balance(balance: BalanceUpdated) -> UserUsage:
 
 
 def with_labels(usage: UserUsage, **values: str | None) -> UserUsage:
-    """Usage whose labels are overridden (e.g. from users.yaml), stamped as authoritative."""
+    """Usage whose labels are set (e.g. from users.yaml), stamped as authoritative; None
+    removes one: a label users.yaml leaves empty is not taken from the events."""
     labels = dict(usage.labels)
     for name, value in values.items():
-        if value is not None:
+        if value is None:
+            labels.pop(name, None)
+        else:
             labels[name] = Stamped(datetime.max.replace(tzinfo=UTC), "", value)
     return replace(usage, labels=labels)
 
