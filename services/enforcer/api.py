@@ -32,6 +32,7 @@ from tally.auth import AuthError
 from tally.config.models import Config
 from tally.identity import Principal
 from tally.ops import Readiness, ops_routes
+from tally.service import decimal
 
 __all__ = ["DASHBOARD", "ApiError", "create_app"]
 
@@ -78,10 +79,10 @@ def filters_of(request: Request) -> Filters:
 
 
 def limit_of(request: Request) -> int:
-    text = request.query_params.get("limit", "100")
-    if not text.isdigit() or not 1 <= int(text) <= MAX_ALERTS:
+    limit = decimal(request.query_params.get("limit", "100"))
+    if limit is None or not 1 <= limit <= MAX_ALERTS:
         raise ApiError(400, "bad limit", [f"limit must be an integer from 1 to {MAX_ALERTS}"])
-    return int(text)
+    return limit
 
 
 class Api:

@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
@@ -37,10 +38,18 @@ from tally.kafka import (
     read_to_end,
 )
 from tally.ops import Metrics, Readiness, observe_lag
-from tally.service import configure_logging, load_config_or_report, serving, stop_on_signals
+from tally.service import (
+    configure_logging,
+    error_text,
+    load_config_or_report,
+    serving,
+    stop_on_signals,
+)
 from tally.settings import Settings
 from tally.topics import Topics
-from tally.wire import BalanceUpdated, BudgetAlerted, BudgetDecided
+from tally.wire import BalanceUpdated, BudgetAlerted, BudgetDecided, Wire, bounded_text
+
+W = TypeVar("W", bound=Wire)
 
 __all__ = ["ConfigWatcher", "main", "run_enforcer"]
 
@@ -81,24 +90,31 @@ class ConfigWatcher:
 
 
 async def restore(board: Board, bootstrap: str, topics: Topics) -> None:
-    decisions = [BudgetDecided.model_validate_json(r.value)
-                 for r in await read_to_end(bootstrap, topics.budget_decisions) if r.value]
-    alerts = [BudgetAlerted.model_validate_json(r.value)
-              for r in await read_to_end(bootstrap, topics.budget_alerts) if r.value]
+    decisions = decode_all(BudgetDecided,
+                           await read_to_end(bootstrap, topics.budget_decisions))
+    alerts = decode_all(BudgetAlerted, await read_to_end(bootstrap, topics.budget_alerts))
     board.enforcer.restore(decisions, (a.alert_id for a in alerts))
     board.restore_alerts(alerts)
     log.info("restored %d decisions and %d alert ids", len(decisions), len(alerts))
 
 
-def decode_balances(records: Iterable[Record]) -> list[BalanceUpdated]:
+def decode_all(model: type[W], records: Iterable[Record]) -> list[W]:
+    """Every record that is a valid `model`; the others are logged and skipped (a
+    tombstone, value None, is skipped quietly)."""
     found = []
     for record in records:
+        if record.value is None:
+            continue
         try:
-            found.append(BalanceUpdated.model_validate_json(record.value or b""))
+            found.append(model.model_validate_json(record.value))
         except ValueError as error:
-            log.warning("skipping undecodable balance at %s[%d]@%d: %s",
-                        record.topic, record.partition, record.offset, error)
+            log.warning("skipping an undecodable %s at %s: %s", model.__name__, record.source,
+                        bounded_text(str(error), 500))
     return found
+
+
+def decode_balances(records: Iterable[Record]) -> list[BalanceUpdated]:
+    return decode_all(BalanceUpdated, records)
 
 
 async def publish(producer: AIOKafkaProducer, topics: Topics, outcome: Outcome) -> None:
@@ -210,13 +226,32 @@ class Loop:
             records = await fetch(consumer, 10_000, 50)
             if records:
                 metrics.count_in(records)
-                balances = decode_balances(records)
-                await self.publish(producer, enforcer.on_balances(balances, self.clock()))
+                await self.publish(producer, self._judge(records))
             await observe_lag(metrics, consumer)
             await self.readiness.check(consumer)
             if clock() >= next_tick:
                 next_tick = clock() + tick_seconds
                 await self.publish(producer, _tick(enforcer, self.watcher, self.clock()))
+
+
+    def _judge(self, records: list[Record]) -> Outcome:
+        """The decisions a batch of balances brings; if judging them fails, each is judged
+        alone and one that still fails is logged and skipped: no balance stops deciding."""
+        enforcer, now = self.board.enforcer, self.clock()
+        try:
+            return enforcer.on_balances(decode_balances(records), now)
+        except Exception:
+            log.exception("judging %d balances failed: judging them one by one", len(records))
+        outcome = Outcome()
+        for record in records:
+            try:
+                step = enforcer.on_balances(decode_balances([record]), now)
+            except Exception as error:
+                log.error("skipping the balance at %s: %s", record.source, error_text(error))
+                continue
+            outcome.decisions += step.decisions
+            outcome.alerts += step.alerts
+        return outcome
 
 
 def _tick(enforcer: Enforcer, watcher: ConfigWatcher, now: datetime) -> Outcome:

@@ -34,6 +34,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from tally.config.models import AlertWebhook
 from tally.kafka import Record, fetch, make_consumer
 from tally.ops import Metrics, observe_lag
+from tally.service import decimal
 from tally.topics import Topics
 from tally.wire import BudgetAlerted
 
@@ -76,7 +77,8 @@ class Attempt:
 
 def _retry_after(response: httpx.Response) -> float | None:
     value = response.headers.get("retry-after", "")
-    return float(value) if value.isdigit() else None
+    seconds = decimal(value)
+    return None if seconds is None else float(seconds)
 
 
 class Notifier:

@@ -46,6 +46,7 @@ from tally.auth import Authenticator, AuthError
 from tally.config.models import Config, EventTimeWindow
 from tally.identity import Directory, Principal
 from tally.ops import Metrics, Readiness, ops_routes
+from tally.service import decimal
 from tally.wire import RejectedEvent, UsageRecorded
 
 __all__ = ["MAX_BODY_BYTES", "SOURCE", "Publisher", "count_rejected", "create_app"]
@@ -92,8 +93,8 @@ def error_response(status: int, error: str, details: Sequence[object] = ()) -> R
 
 async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
     """The body, refused as soon as it passes `limit`: never buffer more than that."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    declared = decimal(request.headers.get("content-length", ""))
+    if declared is not None and declared > limit:
         raise BodyTooLarge
     chunks: list[bytes] = []
     size = 0

@@ -26,7 +26,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from services.projector import store
 from services.projector.audit import audit_app
-from services.projector.decode import Decoder, Skipped, error_text, rejected
+from services.projector.decode import Decoder, Skipped, rejected
 from tally.config.errors import ConfigError
 from tally.config.loader import load_config
 from tally.config.models import Config
@@ -41,7 +41,7 @@ from tally.kafka import (
     partitions_of,
 )
 from tally.ops import Metrics, Readiness, ops_routes, watching
-from tally.service import serving
+from tally.service import configure_logging, error_text, serving
 from tally.settings import Settings
 from tally.topics import Topics
 from tally.wire import rejection
@@ -379,7 +379,7 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"tally projector: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_logging()
     asyncio.run(_run_until_signalled(config, settings, args))
     return 0
 

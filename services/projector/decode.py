@@ -34,6 +34,7 @@ from tally.config.models import PerUserBudgets, TokenField
 from tally.core.periods import Calendar, Window, calendar_for
 from tally.core.usage import counted_tokens
 from tally.kafka import Record
+from tally.service import error_text
 from tally.wire import (
     CONTROL_CHARACTERS,
     EARLIEST_EVENT,
@@ -43,7 +44,7 @@ from tally.wire import (
     UsageRecorded,
 )
 
-__all__ = ["Decoder", "Skipped", "error_text", "rejected"]
+__all__ = ["Decoder", "Skipped", "rejected"]
 
 Skipped = list[tuple[Record, str]]  # records that cannot be counted, and why
 
@@ -256,7 +257,3 @@ def _optional(value: Any) -> str | None:
     if value is not None and not isinstance(value, str):
         raise TypeError(f"expected a string or null, got {value!r}")
     return value
-
-
-def error_text(error: Exception) -> str:
-    return f"{type(error).__name__}: {error!s:.300}"

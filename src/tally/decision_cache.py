@@ -228,6 +228,15 @@ class DecisionCache:
             self._apply_one(record)
 
     def _apply_one(self, record: Record) -> None:
+        """Take in one record; one that is not a decision is logged and skipped, so the
+        cache keeps following (a stopped cache would serve stale decisions forever)."""
+        try:
+            self._take(record)
+        except Exception as error:
+            log.warning("skipping the record at %s: not a decision (%s: %.300s)",
+                        record.source, type(error).__name__, error)
+
+    def _take(self, record: Record) -> None:
         if record.key is None:
             return
         user_id = record.key.decode()
@@ -235,10 +244,7 @@ class DecisionCache:
         if record.value is None:  # a tombstone: the user's decision was withdrawn
             self._table.remove(user_id)
             return
-        try:
-            decision = BudgetDecided.model_validate_json(record.value)
-        except ValueError as error:
-            log.warning("skipping undecodable decision for %s at offset %d: %s",
-                        user_id, record.offset, error)
-            return
+        decision = BudgetDecided.model_validate_json(record.value)
+        if decision.user_id != user_id:
+            raise ValueError(f"keyed {user_id!r:.100} but for {decision.user_id!r:.100}")
         self._table.put(user_id, decision)

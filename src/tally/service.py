@@ -23,12 +23,40 @@ from tally.config.errors import ConfigError
 from tally.config.loader import load_config
 from tally.config.models import Config
 
-__all__ = ["QuietServer", "bind", "configure_logging", "load_config_or_report", "serving",
-           "stop_on_signals"]
+__all__ = ["EscapingFormatter", "QuietServer", "bind", "configure_logging", "decimal", "error_text",
+           "escape_controls", "load_config_or_report", "serving", "stop_on_signals"]
+
+
+class EscapingFormatter(logging.Formatter):
+    """Control characters in a message are escaped: a newline in a user id that reaches a
+    log must not forge a line of its own. (Tracebacks keep their lines.)"""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escape_controls(super().formatMessage(record))
+
+
+_CONTROLS = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)}
+
+
+def escape_controls(text: str) -> str:
+    return text.translate(_CONTROLS)
 
 
 def configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(EscapingFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+
+
+def decimal(text: str) -> int | None:
+    """An unsigned decimal integer in ASCII digits, or None. (str.isdigit() also accepts
+    "²" or "٣", which int() then refuses.)"""
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
+def error_text(error: BaseException) -> str:
+    """An error in one bounded line, for a log: its type and the start of its message."""
+    return f"{type(error).__name__}: {error!s:.300}"
 
 
 def load_config_or_report(directory: Path, prog: str) -> Config | None:

@@ -246,3 +246,16 @@ export function modelOverride(forceModel) {
   if (at <= 0) return { modelOverride: value.replace(/^\//, "") };
   return { providerOverride: value.slice(0, at), modelOverride: value.slice(at + 1) };
 }
+
+/**
+ * The shape the plugin relies on: an object for this user with a known action.
+ * @param {unknown} value @param {string} user
+ */
+export function isDecision(value, user) {
+  if (typeof value !== "object" || value === null || Array.isArray(value)) return false;
+  const d = /** @type {Record<string, unknown>} */ (value);
+  return d.user_id === user && typeof d.action === "string" && ACTIONS.has(d.action)
+    && Number.isSafeInteger(d.tokens_used) && Number.isSafeInteger(d.tokens_limit);
+}
+
+const ACTIONS = new Set(["allow", "warn", "soft_limit", "hard_stop", "reduced_priority"]);

@@ -15,6 +15,7 @@
 import { randomUUID } from "node:crypto";
 import { hostname } from "node:os";
 import kafkajs from "kafkajs";
+import { isDecision } from "./budget.js";
 
 const { Kafka, logLevel } = kafkajs;
 
@@ -178,7 +179,7 @@ export class KafkaLink {
     await this.consumer.run({
       autoCommit: false,
       eachBatch: async ({ batch }) => {
-        for (const message of batch.messages) this.#apply(message);
+        for (const message of batch.messages) this.#apply(message, batch);
         reached.set(batch.partition, Number(batch.lastOffset()) + 1);
         checkReady();
       },
@@ -199,14 +200,24 @@ export class KafkaLink {
     }
   }
 
-  /** @param {import("kafkajs").KafkaMessage} message */
-  #apply(message) {
+  /**
+   * Take in one record of budget.decisions; one that is not a decision is logged with its
+   * place (topic, partition, offset) and skipped, and the follower goes on.
+   * @param {import("kafkajs").KafkaMessage} message
+   * @param {{topic: string, partition: number}} batch
+   */
+  #apply(message, batch) {
     if (!message.key) return;
     const user = message.key.toString();
     try {
-      this.book.applyDecision(user, message.value ? JSON.parse(message.value.toString()) : null);
+      const decision = message.value ? JSON.parse(message.value.toString()) : null;
+      if (decision !== null && !isDecision(decision, user)) {
+        throw new Error("not a budget decision for its key");
+      }
+      this.book.applyDecision(user, decision);
     } catch (error) {
-      this.logger.warn(`tally: skipping an unreadable decision for ${user}: ${error}`);
+      const where = `${batch.topic}[${batch.partition}]@${message.offset}`;
+      this.logger.warn(`tally: skipping the record at ${where}: ${String(error).slice(0, 300)}`);
     }
   }
 }
