@@ -12,6 +12,7 @@ from tally.config.models import (
     AuthFile,
     BudgetsFile,
     Config,
+    EventTimeWindow,
     Limits,
     PerUserBudgets,
     User,
@@ -26,8 +27,10 @@ USERS = (
     User(id="bob", api_key="ak_bob_0123456789", role="engineer"),
     User(id="gw", api_key="ak_gateway_0123456789", role="engineer", gateway=True),
 )
+# The sample events are of March 2025: a ten-year window keeps them acceptable for years.
 BUDGETS = BudgetsFile(per_user_budgets=PerUserBudgets(
-    default_limits=Limits(daily_tokens=1000, monthly_tokens=10000)))
+    default_limits=Limits(daily_tokens=1000, monthly_tokens=10000),
+    event_time_window=EventTimeWindow(max_age_days=3650)))
 
 
 def make_config(**auth: Any) -> Config:
