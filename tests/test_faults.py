@@ -24,10 +24,11 @@ from aiokafka.errors import CommitFailedError
 from bench.faults import Broker, Plan, render, run_faults
 from bench.faults.chaos import low_free_port
 from services.enforcer.app import run_enforcer
-from services.ingest.app import KafkaPublisher, handle
+from services.ingest.app import Intake, KafkaPublisher, handle
 from services.projector import store
 from services.projector.app import run_projector
 from tally.config.loader import load_config
+from tally.config.models import EventTimeWindow
 from tally.identity import Directory
 from tally.kafka import Record, ensure_topics, make_producer, read_to_end
 from tally.ops import Metrics
@@ -78,7 +79,7 @@ async def test_ingest_goes_on_when_a_rebalance_refuses_its_commit() -> None:
     consumer, publisher = RebalancedConsumer(), Recorder()
     await handle([Record("t.usage.raw", 0, 41, None, value, 0)],
                  cast(AIOKafkaConsumer, consumer), cast(KafkaPublisher, publisher),
-                 Directory(), Metrics())
+                 Intake(Directory(), EventTimeWindow(max_age_days=3650)), Metrics())
     assert consumer.commits == [{TopicPartition("t.usage.raw", 0): 42}]
     assert [len(accepted) for accepted, _ in publisher.published] == [1]
 
