@@ -18,11 +18,18 @@ import duckdb
 import httpx
 import pytest
 
+from services.projector import store
 from services.projector.app import run_projector
 from tally.config.loader import load_config
 from tally.config.models import Config
 from tally.core.usage import UserUsage, fold_events, from_balance
-from tally.kafka import make_consumer, make_producer, partitions_of
+from tally.kafka import (
+    ensure_topics,
+    make_consumer,
+    make_producer,
+    partitions_of,
+    read_to_end,
+)
 from tally.topics import Topics
 from tally.wire import BalanceUpdated, RejectedEvent, UsageRecorded
 
@@ -326,3 +333,62 @@ async def test_replay_rebuilds_what_the_live_projector_built(
                                      "--db", str(rebuilt), "--url", f"http://127.0.0.1:{port}")
     assert code == 0, err
     assert out.split() == ["n", "----", str(len({e.event_id for e in sent}))]
+
+
+def failing_on(culprit: str | None) -> Any:
+    """store.finish_batch that fails (rolled back, as DuckDB would) for a batch holding
+    `culprit`, or for every batch when it is None: a fault no range check foresaw."""
+    real = store.finish_batch
+
+    def finish(con: duckdb.DuckDBPyConnection, applied: store.Applied, *args: Any) -> None:
+        ids = applied.new.column("event_id").to_pylist()
+        if culprit is None or culprit in ids:
+            con.execute("ROLLBACK")
+            raise duckdb.ConversionException("simulated: this batch cannot be written")
+        real(con, applied, *args)
+
+    return finish
+
+
+async def test_a_batch_that_fails_as_a_whole_is_split_until_the_culprit_is_found(
+    kafka_bootstrap: str, unique_name: str, config: Config, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    topics = Topics(f"split-{unique_name}")
+    events = make_events(400, seed=4)
+    culprit = events[137].event_id
+    monkeypatch.setattr(store, "finish_batch", failing_on(culprit))
+    db, port = tmp_path / "split.duckdb", free_port()
+    await ensure_topics(kafka_bootstrap, topics, 3)
+    await produce(kafka_bootstrap, topics.usage_events, usage_messages(events))
+    async with projector_task(config, kafka_bootstrap, topics, db, port):
+        await wait_for_offsets(port, topics.usage_events, len(events))
+        await wait_for_offsets(port, topics.usage_dlq, 1)  # the culprit, dead-lettered
+        published = await latest_balances(kafka_bootstrap, topics.budget_balances, len(USERS))
+    counted = [e for e in events if e.event_id != culprit]
+    want = expected(counted, config)
+    assert db_rows(db, "SELECT count(*), count(DISTINCT event_id) FROM ledger") == {
+        (len(counted), len(counted))}
+    assert db_rows(db, BALANCES) == period_rows(want)
+    assert period_rows({u: from_balance(b) for u, b in published.items()}) == period_rows(want)
+    [(reason, source)] = db_rows(db, "SELECT reason, source FROM rejected")
+    assert reason == "projector: this record fails the fold even alone"
+    assert source.startswith(f"kafka:{topics.usage_events}[")
+
+
+async def test_a_store_that_fails_every_write_blames_no_record(
+    kafka_bootstrap: str, unique_name: str, config: Config, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A full disk is no record's fault: the projector stops (to be restarted), with nothing
+    dead-lettered and nothing counted."""
+    topics = Topics(f"nodisk-{unique_name}")
+    await ensure_topics(kafka_bootstrap, topics, 3)
+    await produce(kafka_bootstrap, topics.usage_events, usage_messages(make_events(20, 5)))
+    monkeypatch.setattr(store, "finish_batch", failing_on(None))
+    stop = asyncio.Event()
+    run = run_projector(config, kafka_bootstrap, topics, tmp_path / "x.duckdb", stop)
+    with pytest.raises(duckdb.ConversionException):
+        await asyncio.wait_for(run, 60)
+    dlq = await read_to_end(kafka_bootstrap, topics.usage_dlq)
+    assert dlq == []
