@@ -32,7 +32,7 @@ class ServiceStats:
 
 def service_env(settings: Mapping[str, str]) -> dict[str, str]:
     """The environment of a child: ours, with the run's infrastructure settings on top."""
-    return {**os.environ, "PYTHONUNBUFFERED": "1", **settings}
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1", **settings}
 
 
 def last_line(path: Path, limit: int = 120) -> str:
