@@ -35,6 +35,10 @@ from tally.settings import Settings
 
 __all__ = ["AuditError", "QueryResult", "audit_app", "check_read_only", "main", "run_query"]
 
+DESCRIPTION = """Run one read-only query (SELECT, or EXPLAIN of one) on the projector's data.
+The running projector answers it (POST /audit); when none answers, the DuckDB file is
+opened read-only. Tables: ledger, balances, rejected, offsets; views: users, this_month,
+usage_by_day_model, usage_by_model, rejected_by_reason."""
 MAX_ROWS = 10_000
 _EXPLAIN = re.compile(r"^\s*explain\s+(analy[sz]e\s+)?", re.IGNORECASE)
 
@@ -176,12 +180,16 @@ def _cell(value: Any) -> str:
 
 def main(argv: list[str]) -> int:
     settings = Settings.from_env()
-    parser = argparse.ArgumentParser(prog="tally audit", description=__doc__,
+    parser = argparse.ArgumentParser(prog="tally audit", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sql", help='one read-only query, e.g. "FROM usage_by_model"')
-    parser.add_argument("--db", type=Path, default=store.default_db_path(settings.data_dir))
-    parser.add_argument("--url", default=f"http://127.0.0.1:{settings.projector_port}")
-    parser.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    parser.add_argument("--db", type=Path, default=store.default_db_path(settings.data_dir),
+                        help="the DuckDB file to open when no projector answers "
+                             "(default: %(default)s)")
+    parser.add_argument("--url", default=f"http://127.0.0.1:{settings.projector_port}",
+                        help="the running projector to ask first (default: %(default)s)")
+    parser.add_argument("--format", choices=("table", "json", "csv"), default="table",
+                        help="how to print the rows (default: table)")
     args = parser.parse_args(argv)
     try:
         check_read_only(args.sql)  # refuse a write before asking anyone
