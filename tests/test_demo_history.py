@@ -72,7 +72,7 @@ def test_the_month_counts_the_earlier_days_of_this_month_only() -> None:
         u: r["daily_used"] for u, r in on_the_1st.items()}
 
 
-def test_thirty_earlier_days_of_steady_use() -> None:
+def test_twenty_nine_earlier_days_of_steady_use() -> None:
     now = datetime(2026, 12, 2, 0, 0, 30, tzinfo=UTC)
     per_day: dict[str, dict[str, int]] = {}
     for e in sample_history(CONFIG, now):
@@ -82,5 +82,5 @@ def test_thirty_earlier_days_of_steady_use() -> None:
         per_day[e["user_id"]][day] += tokens
     guest = per_day[GUEST[0]]
     assert len(guest) == HISTORY_DAYS + 1
-    assert min(guest) == "2026-11-02"
+    assert min(guest) == "2026-11-03"
     assert {tokens for day, tokens in guest.items() if day != "2026-12-02"} == {GUEST[1]}

@@ -1,7 +1,7 @@
 """A sample usage history for the demo, placed relative to `now` (pure: no clock, no I/O).
 
 The picture is the same whatever day the demo runs: each user has the same steady use on
-each of the HISTORY_DAYS daily periods before today (a rolling window, across month ends)
+each of the HISTORY_DAYS (29) daily periods before today (a rolling window, across month ends)
 and the same share of today's limit, so the daily column, every status and every alert
 are the same on any day, also a minute after midnight or on the 1st of the month. Alice
 is warned, bob is stopped, the others are fine, and an unknown identity is recorded under
@@ -19,11 +19,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from tally.config.models import Config
-from tally.core import Calendar, base_limits, calendar_for
+from tally.core import base_limits, calendar_for, last_days
 
 __all__ = ["HISTORY_DAYS", "PLAN", "TODAY_SHARE", "sample_history"]
 
-HISTORY_DAYS = 30
+HISTORY_DAYS = 29  # earlier days: with today, the 30 days the dashboard charts
 # (gateway identity as OpenClaw reports it, tokens on each earlier day, share of today's
 # limit). The order by use is the same on every day and for today: alice, dave, bob, carol.
 PLAN: dict[str, tuple[str, int, float]] = {
@@ -42,8 +42,9 @@ def sample_history(config: Config, now: datetime) -> list[dict[str, Any]]:
     """Raw usage events (usage.raw's shape): HISTORY_DAYS earlier days, then today to `now`."""
     budgets = config.budgets.per_user_budgets
     calendar = calendar_for(budgets.reset_schedule)
-    today = calendar.windows_at(now)[0].start
-    days = earlier_days(calendar, today, HISTORY_DAYS)
+    *earlier, today_window = last_days(calendar, now, HISTORY_DAYS + 1)
+    today = today_window.start
+    days = [(day.start, day.end) for day in earlier]
     roles = {u.id: u.role for u in config.users.user_identification.users}
     events: list[dict[str, Any]] = []
     for user_id, (identity, per_day, share) in PLAN.items():
@@ -56,19 +57,6 @@ def sample_history(config: Config, now: datetime) -> list[dict[str, Any]]:
     events += _days(identity, per_day, days)
     events += _calls(identity, today_tokens, today, now, "t")
     return sorted(events, key=lambda e: str(e["occurred_at"]))
-
-
-def earlier_days(calendar: Calendar, today: datetime, count: int) -> list[tuple[datetime,
-                                                                                  datetime]]:
-    """The `count` daily periods before the one starting at `today`, oldest first, as
-    (start, end). Stepped through the calendar, so a 23- or 25-hour day is one day."""
-    found: list[tuple[datetime, datetime]] = []
-    end = today
-    for _ in range(count):
-        start = calendar.windows_at(end - timedelta(seconds=1))[0].start
-        found.append((start, end))
-        end = start
-    return found[::-1]
 
 
 def _days(identity: str, per_day: int,
