@@ -144,11 +144,13 @@ def _error_text(e: urllib.error.HTTPError) -> str:
 def query_file(db: Path, sql: str) -> QueryResult:
     """Open the DuckDB file read-only: possible only while no projector holds it."""
     if not db.exists():
-        raise AuditError(f"no projector answered and {db} does not exist")
+        raise AuditError(f"no projector answered and {db} does not exist (run the demo, "
+                         "or pass --db with a file `tally replay --db` built)")
     try:
         con = store.connect(db, read_only=True)
     except duckdb.Error as e:
-        raise AuditError(f"no projector answered and {db} cannot be opened: {e}") from e
+        raise AuditError(f"{db} cannot be opened (while a projector runs, only it may open "
+                         f"its file: leave --db out to ask it): {e}") from e
     with con:
         return run_query(con, sql)
 
@@ -183,9 +185,11 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="tally audit", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sql", help='one read-only query, e.g. "FROM usage_by_model"')
-    parser.add_argument("--db", type=Path, default=store.default_db_path(settings.data_dir),
-                        help="the DuckDB file to open when no projector answers "
-                             "(default: %(default)s)")
+    default_db = store.default_db_path(settings.data_dir)
+    parser.add_argument("--db", type=Path, default=None,
+                        help="query this DuckDB file (e.g. one `tally replay --db` built) "
+                             "instead of the projector; without it, the running projector "
+                             f"answers, else its file is opened ({default_db})")
     parser.add_argument("--url", default=f"http://127.0.0.1:{settings.projector_port}",
                         help="the running projector to ask first (default: %(default)s)")
     parser.add_argument("--format", choices=("table", "json", "csv"), default="table",
@@ -193,7 +197,10 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         check_read_only(args.sql)  # refuse a write before asking anyone
-        result = ask_projector(args.url, args.sql) or query_file(args.db, args.sql)
+        if args.db is not None:
+            result = query_file(args.db, args.sql)
+        else:
+            result = ask_projector(args.url, args.sql) or query_file(default_db, args.sql)
     except AuditError as e:
         print(f"tally audit: {e}", file=sys.stderr)
         return 1

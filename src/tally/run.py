@@ -138,8 +138,11 @@ async def print_state(cache: DecisionCache, settings: Settings, shown: Shown) ->
     print(f"\n== decisions at {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC ==")
     print(format_table(decisions))
     print(f"\n== alerts on {settings.topics.budget_alerts} ({len(records)}) ==")
-    for record in records[shown.alerts:]:
-        alert = BudgetAlerted.model_validate_json(record.value or b"")
+    # Sorted: alerts of several users come from several partitions in any order.
+    alerts = sorted((BudgetAlerted.model_validate_json(r.value or b"")
+                     for r in records[shown.alerts:]),
+                    key=lambda a: (a.user_id, a.period, a.kind != "warning", a.threshold))
+    for alert in alerts:
         admin = " [notify admin]" if alert.notify_admin else ""
         print(f"  {alert.user_id}: {alert.kind} {alert.threshold}% {alert.period}{admin}: "
               f"{one_line(alert.message)}")
