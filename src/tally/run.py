@@ -150,6 +150,10 @@ async def print_state(cache: DecisionCache, settings: Settings, shown: Shown) ->
     return now
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="tally run", description=__doc__)
     parser.add_argument("--once", action="store_true",
@@ -160,6 +164,10 @@ def main(argv: list[str]) -> int:
     # A new topic's leader is elected while the first sends go out; aiokafka retries them
     # and logs each retry ("NotLeaderForPartitionError"): normal, and alarming to read.
     logging.getLogger("aiokafka").setLevel(logging.ERROR)
+    # SIGTERM (kill, a supervisor) stops everything like Ctrl-C; and Ctrl-C works even
+    # when started in the background by a shell that set SIGINT to be ignored.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with ExitStack() as stack:
         if "KAFKA_BOOTSTRAP_SERVERS" in os.environ:
             require_kafka(settings.bootstrap_servers)
