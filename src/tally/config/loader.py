@@ -224,7 +224,10 @@ def main(argv: list[str]) -> int:
                                      description="Validate auth.yaml, users.yaml, budgets.yaml.")
     parser.add_argument("action", choices=("check",), help="check: print ok, or every problem")
     parser.add_argument("dir", type=Path, help="the config directory, e.g. config")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help (0) or bad usage (2): argparse printed why
+        return int(done.code or 0)
     try:
         load_config(args.dir)
     except ConfigError as error:
