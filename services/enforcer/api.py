@@ -3,6 +3,7 @@
     GET /api/admin/budgets   every user's budget + decision (?status= &role= &department=)
     GET /api/admin/alerts    recent alerts, newest first (?limit=, default 100)
     GET /api/admin/stream    server-sent events for the dashboard (see openapi.py)
+    GET /api/admin/history   daily use per user and model, from the projector (?days=)
     GET /api/budgets/me      the caller's own budget, decision and reset times
     GET /admin               the live dashboard (one static page; it logs in by itself)
     GET /openapi.json        the OpenAPI document
@@ -19,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -85,12 +87,17 @@ def limit_of(request: Request) -> int:
     return limit
 
 
+# The caller's credential goes on to the projector, which checks it again (same rule).
+FORWARDED = ("authorization", "x-api-key")
+
+
 class Api:
     """The handlers, over one Board; the access rules follow a reloaded users.yaml."""
 
     def __init__(self, board: Board, config_dir: Path | None,
-                 clock: Callable[[], datetime]) -> None:
+                 clock: Callable[[], datetime], projector_url: str | None = None) -> None:
         self.board, self.config_dir, self.clock = board, config_dir, clock
+        self.projector_url = projector_url
         self._access: tuple[Config, Access] | None = None
 
     def access(self) -> Access:
@@ -127,6 +134,21 @@ class Api:
     async def me(self, request: Request, caller: Principal) -> Response:
         return json_response(self.board.mine(caller.user_id, self.clock()))
 
+    async def history(self, request: Request, _: Principal) -> Response:
+        """The projector's GET /history, relayed: the usage history lives in its DuckDB
+        file, which only the projector may open while it runs."""
+        if self.projector_url is None:
+            raise ApiError(503, "no projector configured for the usage history")
+        url = f"{self.projector_url.rstrip('/')}/history"
+        headers = {name: request.headers[name] for name in FORWARDED if name in request.headers}
+        try:
+            async with httpx.AsyncClient(timeout=30) as client:
+                answer = await client.get(url, params=request.query_params, headers=headers)
+        except httpx.HTTPError as error:
+            raise ApiError(503, f"the projector does not answer at {url}",
+                           [str(error) or type(error).__name__]) from error
+        return Response(answer.content, answer.status_code, media_type="application/json")
+
     async def stream(self, request: Request, _: Principal) -> Response:
         queue, first = self.board.open_stream()
         return StreamingResponse(self.board.hub.stream(queue, first),
@@ -136,10 +158,11 @@ class Api:
 
 
 def create_app(board: Board, readiness: Readiness, *, config_dir: Path | None = None,
-               clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> Starlette:
+               clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+               projector_url: str | None = None) -> Starlette:
     """`config_dir` resolves a relative JWT `public_key_file`; `clock` dates /me answers
-    for users who have no decision yet."""
-    api = Api(board, config_dir, clock)
+    for users who have no decision yet; `projector_url` answers the usage history."""
+    api = Api(board, config_dir, clock, projector_url)
     page = DASHBOARD.read_bytes()
     document = orjson.dumps(openapi_document())
 
@@ -156,6 +179,7 @@ def create_app(board: Board, readiness: Readiness, *, config_dir: Path | None = 
         Route("/api/admin/budgets", api.admin(api.budgets), methods=["GET"]),
         Route("/api/admin/alerts", api.admin(api.alerts), methods=["GET"]),
         Route("/api/admin/stream", api.admin(api.stream), methods=["GET"]),
+        Route("/api/admin/history", api.admin(api.history), methods=["GET"]),
         Route("/api/budgets/me", api.user(api.me), methods=["GET"]),
         Route("/admin", dashboard, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),

@@ -140,14 +140,17 @@ async def run_enforcer(
     port: int | None = None,
     host: str = "127.0.0.1",
     metrics: Metrics | None = None,
+    projector_url: str | None = None,
 ) -> None:
     """Run until `stop` is set. `clock` is injectable so tests can cross a reset; with a
-    `port`, serve the API and dashboard (api.py) on host:port."""
+    `port`, serve the API and dashboard (api.py) on host:port, the usage history relayed
+    from the projector at `projector_url`."""
     board = Board(Enforcer(load_config(config_dir)), metrics)
     readiness = Readiness()
     async with contextlib.AsyncExitStack() as stack:
         if port is not None:  # first: /healthz answers while the state is rebuilt
-            app = create_app(board, readiness, config_dir=config_dir, clock=clock)
+            app = create_app(board, readiness, config_dir=config_dir, clock=clock,
+                             projector_url=projector_url)
             await stack.enter_async_context(serving(app, port, host))
             stack.callback(board.hub.close)  # open streams end, or the server waits on them
         await ensure_topics(bootstrap, topics, partitions)
@@ -281,4 +284,5 @@ async def _main(config_dir: Path, settings: Settings, port: int | None, host: st
     if port is not None:
         log.info("enforcer API on http://%s:%d (dashboard: /admin)", host, port)
     await run_enforcer(config_dir, settings.bootstrap_servers, settings.topics, stop,
-                       partitions=settings.partitions, port=port, host=host)
+                       partitions=settings.partitions, port=port, host=host,
+                       projector_url=f"http://127.0.0.1:{settings.projector_port}")

@@ -18,13 +18,14 @@ from services.enforcer.responses import (
     DashboardRow,
     ErrorBody,
     MyBudget,
+    UsageHistory,
 )
 
 __all__ = ["openapi_document"]
 
 REF = "#/components/schemas/{model}"
 MODELS: list[type[BaseModel]] = [BudgetsResponse, MyBudget, AlertsResponse, DashboardRow,
-                                 ErrorBody]
+                                 ErrorBody, UsageHistory]
 STATUS_VALUES = ["ok", "warning", "over_limit"]
 
 STREAM_TEXT = """Server-sent events (text/event-stream) for the dashboard. Authenticate with
@@ -46,7 +47,8 @@ def _json(model: type[BaseModel], description: str) -> dict[str, Any]:
 
 def _errors(*statuses: int) -> dict[str, Any]:
     reasons = {400: "bad query parameter", 401: "no credentials, or an unknown API key, or "
-               "an expired or badly signed JWT", 403: "authenticated, but not an admin"}
+               "an expired or badly signed JWT", 403: "authenticated, but not an admin",
+               503: "the projector does not answer"}
     return {str(s): _json(ErrorBody, reasons[s]) for s in statuses}
 
 
@@ -79,6 +81,16 @@ def _paths() -> dict[str, Any]:
             "responses": {"200": {"description": "the event stream",
                                   "content": {"text/event-stream": {"schema": {
                                       "type": "string"}}}}, **_errors(401, 403)},
+        }},
+        "/api/admin/history": {"get": {
+            **admin, "summary": "Daily use per user and model, and the team's total per day",
+            "description": "Read from the projector's ledger (its GET /history, relayed "
+                           "with the caller's credential). 503 when the projector does "
+                           "not answer.",
+            "parameters": [_query("days", "this many daily periods up to today (default 30)",
+                                  {"type": "integer", "minimum": 1, "maximum": 366})],
+            "responses": {"200": _json(UsageHistory, "the history"),
+                          **_errors(400, 401, 403, 503)},
         }},
         "/api/budgets/me": {"get": {
             "security": [{"bearer": []}, {"apiKey": []}], "tags": ["user"],

@@ -22,6 +22,8 @@ __all__ = [
     "DashboardRow",
     "ErrorBody",
     "MyBudget",
+    "UsageHistory",
+    "UserHistory",
     "dashboard_row",
     "my_budget",
 ]
@@ -29,6 +31,22 @@ __all__ = [
 
 class Body(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class UserHistory(Body):
+    """One user's tokens per model, each a list with one figure per day of `days`."""
+
+    total: int
+    days: dict[str, list[int]]
+
+
+class UsageHistory(Body):
+    """GET /api/admin/history (the projector's GET /history, relayed)."""
+
+    days: list[str]  # daily period starts, ISO 8601, oldest first, today last
+    team: list[int]  # everyone's tokens per day
+    models: dict[str, int]  # everyone's tokens per model over the days, largest first
+    users: dict[str, UserHistory]
 
 
 class BudgetRow(Body):

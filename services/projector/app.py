@@ -27,6 +27,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from services.projector import store
 from services.projector.audit import audit_app
 from services.projector.decode import Decoder, Skipped, rejected
+from services.projector.history import history_routes
 from tally.config.errors import ConfigError
 from tally.config.loader import load_config
 from tally.config.models import Config
@@ -320,7 +321,8 @@ async def run_projector(config: Config, bootstrap: str, topics: Topics, db_path:
         readiness = Readiness()
         await stack.enter_async_context(watching(consumer, projector.metrics, readiness))
         if port is not None:
-            routes = ops_routes(projector.metrics, readiness)
+            routes = [*ops_routes(projector.metrics, readiness),
+                      *history_routes(con, config, lambda: datetime.now(UTC))]
             await stack.enter_async_context(serving(audit_app(con, routes), port))
         log.info("projector: %d users, reading %s", len(projector.mirror), topics.usage_events)
         await _until(stop, projector, consumer)

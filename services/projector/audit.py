@@ -35,6 +35,10 @@ from tally.settings import Settings
 
 __all__ = ["AuditError", "QueryResult", "audit_app", "check_read_only", "main", "run_query"]
 
+DESCRIPTION = """Run one read-only query (SELECT, or EXPLAIN of one) on the projector's data.
+The running projector answers it (POST /audit); when none answers, the DuckDB file is
+opened read-only. Tables: ledger, balances, rejected, offsets; views: users, this_month,
+usage_by_day_model, usage_by_model, rejected_by_reason."""
 MAX_ROWS = 10_000
 _EXPLAIN = re.compile(r"^\s*explain\s+(analy[sz]e\s+)?", re.IGNORECASE)
 
@@ -140,11 +144,13 @@ def _error_text(e: urllib.error.HTTPError) -> str:
 def query_file(db: Path, sql: str) -> QueryResult:
     """Open the DuckDB file read-only: possible only while no projector holds it."""
     if not db.exists():
-        raise AuditError(f"no projector answered and {db} does not exist")
+        raise AuditError(f"no projector answered and {db} does not exist (run the demo, "
+                         "or pass --db with a file `tally replay --db` built)")
     try:
         con = store.connect(db, read_only=True)
     except duckdb.Error as e:
-        raise AuditError(f"no projector answered and {db} cannot be opened: {e}") from e
+        raise AuditError(f"{db} cannot be opened (while a projector runs, only it may open "
+                         f"its file: leave --db out to ask it): {e}") from e
     with con:
         return run_query(con, sql)
 
@@ -176,16 +182,25 @@ def _cell(value: Any) -> str:
 
 def main(argv: list[str]) -> int:
     settings = Settings.from_env()
-    parser = argparse.ArgumentParser(prog="tally audit", description=__doc__,
+    parser = argparse.ArgumentParser(prog="tally audit", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sql", help='one read-only query, e.g. "FROM usage_by_model"')
-    parser.add_argument("--db", type=Path, default=store.default_db_path(settings.data_dir))
-    parser.add_argument("--url", default=f"http://127.0.0.1:{settings.projector_port}")
-    parser.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    default_db = store.default_db_path(settings.data_dir)
+    parser.add_argument("--db", type=Path, default=None,
+                        help="query this DuckDB file (e.g. one `tally replay --db` built) "
+                             "instead of the projector; without it, the running projector "
+                             f"answers, else its file is opened ({default_db})")
+    parser.add_argument("--url", default=f"http://127.0.0.1:{settings.projector_port}",
+                        help="the running projector to ask first (default: %(default)s)")
+    parser.add_argument("--format", choices=("table", "json", "csv"), default="table",
+                        help="how to print the rows (default: table)")
     args = parser.parse_args(argv)
     try:
         check_read_only(args.sql)  # refuse a write before asking anyone
-        result = ask_projector(args.url, args.sql) or query_file(args.db, args.sql)
+        if args.db is not None:
+            result = query_file(args.db, args.sql)
+        else:
+            result = ask_projector(args.url, args.sql) or query_file(default_db, args.sql)
     except AuditError as e:
         print(f"tally audit: {e}", file=sys.stderr)
         return 1

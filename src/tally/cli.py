@@ -1,13 +1,17 @@
 """`tally`: one entry point; each subcommand lives in the module that owns it.
 
 Every subcommand module exposes `main(argv: list[str]) -> int`, imported only when used so
-that `tally config check` does not pay for Kafka or DuckDB imports.
+that `tally config check` does not pay for Kafka or DuckDB imports. Each runs under
+`tally.clierrors.guarded`: what a user can cause ends in one line, not a traceback.
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
+
+from tally.clierrors import guarded, require_kafka
+from tally.settings import Settings
 
 __all__ = ["main"]
 
@@ -24,11 +28,15 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "audit": ("services.projector.audit", "run a read-only SQL query on the projector's data"),
     "status": ("tally.status", "print every user's current decision from budget.decisions"),
 }
+# These read or write topics: without a broker they say so at once (their --help works).
+NEEDS_KAFKA = frozenset({"status", "replay", "ingest", "projector", "enforcer"})
+HELP = frozenset({"-h", "--help"})
 
 
 def usage() -> str:
     lines = ["usage: tally COMMAND [ARGS...]", "", "commands:"]
     lines += [f"  {name:<10} {text}" for name, (_, text) in SUBCOMMANDS.items()]
+    lines += ["", "`tally COMMAND --help` describes each command's options."]
     return "\n".join(lines)
 
 
@@ -41,6 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     if command not in SUBCOMMANDS:
         print(f"tally: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    return guarded(f"tally {command}", lambda: _run(command, rest))
+
+
+def _run(command: str, rest: list[str]) -> int:
+    if command in NEEDS_KAFKA and not HELP & set(rest):
+        require_kafka(Settings.from_env().bootstrap_servers)
     module = importlib.import_module(SUBCOMMANDS[command][0])
     result: int = module.main(rest)
     return result

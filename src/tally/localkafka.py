@@ -543,10 +543,14 @@ def _status(layout: Layout) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tally kafka", description="the local Kafka broker")
-    parser.add_argument("action", choices=["start", "stop", "status"])
-    parser.add_argument("--port", type=int, default=9092)
-    parser.add_argument("--controller-port", type=int, default=9093)
-    parser.add_argument("--data-dir", type=Path, default=None)
+    parser.add_argument("action", choices=["start", "stop", "status"],
+                        help="start (returns once it answers), stop, or status")
+    parser.add_argument("--port", type=int, default=9092,
+                        help="the broker's port on 127.0.0.1 (default: 9092)")
+    parser.add_argument("--controller-port", type=int, default=9093,
+                        help="the KRaft controller's port (default: 9093)")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="where its logs and data live (default: .local/kafka)")
     return parser
 
 

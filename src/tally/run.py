@@ -3,14 +3,16 @@
 Starts the local Kafka (unless KAFKA_BOOTSTRAP_SERVERS points elsewhere), the ingest,
 projector and enforcer services as child processes with the example config, feeds a
 sample usage history through usage.raw (as a gateway would) and POST /v1/usage (as an
-HTTP client would), then prints every user's decision and the alerts, and keeps printing
-changes until Ctrl-C, which stops everything it started.
+HTTP client would), then prints every user's decision and the alerts, and prints them
+again whenever a decision or a new alert comes, until Ctrl-C, which stops everything it
+started.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -18,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import ExitStack, suppress
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,12 +28,13 @@ import httpx
 import orjson
 
 from tally import localkafka
+from tally.clierrors import require_kafka
 from tally.config.loader import load_config
 from tally.decision_cache import DecisionCache
 from tally.demo import sample_history
 from tally.kafka import ensure_topics, make_producer, read_to_end
 from tally.settings import Settings
-from tally.status import format_table, one_line
+from tally.status import format_table, one_line, signature
 from tally.wire import BudgetAlerted
 
 __all__ = ["main"]
@@ -97,9 +101,9 @@ async def show(settings: Settings, once: bool, expected_users: int) -> None:
     await cache.start(timeout=60)
     try:
         await wait_for(lambda: settled(cache, expected_users), 60)
-        shown = await print_state(cache, settings, shown_alerts=0)
+        shown = await print_state(cache, settings, Shown())
         while not once:
-            await asyncio.sleep(2)
+            await asyncio.sleep(1)
             shown = await print_state(cache, settings, shown)
     finally:
         await cache.stop()
@@ -116,20 +120,38 @@ async def wait_for(check: Callable[[], bool], timeout: float) -> None:
         await asyncio.sleep(0.2)
 
 
-async def print_state(cache: DecisionCache, settings: Settings, shown_alerts: int) -> int:
+@dataclass(frozen=True)
+class Shown:
+    """What was printed last: the table's rows and how many alerts."""
+
+    table: tuple[tuple[str, ...], ...] = ()
+    alerts: int = 0
+
+
+async def print_state(cache: DecisionCache, settings: Settings, shown: Shown) -> Shown:
+    """Print the decisions and the new alerts when either changed since `shown`."""
     records = await read_to_end(settings.bootstrap_servers, settings.topics.budget_alerts)
-    if shown_alerts and len(records) == shown_alerts:
-        return shown_alerts
+    decisions = cache.snapshot()
+    now = Shown(signature(decisions), len(records))
+    if now == shown:
+        return shown
     print(f"\n== decisions at {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC ==")
-    print(format_table(cache.snapshot()))
+    print(format_table(decisions))
     print(f"\n== alerts on {settings.topics.budget_alerts} ({len(records)}) ==")
-    for record in records[shown_alerts:]:
-        alert = BudgetAlerted.model_validate_json(record.value or b"")
+    # Sorted: alerts of several users come from several partitions in any order.
+    alerts = sorted((BudgetAlerted.model_validate_json(r.value or b"")
+                     for r in records[shown.alerts:]),
+                    key=lambda a: (a.user_id, a.period, a.kind != "warning", a.threshold))
+    for alert in alerts:
         admin = " [notify admin]" if alert.notify_admin else ""
         print(f"  {alert.user_id}: {alert.kind} {alert.threshold}% {alert.period}{admin}: "
               f"{one_line(alert.message)}")
     sys.stdout.flush()
-    return len(records)
+    return now
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str]) -> int:
@@ -139,8 +161,17 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     settings = Settings.from_env()
     config = load_config(settings.config_dir)
+    # A new topic's leader is elected while the first sends go out; aiokafka retries them
+    # and logs each retry ("NotLeaderForPartitionError"): normal, and alarming to read.
+    logging.getLogger("aiokafka").setLevel(logging.ERROR)
+    # SIGTERM (kill, a supervisor) stops everything like Ctrl-C; and Ctrl-C works even
+    # when started in the background by a shell that set SIGINT to be ignored.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with ExitStack() as stack:
-        if "KAFKA_BOOTSTRAP_SERVERS" not in os.environ:
+        if "KAFKA_BOOTSTRAP_SERVERS" in os.environ:
+            require_kafka(settings.bootstrap_servers)
+        else:
             started_here = not localkafka.is_running()
             settings = settings.model_copy(update={"bootstrap_servers": localkafka.start()})
             if started_here:
@@ -152,6 +183,8 @@ def main(argv: list[str]) -> int:
         processes = [start_service(name, settings, logs) for name in SERVICES]
         stack.callback(stop_services, processes)
         say(f"services started; logs in {logs}")
+        say("in another shell: .venv/bin/tally status (or `source .venv/bin/activate`, "
+            "then tally status)")
         say(f"dashboard: http://127.0.0.1:{settings.enforcer_port}/admin "
             "(sign in with an admin's API key from users.yaml, e.g. ak_carol_example_0003)")
         history = sample_history(config, datetime.now(UTC))

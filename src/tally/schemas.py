@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -37,6 +38,10 @@ def write_all(directory: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="tally schemas", description=__doc__)
+    parser.add_argument("action", choices=("write", "check"),
+                        help="write: regenerate the files; check: exit 1 naming stale files")
+    argv = [parser.parse_args(argv).action]
     directory = project_root() / "schemas"
     if argv == ["write"]:
         write_all(directory)

@@ -10,10 +10,11 @@ from tally.settings import Settings
 from tally.topics import Topics
 from tally.wire import BudgetDecided
 
-__all__ = ["format_table", "main", "one_line"]
+__all__ = ["LEGEND", "format_table", "main", "one_line", "signature"]
 
-HEADER = ("user", "status", "action", "daily used/limit", "monthly used/limit", "budget",
-          "resets")
+HEADER = ("user", "status", "action", "daily used/limit", "monthly used/limit", "decided by")
+LEGEND = ("tokens used/limit this day and month; decided by: the period and budget (user, "
+          "department:NAME, project:NAME) whose status sets the action")
 
 
 def row(d: BudgetDecided) -> tuple[str, ...]:
@@ -23,9 +24,20 @@ def row(d: BudgetDecided) -> tuple[str, ...]:
         d.action,
         f"{d.daily.tokens_used:,}/{d.daily.tokens_limit:,}",
         f"{d.monthly.tokens_used:,}/{d.monthly.tokens_limit:,}",
-        d.budget,
-        d.reset_time,
+        f"{d.period} {d.budget}",
     )
+
+
+def resets(decisions: list[BudgetDecided]) -> list[str]:
+    """When the periods end: one line when every user shares the schedule (they do, one
+    reset_schedule), else one per distinct pair."""
+    pairs = sorted({(d.daily.reset_time, d.monthly.reset_time) for d in decisions})
+    return [f"the day resets at {daily}, the month at {monthly}" for daily, monthly in pairs]
+
+
+def signature(decisions: list[BudgetDecided]) -> tuple[tuple[str, ...], ...]:
+    """What the table shows, to notice a change worth printing again."""
+    return tuple(sorted(row(d) for d in decisions))
 
 
 def one_line(text: str) -> str:
@@ -36,9 +48,11 @@ def one_line(text: str) -> str:
 def format_table(decisions: list[BudgetDecided]) -> str:
     rows = [HEADER, *(row(d) for d in sorted(decisions, key=lambda d: d.user_id))]
     widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
+             for r in rows]
     messages = [f"  {d.user_id}: {one_line(d.message)}" for d in decisions if d.message]
-    return "\n".join(lines + (["", "messages:", *messages] if messages else []))
+    return "\n".join([f"({LEGEND})", *lines, *resets(decisions)]
+                     + (["", "messages:", *messages] if messages else []))
 
 
 async def read_decisions(bootstrap: str, topics: Topics) -> list[BudgetDecided]:
@@ -51,7 +65,8 @@ async def read_decisions(bootstrap: str, topics: Topics) -> list[BudgetDecided]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="tally status", description=__doc__)
+    parser = argparse.ArgumentParser(prog="tally status", description=__doc__,
+                                     epilog=LEGEND)
     parser.parse_args(argv)
     settings = Settings.from_env()
     decisions = asyncio.run(read_decisions(settings.bootstrap_servers, settings.topics))

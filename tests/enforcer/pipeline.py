@@ -25,20 +25,22 @@ from .kit import free_port
 @contextlib.asynccontextmanager
 async def pipeline(bootstrap: str, topics: Topics, config_dir: Path, db: Path, now: datetime,
                    metrics: Metrics | None = None) -> AsyncIterator[tuple[str, str]]:
-    """Ingest (with HTTP), projector, and the enforcer (with the API, its clock stopped at
-    `now`, its metrics into `metrics`); yields the ingest's and the enforcer's base URLs."""
+    """Ingest (with HTTP), projector (with HTTP: the history), and the enforcer (with the
+    API, its clock stopped at `now`, its metrics into `metrics`); yields the ingest's and
+    the enforcer's base URLs."""
     config = load_config(config_dir)
-    ingest_port, enforcer_port = free_port(), free_port()
+    ingest_port, projector_port, enforcer_port = free_port(), free_port(), free_port()
 
     def ingest(stop: asyncio.Event) -> Awaitable[None]:
         return run_ingest(config, bootstrap, topics, ingest_port, stop)
 
     def projector(stop: asyncio.Event) -> Awaitable[None]:
-        return run_projector(config, bootstrap, topics, db, stop)
+        return run_projector(config, bootstrap, topics, db, stop, port=projector_port)
 
     def enforcer(stop: asyncio.Event) -> Awaitable[None]:
         return run_enforcer(config_dir, bootstrap, topics, stop, clock=lambda: now,
-                            tick_seconds=0.2, port=enforcer_port, metrics=metrics)
+                            tick_seconds=0.2, port=enforcer_port, metrics=metrics,
+                            projector_url=f"http://127.0.0.1:{projector_port}")
 
     async with running(ingest), running(projector), running(enforcer):
         yield f"http://127.0.0.1:{ingest_port}", f"http://127.0.0.1:{enforcer_port}"

@@ -233,7 +233,7 @@ async def check_audit_command(port: int, db: Path, config_dir: Path) -> None:
     """`tally audit` answers through the running projector, and refuses a write."""
     url = f"http://127.0.0.1:{port}"
     code, out, _ = await run_tally("audit", "SELECT count(*) AS n FROM ledger",
-                                   "--url", url, "--db", str(db), "--format", "csv")
+                                   "--url", url, "--format", "csv")
     assert code == 0 and out.splitlines()[0] == "n" and int(out.splitlines()[1]) > 0
     code, _, err = await run_tally("audit", "DELETE FROM ledger", "--url", url)
     assert code == 1 and "read-only" in err

@@ -16,6 +16,7 @@ one ConfigError, each as "file: key.path: reason".
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -219,14 +220,16 @@ def _reason(detail: ErrorDetails) -> str:
 
 def main(argv: list[str]) -> int:
     """`tally config check DIR`: 0 and "ok", 1 and the problems on stderr, 2 on bad usage."""
-    if argv in (["-h"], ["--help"]):
-        print(USAGE)
-        return 0
-    if len(argv) != 2 or argv[0] != "check":
-        print(USAGE, file=sys.stderr)
-        return 2
+    parser = argparse.ArgumentParser(prog="tally config", usage=USAGE.removeprefix("usage: "),
+                                     description="Validate auth.yaml, users.yaml, budgets.yaml.")
+    parser.add_argument("action", choices=("check",), help="check: print ok, or every problem")
+    parser.add_argument("dir", type=Path, help="the config directory, e.g. config")
     try:
-        load_config(Path(argv[1]))
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help (0) or bad usage (2): argparse printed why
+        return int(done.code or 0)
+    try:
+        load_config(args.dir)
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 1

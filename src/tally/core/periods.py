@@ -220,6 +220,15 @@ def next_window(window: Window, schedule: ResetSchedule) -> Window:
     return calendar_for(schedule).next(window)
 
 
+def last_days(calendar: Calendar, at: datetime, count: int) -> list[Window]:
+    """The `count` daily periods up to the one holding `at`, oldest first (a 23- or 25-hour
+    day across a DST change is one day): the demo's history and the dashboard's charts."""
+    days = [calendar.daily_window(at)]
+    while len(days) < count:
+        days.append(calendar.previous(days[-1]))
+    return days[::-1]
+
+
 def windows_at(at: datetime, schedule: ResetSchedule) -> tuple[Window, Window]:
     """The (daily, monthly) windows that contain `at` (an aware datetime)."""
     return calendar_for(schedule).windows_at(at)
