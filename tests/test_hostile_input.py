@@ -274,14 +274,15 @@ async def feed_topic(bootstrap: str, topic: str, values: list[tuple[bytes, bool]
         await producer.stop()
 
 
+def mixed(corpus: Corpus, count: int = 40) -> list[tuple[bytes, bool]]:
+    """Valid and hostile events, half and half, then whole records of garbage."""
+    values = [(dumps(corpus.good(corpus.event())), True) if corpus.rng.random() < 0.5
+              else (dumps(corpus.hostile()), False) for _ in range(count)]
+    return values + [(v, False) for v in garbage()]
+
+
 def raw_values(corpus: Corpus) -> list[tuple[bytes, bool]]:
-    values: list[tuple[bytes, bool]] = []
-    for _ in range(40):
-        if corpus.rng.random() < 0.5:
-            values.append((dumps(corpus.good(corpus.event())), True))
-        else:
-            values.append((dumps(corpus.hostile()), False))
-    values += [(v, False) for v in garbage()]
+    values = mixed(corpus)
     values.append(("€".encode() * 333_000, False))  # just under the broker's 1 MB limit
     for event_id in corpus.rng.sample(sorted(corpus.valid), 5):  # copies count once
         values.append((dumps(corpus.valid[event_id]), True))
@@ -292,13 +293,7 @@ def raw_values(corpus: Corpus) -> list[tuple[bytes, bool]]:
 def direct_values(corpus: Corpus) -> list[tuple[bytes, bool]]:
     """For usage.events: a producer that skips the ingest (no identity resolution, no
     window around the clock; unknown keys ignored)."""
-    values: list[tuple[bytes, bool]] = []
-    for _ in range(40):
-        if corpus.rng.random() < 0.5:
-            values.append((dumps(corpus.good(corpus.event())), True))
-        else:
-            values.append((dumps(corpus.hostile()), False))
-    values += [(v, False) for v in garbage()]
+    values = mixed(corpus)
     pills: list[dict[str, Any]] = [{"occurred_at": "9999-12-31T23:59:59Z"}, {"input_tokens": 2**63},
              {"input_tokens": 9 * 10**18, "output_tokens": 9 * 10**18},
              {"input_tokens": 5 * 10**18}, {"input_tokens": 5 * 10**18}]
