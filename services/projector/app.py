@@ -322,7 +322,8 @@ async def _run_until_signalled(config: Config, settings: Settings,
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    await run_projector(config, settings.bootstrap_servers, Topics(args.namespace), args.db,
+    topics = Topics(args.namespace, settings.replication_factor)
+    await run_projector(config, settings.bootstrap_servers, topics, args.db,
                         stop, port=args.port or None, partitions=settings.partitions,
                         publish_before_commit=not args.publish_after_commit)
 

@@ -7,22 +7,28 @@ consumer reads in batches (`getmany`): both are outside FastStream's per-message
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError
 
+from tally.topiccheck import Difference, FoundTopic, TopicsMisconfigured, compare
 from tally.topics import Topics
 
 __all__ = [
     "Record",
+    "apply_topics",
     "batches",
+    "check_topics",
     "end_offsets",
     "ensure_topics",
     "fetch",
+    "make_admin",
     "make_consumer",
     "make_producer",
     "partitions_of",
@@ -31,9 +37,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-COMPACTED_CONFIG = {"cleanup.policy": "compact", "min.cleanable.dirty.ratio": "0.1",
-                    "segment.ms": "600000"}
-
+DYNAMIC_TOPIC_CONFIG = 1  # DescribeConfigs config_source: set on the topic itself
 
 @dataclass(frozen=True, slots=True)
 class Record:
@@ -47,21 +51,73 @@ class Record:
     timestamp_ms: int
 
 
+def make_admin(bootstrap: str) -> AIOKafkaAdminClient:
+    return AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+
+
 async def ensure_topics(bootstrap: str, topics: Topics, partitions: int) -> None:
-    """Create the missing topics; compaction on the snapshot topics. Existing ones stay."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    """Create the missing topics as the topic table says, then check the existing ones:
+    raise TopicsMisconfigured where a difference loses data or repeats alerts, log the
+    smaller differences as warnings."""
+    async with _admin(bootstrap) as admin:
+        await _create_missing(admin, topics, partitions)
+        differences = await _compare(admin, bootstrap, topics, partitions)
+    refusing = [d for d in differences if d.refuses]
+    if refusing:
+        raise TopicsMisconfigured(refusing)
+    for difference in differences:
+        log.warning("topic setting differs from the table:\n%s", difference.describe())
+
+
+async def check_topics(bootstrap: str, topics: Topics, partitions: int) -> list[Difference]:
+    """Every difference between the cluster's topics and the table (`tally topics check`)."""
+    async with _admin(bootstrap) as admin:
+        return await _compare(admin, bootstrap, topics, partitions)
+
+
+async def apply_topics(bootstrap: str, topics: Topics, partitions: int) -> list[Difference]:
+    """Create the missing topics and make the safe config changes (`tally topics apply`);
+    the differences left, which need a hand (their `fix`)."""
+    async with _admin(bootstrap) as admin:
+        await _create_missing(admin, topics, partitions)
+        differences = await _compare(admin, bootstrap, topics, partitions)
+        await _alter(admin, topics, [d for d in differences if d.safe])
+        for _ in range(50):  # altered configs reach the brokers' metadata asynchronously
+            if not any(d.safe for d in differences):
+                break
+            await asyncio.sleep(0.1)
+            differences = await _compare(admin, bootstrap, topics, partitions)
+        return differences
+
+
+@contextlib.asynccontextmanager
+async def _admin(bootstrap: str) -> AsyncIterator[AIOKafkaAdminClient]:
+    admin = make_admin(bootstrap)
     await admin.start()
     try:
-        existing = set(await admin.list_topics())
-        wanted = [
-            NewTopic(name, partitions, 1,
-                     topic_configs=COMPACTED_CONFIG if name in topics.compacted() else {})
-            for name in topics.all() if name not in existing
-        ]
-        if wanted:
-            await _create(admin, wanted)
+        yield admin
     finally:
         await admin.close()
+
+
+async def _create_missing(admin: AIOKafkaAdminClient, topics: Topics, partitions: int) -> None:
+    existing = set(await admin.list_topics())
+    missing = {name: spec for name, spec in topics.specs().items() if name not in existing}
+    if not missing:
+        return
+    replicas = topics.replication_factor or await _default_replicas(admin)
+    await _create(admin, [NewTopic(name, partitions, replicas, topic_configs=spec.configs(replicas))
+                          for name, spec in missing.items()])
+
+
+async def _default_replicas(admin: AIOKafkaAdminClient) -> int:
+    """The broker's default.replication.factor (what a topic gets when none is said)."""
+    broker = (await admin.describe_cluster())["brokers"][0]["node_id"]
+    resource = ConfigResource(ConfigResourceType.BROKER, str(broker),
+                              {"default.replication.factor": None})
+    (response,) = await admin.describe_configs([resource])
+    entries = response.to_object()["resources"][0]["config_entries"]
+    return int(entries[0]["config_value"])
 
 
 async def _create(admin: AIOKafkaAdminClient, wanted: list[NewTopic]) -> None:
@@ -74,6 +130,52 @@ async def _create(admin: AIOKafkaAdminClient, wanted: list[NewTopic]) -> None:
         if names <= set(await admin.list_topics()):
             return
         await asyncio.sleep(0.1)
+
+
+async def _compare(admin: AIOKafkaAdminClient, bootstrap: str, topics: Topics,
+                   partitions: int) -> list[Difference]:
+    found = await _describe(admin, list(topics.specs()))
+    return compare(topics.specs(), found, partitions, topics.replication_factor, bootstrap)
+
+
+async def _describe(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, FoundTopic]:
+    """Partitions, replicas and every config of the topics that exist among `names`."""
+    layouts = {t["topic"]: t["partitions"] for t in await admin.describe_topics(names)
+               if t["error_code"] == 0 and t["partitions"]}
+    configs = await _topic_configs(admin, list(layouts))
+    return {name: FoundTopic(name, len(parts), min(len(p["replicas"]) for p in parts),
+                             configs[name]) for name, parts in layouts.items()}
+
+
+async def _topic_configs(admin: AIOKafkaAdminClient, names: list[str],
+                         dynamic_only: bool = False) -> dict[str, dict[str, str]]:
+    if not names:
+        return {}
+    resources = [ConfigResource(ConfigResourceType.TOPIC, name) for name in names]
+    found: dict[str, dict[str, str]] = {}
+    for response in await admin.describe_configs(resources):
+        for resource in response.to_object()["resources"]:
+            found[resource["resource_name"]] = {
+                entry["config_names"]: entry["config_value"]
+                for entry in resource["config_entries"]
+                if not dynamic_only or entry["config_source"] == DYNAMIC_TOPIC_CONFIG}
+    return found
+
+
+async def _alter(admin: AIOKafkaAdminClient, topics: Topics,
+                 changes: list[Difference]) -> None:
+    """AlterConfigs replaces a topic's whole set of its own configs: send the ones it has
+    with the changes made, so nothing set by hand is dropped by the way."""
+    names = sorted({d.topic for d in changes})
+    current = await _topic_configs(admin, names, dynamic_only=True)
+    for name in names:
+        configs = current[name] | {d.setting: d.value for d in changes if d.topic == name}
+        (response,) = await admin.alter_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, name, configs)])
+        for resource in response.to_object()["resources"]:
+            if resource["error_code"]:
+                raise RuntimeError(f"altering {name} failed: {resource['error_message']}")
+        log.info("topic %s now has %s", name, configs)
 
 
 def make_producer(bootstrap: str, linger_ms: int = 1) -> AIOKafkaProducer:

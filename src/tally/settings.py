@@ -30,13 +30,14 @@ class Settings(BaseModel):
     config_dir: Path = project_root() / "config"
     topic_namespace: str = ""  # prefixes every topic name: isolated demos and tests
     partitions: int = 3
+    replication_factor: int | None = None  # None: the broker's default.replication.factor
     ingest_port: int = 8081
     projector_port: int = 8082
     enforcer_port: int = 8083
 
     @property
     def topics(self) -> Topics:
-        return Topics(self.topic_namespace)
+        return Topics(self.topic_namespace, self.replication_factor)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -47,6 +48,7 @@ class Settings(BaseModel):
             "config_dir": env.get("TALLY_CONFIG_DIR"),
             "topic_namespace": env.get("TALLY_TOPIC_NAMESPACE"),
             "partitions": env.get("TALLY_PARTITIONS"),
+            "replication_factor": env.get("TALLY_REPLICATION_FACTOR"),
             "ingest_port": env.get("TALLY_INGEST_PORT"),
             "projector_port": env.get("TALLY_PROJECTOR_PORT"),
             "enforcer_port": env.get("TALLY_ENFORCER_PORT"),
