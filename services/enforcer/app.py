@@ -1,6 +1,6 @@
 """The enforcer shell: budget.balances in; budget.decisions and budget.alerts out.
 
-On start it reads what earlier runs published (decisions, alerts), then consumes the
+On start it reads what earlier runs published (decisions, alert memory), then consumes the
 compacted budget.balances from the beginning and follows it. A clock tick ends periods
 without new usage, and a changed budgets.yaml is reloaded (a bad one is refused and the
 old policy stays). In the same event loop it serves the budgets API and the dashboard
@@ -17,11 +17,13 @@ import logging
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from services.enforcer.api import create_app
-from services.enforcer.board import Board
+from services.enforcer.board import MAX_ALERTS, Board
+from services.enforcer.memory import AlertsSent
 from services.enforcer.notifier import run_notifier
 from services.enforcer.state import Enforcer, Outcome
 from tally.config.errors import ConfigError
@@ -81,13 +83,20 @@ class ConfigWatcher:
 
 
 async def restore(board: Board, bootstrap: str, topics: Topics) -> None:
+    """What earlier runs said: each user's decision and the alerts sent in the current
+    periods (compacted topics: one record per key), and the recent alerts for the board.
+    Only the tail of budget.alerts is read, so its retention and length do not matter."""
     decisions = [BudgetDecided.model_validate_json(r.value)
                  for r in await read_to_end(bootstrap, topics.budget_decisions) if r.value]
-    alerts = [BudgetAlerted.model_validate_json(r.value)
-              for r in await read_to_end(bootstrap, topics.budget_alerts) if r.value]
-    board.enforcer.restore(decisions, (a.alert_id for a in alerts))
-    board.restore_alerts(alerts)
-    log.info("restored %d decisions and %d alert ids", len(decisions), len(alerts))
+    memory = [AlertsSent.model_validate_json(r.value)
+              for r in await read_to_end(bootstrap, topics.budget_alert_memory) if r.value]
+    recent = [BudgetAlerted.model_validate_json(r.value)
+              for r in await read_to_end(bootstrap, topics.budget_alerts, last=MAX_ALERTS)
+              if r.value]
+    board.enforcer.restore(decisions, memory, recent)
+    board.restore_alerts(recent)
+    log.info("restored %d decisions, %d alert memory records, %d recent alerts",
+             len(decisions), len(memory), len(recent))
 
 
 def decode_balances(records: Iterable[Record]) -> list[BalanceUpdated]:
@@ -102,14 +111,21 @@ def decode_balances(records: Iterable[Record]) -> list[BalanceUpdated]:
 
 
 async def publish(producer: AIOKafkaProducer, topics: Topics, outcome: Outcome) -> None:
-    """Decisions, then alerts; both acknowledged before the next step."""
-    sends = [await producer.send(topics.budget_decisions, d.model_dump_json().encode(),
-                                 key=d.user_id.encode()) for d in outcome.decisions]
-    sends += [await producer.send(topics.budget_alerts, a.model_dump_json().encode(),
-                                  key=a.user_id.encode()) for a in outcome.alerts]
-    await asyncio.gather(*sends)
+    """Decisions and alerts, then (once they are acknowledged) the alert memory: a crash
+    between the two can leave an alert unremembered (restore finds it in budget.alerts),
+    never remembered but unsent."""
+    await _sent([await producer.send(topics.budget_decisions, d.model_dump_json().encode(),
+                                     key=d.user_id.encode()) for d in outcome.decisions]
+                + [await producer.send(topics.budget_alerts, a.model_dump_json().encode(),
+                                       key=a.user_id.encode()) for a in outcome.alerts])
+    await _sent([await producer.send(topics.budget_alert_memory, m.model_dump_json().encode(),
+                                     key=m.key.encode()) for m in outcome.memory])
     for alert in outcome.alerts:
         log.info("alert %s: %s", alert.alert_id, alert.message.strip())
+
+
+async def _sent(sends: list[asyncio.Future[Any]]) -> None:
+    await asyncio.gather(*sends)
 
 
 async def run_enforcer(

@@ -242,8 +242,9 @@ async def fetch(consumer: AIOKafkaConsumer, max_records: int, timeout_ms: int) -
             for messages in fetched.values() for m in messages]
 
 
-async def read_to_end(bootstrap: str, topic: str) -> list[Record]:
-    """Every record of a topic from the beginning up to its end offsets at call time."""
+async def read_to_end(bootstrap: str, topic: str, last: int | None = None) -> list[Record]:
+    """Every record of a topic from the beginning (or only the `last` records of each
+    partition) up to its end offsets at call time."""
     consumer = make_consumer(bootstrap)
     await consumer.start()
     try:
@@ -251,6 +252,9 @@ async def read_to_end(bootstrap: str, topic: str) -> list[Record]:
         consumer.assign(parts)
         await consumer.seek_to_beginning(*parts)
         targets = await end_offsets(consumer, parts)
+        if last is not None:
+            for tp, end in targets.items():
+                consumer.seek(tp, max(await consumer.position(tp), end - last))
         found: list[Record] = []
         while any([await consumer.position(tp) < end for tp, end in targets.items()]):
             found.extend(await fetch(consumer, 10_000, 100))

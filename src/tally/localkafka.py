@@ -46,6 +46,7 @@ __all__ = [
 ]
 
 HOST = "127.0.0.1"
+RETENTION_CHECK_MS = 1000
 SERVER_MAIN = "kafka.Kafka"
 STORAGE_MAIN = "kafka.tools.StorageTool"
 BROKER_JVM = ["-Xmx512m", "-Xms256m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20"]
@@ -146,6 +147,9 @@ def render_server_properties(port: int, controller_port: int, log_dirs: Path) ->
         "share.coordinator.state.topic.min.isr": "1",
         "group.initial.rebalance.delay.ms": "0",
         "log.cleaner.dedupe.buffer.size": str(32 * 1024 * 1024),
+        # Retention is enforced within seconds rather than 5 minutes, so that a test can
+        # let "a week" pass (topics with retention.ms of seconds). Cheap on a dev broker.
+        "log.retention.check.interval.ms": str(RETENTION_CHECK_MS),
     }
     return "".join(f"{key}={value}\n" for key, value in settings.items())
 
