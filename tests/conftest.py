@@ -175,3 +175,19 @@ def kafka_bootstrap(request: pytest.FixtureRequest) -> Iterator[str]:
 def unique_name() -> str:
     """A short suffix so each test has its own topics and consumer groups."""
     return uuid.uuid4().hex[:8]
+
+
+# The three-node cluster of the broker-loss test: ports TEST_PORT+10 (and +11..+15).
+CLUSTER_PORT = TEST_PORT + 10
+CLUSTER_DATA_DIR = project_root() / ".local" / "kafka-cluster-test"
+
+
+@pytest.fixture(scope="session")
+def kafka_cluster() -> Iterator[tuple[str, list[localkafka.Node]]]:
+    """A three-node KRaft cluster on loopback (tally.localkafka), stopped at session end."""
+    bootstrap = localkafka.start_cluster(3, CLUSTER_PORT, CLUSTER_PORT + 1, CLUSTER_DATA_DIR)
+    try:
+        yield bootstrap, localkafka.cluster_nodes(3, CLUSTER_PORT, CLUSTER_PORT + 1,
+                                                  CLUSTER_DATA_DIR)
+    finally:
+        localkafka.stop(CLUSTER_DATA_DIR)
