@@ -191,3 +191,19 @@ def kafka_cluster() -> Iterator[tuple[str, list[localkafka.Node]]]:
                                                   CLUSTER_DATA_DIR)
     finally:
         localkafka.stop(CLUSTER_DATA_DIR)
+
+
+# The SASL broker of tests/test_sasl.py: one SASL_PLAINTEXT SCRAM listener, on TEST_PORT+20.
+SASL_PORT = TEST_PORT + 20
+SASL_DATA_DIR = project_root() / ".local" / "kafka-sasl-test"
+SASL_USER = localkafka.SaslUser("tally", "tally-secret")
+
+
+@pytest.fixture(scope="session")
+def kafka_sasl() -> Iterator[tuple[str, localkafka.SaslUser]]:
+    """A broker that takes only SCRAM-authenticated clients, stopped at session end."""
+    bootstrap = localkafka.start(SASL_PORT, SASL_PORT + 1, SASL_DATA_DIR, sasl=SASL_USER)
+    try:
+        yield bootstrap, SASL_USER
+    finally:
+        localkafka.stop(SASL_DATA_DIR)

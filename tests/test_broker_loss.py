@@ -123,6 +123,15 @@ async def fully_replicated(bootstrap: str) -> bool:
         await admin.close()
 
 
+async def coordinator_of(bootstrap: str, group: str) -> int:
+    admin = make_admin(bootstrap)
+    await admin.start()
+    try:
+        return await admin.find_coordinator(group)
+    finally:
+        await admin.close()
+
+
 async def lose(node: localkafka.Node, seconds: float, timeline: Timeline,
                bootstrap: str) -> None:
     """SIGKILL one node, keep it down, restart it, wait until it is back in every ISR."""
@@ -166,8 +175,11 @@ async def test_losing_brokers_loses_nothing_and_doubles_nothing(
                 watched(bootstrap, topics, timeline)):
         producing = asyncio.create_task(steady_usage(bootstrap, topics.usage_raw, count))
         await asyncio.sleep(3)
-        await lose(nodes[1], DOWN, timeline, bootstrap)
-        await lose(nodes[2], DOWN, timeline, bootstrap)
+        # First a broker that is not the ingest group's coordinator, then the coordinator.
+        coordinator = await coordinator_of(bootstrap, f"tally-ingest:{topics.usage_raw}")
+        follower = next(n for n in nodes if n.node_id != coordinator)
+        await lose(follower, DOWN, timeline, bootstrap)
+        await lose(nodes[coordinator - 1], DOWN, timeline, bootstrap)
         acked = await producing
         users = {f"u{k // EVENTS_PER_USER}" for k in range(count)}
         await eventually(lambda: all(
@@ -181,7 +193,8 @@ async def test_losing_brokers_loses_nothing_and_doubles_nothing(
     full_users = count // EVENTS_PER_USER
     gaps = [timeline.gap_within(start, end + 5) for _, start, end in timeline.down]
     print(f"\nbroker loss: {count:,} events at {RATE}/s, acknowledged {acked:,}; "
-          f"SIGKILLed nodes {[n for n, _, _ in timeline.down]} for {DOWN:.0f} s each; "
+          f"SIGKILLed node {timeline.down[0][0]}, then the ingest group's coordinator "
+          f"{timeline.down[1][0]}, for {DOWN:.0f} s each; "
           f"{len(timeline.decisions):,} decisions; longest pause in decisions around each "
           f"kill: {', '.join(f'{g:.1f} s' for g in gaps)}; decisions while down: "
           f"{[timeline.arrived_within(s, e) for _, s, e in timeline.down]}; "
@@ -189,7 +202,8 @@ async def test_losing_brokers_loses_nothing_and_doubles_nothing(
     assert acked == count
     assert ledger(db) == (count, count)  # counted once: none lost, none doubled
     assert len(ids) == len(set(ids)) == 3 * full_users  # 75%, 90% and the limit, once each
-    # Decisions flow while a broker is down, once partition leaders moved (~3 s). When the
-    # lost broker led the ingest group's __consumer_offsets partition, the ingest waits
-    # for the new coordinator (up to ~15 s here): that outage may see no decision at all.
-    assert any(timeline.arrived_within(start, end) > 0 for _, start, end in timeline.down)
+    # Decisions flow while a broker is down, once its partitions are led elsewhere (~3 s).
+    # Losing the ingest group's coordinator pauses the ingest until the group is served
+    # again (about 15 s here, longer than DOWN): measured and printed, not asserted.
+    _, start, end = timeline.down[0]
+    assert timeline.arrived_within(start, end) > 0

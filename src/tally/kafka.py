@@ -11,16 +11,21 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.conn import create_conn
+from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
+from aiokafka.helpers import create_ssl_context
 
+from tally.settings import KafkaSecurity
 from tally.topiccheck import Difference, FoundTopic, TopicsMisconfigured, compare
 from tally.topics import Topics
 
 __all__ = [
+    "KafkaUnreachable",
     "Record",
     "apply_topics",
     "batches",
@@ -33,6 +38,7 @@ __all__ = [
     "make_producer",
     "partitions_of",
     "read_to_end",
+    "security_options",
 ]
 
 log = logging.getLogger(__name__)
@@ -51,8 +57,24 @@ class Record:
     timestamp_ms: int
 
 
-def make_admin(bootstrap: str) -> AIOKafkaAdminClient:
-    return AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+def security_options(security: KafkaSecurity | None = None) -> dict[str, Any]:
+    """aiokafka's connection settings for SASL and TLS (default: from the environment,
+    KAFKA_SECURITY_PROTOCOL and the others, see tally.settings)."""
+    security = security or KafkaSecurity.from_env()
+    options: dict[str, Any] = {"security_protocol": security.protocol}
+    if security.sasl:
+        options |= {"sasl_mechanism": security.sasl_mechanism,
+                    "sasl_plain_username": security.sasl_username,
+                    "sasl_plain_password": security.sasl_password}
+    if security.tls:
+        options["ssl_context"] = create_ssl_context(
+            cafile=security.ssl_ca_file, certfile=security.ssl_cert_file,
+            keyfile=security.ssl_key_file, password=security.ssl_key_password)
+    return options
+
+
+def make_admin(bootstrap: str, security: KafkaSecurity | None = None) -> AIOKafkaAdminClient:
+    return AIOKafkaAdminClient(bootstrap_servers=bootstrap, **security_options(security))
 
 
 async def ensure_topics(bootstrap: str, topics: Topics, partitions: int) -> None:
@@ -90,10 +112,42 @@ async def apply_topics(bootstrap: str, topics: Topics, partitions: int) -> list[
         return differences
 
 
+class KafkaUnreachable(RuntimeError):
+    """No connection to the cluster: down, wrong address, or refused credentials."""
+
+
+async def why_unreachable(bootstrap: str, security: KafkaSecurity | None = None) -> str:
+    """The broker's own reason (refused credentials, TLS failure, nothing listening),
+    which aiokafka logs but does not raise: one direct connection to the first server."""
+    host, _, port = bootstrap.split(",")[0].rpartition(":")
+    options = security_options(security)
+    try:
+        conn = await create_conn(host, int(port), request_timeout_ms=10_000, **options)
+    except Exception as error:  # whatever it is, it is the answer
+        return f"{type(error).__name__}: {error}"
+    conn.close()
+    return "it answers now (it may have been starting)"
+
+
+async def started_admin(bootstrap: str,
+                        security: KafkaSecurity | None = None) -> AIOKafkaAdminClient:
+    """An admin client connected to the cluster, or KafkaUnreachable saying why not."""
+    admin = make_admin(bootstrap, security)
+    try:
+        await admin.start()
+    except KafkaConnectionError as error:
+        await admin.close()
+        security = security or KafkaSecurity.from_env()
+        who = f" as {security.sasl_username!r}" if security.sasl else ""
+        reason = await why_unreachable(bootstrap, security)
+        raise KafkaUnreachable(f"cannot connect to Kafka at {bootstrap} over "
+                               f"{security.protocol}{who}: {reason}") from error
+    return admin
+
+
 @contextlib.asynccontextmanager
 async def _admin(bootstrap: str) -> AsyncIterator[AIOKafkaAdminClient]:
-    admin = make_admin(bootstrap)
-    await admin.start()
+    admin = await started_admin(bootstrap)
     try:
         yield admin
     finally:
@@ -178,10 +232,12 @@ async def _alter(admin: AIOKafkaAdminClient, topics: Topics,
         log.info("topic %s now has %s", name, configs)
 
 
-def make_producer(bootstrap: str, linger_ms: int = 1) -> AIOKafkaProducer:
+def make_producer(bootstrap: str, linger_ms: int = 1,
+                  security: KafkaSecurity | None = None) -> AIOKafkaProducer:
     """An idempotent producer with acks=all: a retry never writes a message twice."""
     return AIOKafkaProducer(
         bootstrap_servers=bootstrap,
+        **security_options(security),
         enable_idempotence=True,
         acks="all",
         linger_ms=linger_ms,
@@ -191,7 +247,8 @@ def make_producer(bootstrap: str, linger_ms: int = 1) -> AIOKafkaProducer:
 
 
 def make_consumer(
-    bootstrap: str, group_id: str | None = None, fetch_max_wait_ms: int = 5
+    bootstrap: str, group_id: str | None = None, fetch_max_wait_ms: int = 5,
+    security: KafkaSecurity | None = None,
 ) -> AIOKafkaConsumer:
     """A consumer that never auto-commits: offsets are committed after the work is done.
 
@@ -199,6 +256,7 @@ def make_consumer(
     """
     return AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
+        **security_options(security),
         group_id=group_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",

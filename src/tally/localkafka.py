@@ -36,6 +36,7 @@ from tally.topics import min_insync_replicas
 __all__ = [
     "KafkaStartError",
     "Node",
+    "SaslUser",
     "cluster_nodes",
     "ensure_jars",
     "is_running",
@@ -130,21 +131,50 @@ def pom_file() -> Path:
 # ---------------------------------------------------------------- pure helpers
 
 
+SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+@dataclass(frozen=True)
+class SaslUser:
+    """The one SCRAM user of a local SASL broker (clients and the broker itself)."""
+
+    username: str
+    password: str
+
+    def server_settings(self) -> dict[str, str]:
+        login = ("org.apache.kafka.common.security.scram.ScramLoginModule required "
+                 f'username="{self.username}" password="{self.password}";')
+        return {"sasl.enabled.mechanisms": ",".join(SCRAM_MECHANISMS),
+                "sasl.mechanism.inter.broker.protocol": SCRAM_MECHANISMS[0]} | {
+            f"listener.name.sasl_plaintext.{m.lower()}.sasl.jaas.config": login
+            for m in SCRAM_MECHANISMS}
+
+    def format_args(self) -> list[str]:
+        """StorageTool arguments that create the user's SCRAM credentials."""
+        return [arg for m in SCRAM_MECHANISMS for arg in
+                ("--add-scram", f"{m}=[name={self.username},password={self.password}]")]
+
+
+
 def render_server_properties(port: int, controller_port: int, log_dirs: Path,
-                             node_id: int = 1, voters: str | None = None) -> str:
+                             node_id: int = 1, voters: str | None = None,
+                             sasl: SaslUser | None = None) -> str:
     """server.properties for one combined broker+controller on 127.0.0.1: node.id 1 alone,
-    or one node of a cluster whose controller quorum is `voters` ("1@host:port,...")."""
+    or one node of a cluster whose controller quorum is `voters` ("1@host:port,...").
+    With `sasl`, clients (and the broker itself) sign in with SCRAM on a SASL_PLAINTEXT
+    listener; the credentials are created when the storage is formatted."""
     voters = voters or f"{node_id}@{HOST}:{controller_port}"
     replicas = voters.count("@")
+    listener = "SASL_PLAINTEXT" if sasl else "PLAINTEXT"
     settings = {
         "process.roles": "broker,controller",
         "node.id": str(node_id),
         "controller.quorum.voters": voters,
-        "listeners": f"PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{controller_port}",
-        "advertised.listeners": f"PLAINTEXT://{HOST}:{port}",
-        "inter.broker.listener.name": "PLAINTEXT",
+        "listeners": f"{listener}://{HOST}:{port},CONTROLLER://{HOST}:{controller_port}",
+        "advertised.listeners": f"{listener}://{HOST}:{port}",
+        "inter.broker.listener.name": listener,
         "controller.listener.names": "CONTROLLER",
-        "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        "listener.security.protocol.map": f"CONTROLLER:PLAINTEXT,{listener}:{listener}",
         "log.dirs": str(log_dirs),
         "num.partitions": "3",
         "default.replication.factor": str(replicas),
@@ -162,6 +192,8 @@ def render_server_properties(port: int, controller_port: int, log_dirs: Path,
         # let "a week" pass (topics with retention.ms of seconds). Cheap on a dev broker.
         "log.retention.check.interval.ms": str(RETENTION_CHECK_MS),
     }
+    if sasl is not None:
+        settings |= sasl.server_settings()
     if replicas > 1:  # a killed node is fenced, and its partitions led elsewhere, in ~3 s
         settings |= {"broker.session.timeout.ms": "3000", "broker.heartbeat.interval.ms": "500"}
     return "".join(f"{key}={value}\n" for key, value in settings.items())
@@ -169,7 +201,7 @@ def render_server_properties(port: int, controller_port: int, log_dirs: Path,
 
 def configured_port(properties: str) -> int | None:
     """The client port in a rendered server.properties, or None."""
-    match = re.search(r"^advertised\.listeners=PLAINTEXT://[^:]+:(\d+)$", properties, re.M)
+    match = re.search(r"^advertised\.listeners=[A-Z_]+://[^:]+:(\d+)$", properties, re.M)
     return int(match.group(1)) if match else None
 
 
@@ -219,6 +251,22 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes:
 def probe(host: str, port: int, timeout: float = 2.0) -> bool:
     """True when a Kafka broker answers a Metadata request listing at least one broker."""
     return broker_count(host, port, timeout) > 0
+
+
+def answers_api_versions(host: str, port: int, timeout: float = 2.0) -> bool:
+    """True when a broker answers ApiVersions: the one request a SASL listener takes before
+    the client signs in (a Metadata request there is answered by closing the connection)."""
+    correlation_id = int(time.monotonic_ns() % 2**31)
+    client_id = b"tally-localkafka"
+    payload = struct.pack(">hhih", 18, 0, correlation_id, len(client_id)) + client_id
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(struct.pack(">i", len(payload)) + payload)
+            (size,) = struct.unpack(">i", _recv_exact(sock, 4))
+            answer = _recv_exact(sock, size)
+    except (OSError, struct.error):
+        return False
+    return len(answer) >= 4 and struct.unpack(">i", answer[:4])[0] == correlation_id
 
 
 def broker_count(host: str, port: int, timeout: float = 2.0) -> int:
@@ -394,13 +442,15 @@ def _log4j_flag(layout: Layout) -> str:
     return f"-Dlog4j2.configurationFile={layout.log4j_file}"
 
 
-def _format_storage(layout: Layout, java: str, cluster_id: str) -> None:
+def _format_storage(layout: Layout, java: str, cluster_id: str,
+                    sasl: SaslUser | None = None) -> None:
     """Format log.dirs once, with the cluster's id (static quorum of controller voters)."""
     if (layout.data / "meta.properties").exists():
         return
     say(f"formatting storage of {layout.root}...")
     shutil.rmtree(layout.data, ignore_errors=True)  # unformatted leftovers are never valid
     args = ["format", "-t", cluster_id, "-c", str(layout.config_file)]
+    args += sasl.format_args() if sasl else []
     jvm = [*TOOL_JVM, _log4j_flag(layout)]
     command = java_command(java, STORAGE_MAIN, jvm, args)
     result = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -449,7 +499,8 @@ def _failure(layout: Layout, what: str) -> KafkaStartError:
 
 def _await_broker(layout: Layout, pid: int, port: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while not probe(HOST, port):
+    sasl = "SASL_" in layout.config_file.read_text()
+    while not (answers_api_versions(HOST, port) if sasl else probe(HOST, port)):
         if not _alive(pid):
             layout.pid_file.unlink(missing_ok=True)
             raise _failure(layout, f"Kafka (pid {pid}) exited during startup")
@@ -483,8 +534,11 @@ def start(
     controller_port: int = 9093,
     data_dir: Path | None = None,
     timeout: float = 90.0,
+    sasl: SaslUser | None = None,
 ) -> str:
-    """Start the broker (or find it running) and return its bootstrap "127.0.0.1:PORT"."""
+    """Start the broker (or find it running) and return its bootstrap "127.0.0.1:PORT".
+    With `sasl`, its one listener is SASL_PLAINTEXT with SCRAM, for that user only (a data
+    dir formatted without it has no such user: use another data dir)."""
     layout = _layout(data_dir)
     with _locked(layout):
         pid = _running_pid(layout)
@@ -494,8 +548,9 @@ def start(
         java = _java()
         ensure_jars()
         began = time.monotonic()
-        _write_config(layout, render_server_properties(port, controller_port, layout.data))
-        _format_storage(layout, java, new_cluster_id())
+        _write_config(layout, render_server_properties(port, controller_port, layout.data,
+                                                       sasl=sasl))
+        _format_storage(layout, java, new_cluster_id(), sasl)
         pid = _spawn(layout, java)
         try:
             _await_broker(layout, pid, port, timeout)
@@ -659,12 +714,23 @@ def _node_status(layout: Layout) -> int:
     return 0 if answering else 1
 
 
+def _sasl_user() -> SaslUser:
+    user = SaslUser(os.environ.get("KAFKA_SASL_USERNAME", "tally"),
+                    os.environ.get("KAFKA_SASL_PASSWORD", "tally-secret"))
+    say(f"clients: KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT KAFKA_SASL_MECHANISM=SCRAM-SHA-256 "
+        f"KAFKA_SASL_USERNAME={user.username} KAFKA_SASL_PASSWORD=...")
+    return user
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tally kafka", description="the local Kafka broker")
     parser.add_argument("action", choices=["start", "stop", "status"])
     parser.add_argument("--port", type=int, default=9092)
     parser.add_argument("--controller-port", type=int, default=9093)
     parser.add_argument("--data-dir", type=Path, default=None)
+    parser.add_argument("--sasl", action="store_true",
+                        help="a SASL_PLAINTEXT SCRAM listener; the user is KAFKA_SASL_USERNAME "
+                             "and KAFKA_SASL_PASSWORD (default tally / tally-secret)")
     parser.add_argument("--brokers", type=int, default=1,
                         help="nodes (broker+controller each); ports step by 2 from --port")
     return parser
@@ -682,7 +748,8 @@ def main(argv: list[str]) -> int:
         if args.brokers > 1:
             print(start_cluster(args.brokers, args.port, args.controller_port, data_dir))
         else:
-            print(start(args.port, args.controller_port, data_dir))
+            sasl = _sasl_user() if args.sasl else None
+            print(start(args.port, args.controller_port, data_dir, sasl=sasl))
     except KafkaStartError as error:
         print(f"tally kafka start: {error}", file=sys.stderr)
         return 1
