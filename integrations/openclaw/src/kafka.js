@@ -15,6 +15,7 @@
 import { randomUUID } from "node:crypto";
 import { hostname } from "node:os";
 import kafkajs from "kafkajs";
+import { connectionOptions } from "./config.js";
 
 const { Kafka, logLevel } = kafkajs;
 
@@ -60,6 +61,7 @@ export class KafkaLink {
     this.kafka = new Kafka({
       clientId: config.clientId,
       brokers: config.brokers,
+      ...connectionOptions(config.security),
       logLevel: logLevel.ERROR,
       logCreator: logCreator(logger),
       retry: { initialRetryTime: 200, maxRetryTime: 5_000, retries: 8 },
