@@ -32,7 +32,7 @@ TEST_PORT = int(os.environ.get("TALLY_TEST_KAFKA_PORT", "19092"))
 TEST_CONTROLLER_PORT = TEST_PORT + 1
 TEST_DATA_DIR = project_root() / ".local" / "kafka-test"
 LEASES = project_root() / ".local" / "kafka-test.sessions"
-KAFKA_IMAGE = os.environ.get("TALLY_KAFKA_IMAGE", "apache/kafka:4.1.0")
+KAFKA_IMAGE = os.environ.get("TALLY_KAFKA_IMAGE", "apache/kafka:4.3.1")  # = kafka/pom.xml
 
 
 def docker_answers() -> bool:
