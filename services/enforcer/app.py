@@ -39,7 +39,13 @@ from tally.kafka import (
     read_to_end,
 )
 from tally.ops import Metrics, Readiness, observe_lag
-from tally.service import configure_logging, load_config_or_report, serving, stop_on_signals
+from tally.service import (
+    configure_logging,
+    load_config_or_report,
+    run_or_report,
+    serving,
+    stop_on_signals,
+)
 from tally.settings import Settings
 from tally.topics import Topics
 from tally.wire import BalanceUpdated, BudgetAlerted, BudgetDecided
@@ -252,8 +258,8 @@ def main(argv: list[str]) -> int:
     if load_config_or_report(args.config, "tally enforcer") is None:
         return 1
     configure_logging()
-    asyncio.run(_main(args.config, settings, args.port or None, args.host))
-    return 0
+    return run_or_report(_main(args.config, settings, args.port or None, args.host),
+                         "tally enforcer")
 
 
 async def _main(config_dir: Path, settings: Settings, port: int | None, host: str) -> None:

@@ -41,7 +41,7 @@ from tally.kafka import (
     partitions_of,
 )
 from tally.ops import Metrics, Readiness, ops_routes, watching
-from tally.service import serving
+from tally.service import run_or_report, serving
 from tally.settings import Settings
 from tally.topics import Topics
 
@@ -315,8 +315,7 @@ def main(argv: list[str]) -> int:
         print(f"tally projector: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    asyncio.run(_run_until_signalled(config, settings, args))
-    return 0
+    return run_or_report(_run_until_signalled(config, settings, args), "tally projector")
 
 
 async def _run_until_signalled(config: Config, settings: Settings,

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from aiokafka.admin import NewTopic
 
+from services.projector.app import main as projector_main
 from services.projector.app import run_projector
 from tally import topicadmin
 from tally.config.loader import load_config
@@ -62,6 +63,20 @@ async def test_finite_retention_on_usage_events_stops_the_projector_at_start(
             in message)
     assert "tally topics apply" in message
     assert not (tmp_path / "p.duckdb").exists()  # refused before anything was written
+
+
+def test_the_projector_command_says_why_and_exits_1(
+        kafka_bootstrap: str, unique_name: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    topics = Topics(f"badcli-{unique_name}")
+    asyncio.run(create_events_with_a_week_of_retention(kafka_bootstrap, topics))
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap)
+    monkeypatch.setenv("TALLY_DATA_DIR", str(tmp_path))
+    args = ["--config", str(config_dir(tmp_path)), "--namespace", topics.namespace,
+            "--port", "0"]
+    assert projector_main(args) == 1
+    assert capsys.readouterr().err.startswith(
+        "tally projector: Kafka topics differ from Tally's topic table")
 
 
 def run_cli(action: str, bootstrap: str, topics: Topics, monkeypatch: pytest.MonkeyPatch,
