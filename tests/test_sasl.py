@@ -5,6 +5,10 @@ wrong password gets."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import shutil
+import subprocess
 from collections.abc import Awaitable
 from pathlib import Path
 
@@ -16,7 +20,8 @@ from services.projector.app import run_projector
 from tally import localkafka, topicadmin
 from tally.config.loader import load_config
 from tally.decision_cache import DecisionCache
-from tally.kafka import KafkaUnreachable
+from tally.kafka import KafkaUnreachable, ensure_topics, read_to_end
+from tally.settings import project_root
 from tally.topics import Topics
 from tests.test_pipeline import BUDGETS, NOON, eventually, produce, raw, running, write_config
 
@@ -60,6 +65,26 @@ async def test_the_pipeline_runs_through_a_sasl_listener(
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", bootstrap)
     monkeypatch.setenv("TALLY_TOPIC_NAMESPACE", topics.namespace)
     assert await asyncio.to_thread(topicadmin.main, ["check"]) == 0  # the CLI too
+
+
+def test_the_openclaw_plugin_signs_in_from_the_gateways_environment(
+        kafka_sasl: tuple[str, localkafka.SaslUser], unique_name: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    bootstrap, user = kafka_sasl
+    sign_in(monkeypatch, user)
+    topics = Topics(f"sasljs-{unique_name}")
+    asyncio.run(ensure_topics(bootstrap, topics, 3))
+    plugin = project_root() / "integrations" / "openclaw"
+    subprocess.run(["bash", str(plugin / "setup.sh")], check=True, capture_output=True,
+                   timeout=300)  # kafkajs, from the plugin's lockfile
+    node = shutil.which("node")
+    assert node is not None, "node is not installed: the OpenClaw plugin needs Node 20+"
+    script = Path(__file__).parent / "openclaw" / "sasl_link.mjs"
+    done = subprocess.run([node, str(script), bootstrap, topics.namespace], env=os.environ,
+                          capture_output=True, text=True, timeout=120)
+    assert json.loads(done.stdout) == {"sent": 1, "ready": True}, done.stderr[-2000:]
+    sent = asyncio.run(read_to_end(bootstrap, topics.usage_raw))
+    assert [json.loads(r.value or b"")["event_id"] for r in sent] == ["js-1"]
 
 
 async def test_a_wrong_password_is_refused_with_the_brokers_reason(
