@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.conn import create_conn
-from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 from aiokafka.helpers import create_ssl_context
 
 from tally.settings import KafkaSecurity
@@ -44,6 +44,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DYNAMIC_TOPIC_CONFIG = 1  # DescribeConfigs config_source: set on the topic itself
+
 
 @dataclass(frozen=True, slots=True)
 class Record:
@@ -169,9 +170,14 @@ async def _default_replicas(admin: AIOKafkaAdminClient) -> int:
     broker = (await admin.describe_cluster())["brokers"][0]["node_id"]
     resource = ConfigResource(ConfigResourceType.BROKER, str(broker),
                               {"default.replication.factor": None})
-    (response,) = await admin.describe_configs([resource])
-    entries = response.to_object()["resources"][0]["config_entries"]
-    return int(entries[0]["config_value"])
+    try:
+        (response,) = await admin.describe_configs([resource])
+        entries = response.to_object()["resources"][0]["config_entries"]
+        return int(entries[0]["config_value"])
+    except (KafkaError, IndexError, KeyError, ValueError) as error:  # e.g. not allowed
+        raise KafkaUnreachable(
+            f"cannot read the brokers' default.replication.factor to create the topics "
+            f"({error!r}); set TALLY_REPLICATION_FACTOR") from error
 
 
 async def _create(admin: AIOKafkaAdminClient, wanted: list[NewTopic]) -> None:
