@@ -32,7 +32,7 @@ TEST_PORT = int(os.environ.get("TALLY_TEST_KAFKA_PORT", "19092"))
 TEST_CONTROLLER_PORT = TEST_PORT + 1
 TEST_DATA_DIR = project_root() / ".local" / "kafka-test"
 LEASES = project_root() / ".local" / "kafka-test.sessions"
-KAFKA_IMAGE = os.environ.get("TALLY_KAFKA_IMAGE", "apache/kafka:4.1.0")
+KAFKA_IMAGE = os.environ.get("TALLY_KAFKA_IMAGE", "apache/kafka:4.3.1")  # = kafka/pom.xml
 
 
 def docker_answers() -> bool:
@@ -175,3 +175,35 @@ def kafka_bootstrap(request: pytest.FixtureRequest) -> Iterator[str]:
 def unique_name() -> str:
     """A short suffix so each test has its own topics and consumer groups."""
     return uuid.uuid4().hex[:8]
+
+
+# The three-node cluster of the broker-loss test: ports TEST_PORT+10 (and +11..+15).
+CLUSTER_PORT = TEST_PORT + 10
+CLUSTER_DATA_DIR = project_root() / ".local" / "kafka-cluster-test"
+
+
+@pytest.fixture(scope="session")
+def kafka_cluster() -> Iterator[tuple[str, list[localkafka.Node]]]:
+    """A three-node KRaft cluster on loopback (tally.localkafka), stopped at session end."""
+    bootstrap = localkafka.start_cluster(3, CLUSTER_PORT, CLUSTER_PORT + 1, CLUSTER_DATA_DIR)
+    try:
+        yield bootstrap, localkafka.cluster_nodes(3, CLUSTER_PORT, CLUSTER_PORT + 1,
+                                                  CLUSTER_DATA_DIR)
+    finally:
+        localkafka.stop(CLUSTER_DATA_DIR)
+
+
+# The SASL broker of tests/test_sasl.py: one SASL_PLAINTEXT SCRAM listener, on TEST_PORT+20.
+SASL_PORT = TEST_PORT + 20
+SASL_DATA_DIR = project_root() / ".local" / "kafka-sasl-test"
+SASL_USER = localkafka.SaslUser("tally", "tally-secret")
+
+
+@pytest.fixture(scope="session")
+def kafka_sasl() -> Iterator[tuple[str, localkafka.SaslUser]]:
+    """A broker that takes only SCRAM-authenticated clients, stopped at session end."""
+    bootstrap = localkafka.start(SASL_PORT, SASL_PORT + 1, SASL_DATA_DIR, sasl=SASL_USER)
+    try:
+        yield bootstrap, SASL_USER
+    finally:
+        localkafka.stop(SASL_DATA_DIR)

@@ -77,3 +77,32 @@ def test_stop_and_status_without_a_broker(tmp_path: Path) -> None:
     assert localkafka.stop(tmp_path) is False
     assert localkafka.main(["status", "--data-dir", str(tmp_path)]) == 1
     assert localkafka.main(["stop", "--data-dir", str(tmp_path)]) == 0
+
+
+def test_a_cluster_node_replicates_three_ways_and_is_fenced_fast(tmp_path: Path) -> None:
+    voters = "1@127.0.0.1:9093,2@127.0.0.1:9095,3@127.0.0.1:9097"
+    config = properties(localkafka.render_server_properties(9094, 9095, tmp_path, 2, voters))
+    assert (config["node.id"], config["controller.quorum.voters"]) == ("2", voters)
+    assert config["listeners"] == "PLAINTEXT://127.0.0.1:9094,CONTROLLER://127.0.0.1:9095"
+    assert config["default.replication.factor"] == "3"
+    assert config["min.insync.replicas"] == "2"
+    assert config["offsets.topic.replication.factor"] == "3"
+    assert config["broker.session.timeout.ms"] == "3000"
+    nodes = localkafka.cluster_nodes(3, 9092, 9093, tmp_path)
+    assert [(n.node_id, n.port, n.controller_port) for n in nodes] == [
+        (1, 9092, 9093), (2, 9094, 9095), (3, 9096, 9097)]
+    assert nodes[2].layout.root == tmp_path.resolve() / "node-3"
+
+
+def test_a_sasl_broker_takes_only_scram_clients(tmp_path: Path) -> None:
+    user = localkafka.SaslUser("tally", "pw")
+    text = localkafka.render_server_properties(9192, 9193, tmp_path, sasl=user)
+    config = properties(text)
+    assert config["listeners"] == "SASL_PLAINTEXT://127.0.0.1:9192,CONTROLLER://127.0.0.1:9193"
+    assert config["inter.broker.listener.name"] == "SASL_PLAINTEXT"
+    assert config["sasl.enabled.mechanisms"] == "SCRAM-SHA-256,SCRAM-SHA-512"
+    assert 'username="tally" password="pw";' in config[
+        "listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config"]
+    assert localkafka.configured_port(text) == 9192
+    assert user.format_args() == ["--add-scram", "SCRAM-SHA-256=[name=tally,password=pw]",
+                                  "--add-scram", "SCRAM-SHA-512=[name=tally,password=pw]"]

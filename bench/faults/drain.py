@@ -15,11 +15,10 @@ from collections.abc import AsyncIterator
 
 import httpx
 from aiokafka import AIOKafkaConsumer
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from bench.faults.services import Service
-from tally.kafka import end_offsets, make_consumer, partitions_of
+from tally.kafka import end_offsets, make_admin, make_consumer, partitions_of
 from tally.topics import Topics
 
 __all__ = ["wait_until_drained"]
@@ -31,7 +30,7 @@ class _Gauges:
     def __init__(self, bootstrap: str, topics: Topics, projector_port: int) -> None:
         self.topics = topics
         self.consumer = make_consumer(bootstrap)
-        self.admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        self.admin = make_admin(bootstrap)
         self.audit_url = f"http://127.0.0.1:{projector_port}/audit"
 
     async def end(self, topic: str) -> int:

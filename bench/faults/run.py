@@ -15,7 +15,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import yaml
-from aiokafka.admin import AIOKafkaAdminClient
 
 from bench.faults.chaos import Broker, kill_on_schedule, kill_plan, restart_broker_at
 from bench.faults.checks import (
@@ -33,7 +32,7 @@ from bench.faults.services import Service, service_env
 from bench.faults.workload import Workload, budgets_yaml, make_workload, user_totals, users_yaml
 from tally.config.loader import load_config
 from tally.config.models import Config
-from tally.kafka import ensure_topics
+from tally.kafka import ensure_topics, make_admin
 from tally.topics import Topics
 
 __all__ = ["Plan", "delete_topics", "run_faults"]
@@ -152,7 +151,7 @@ async def _figures(setup: Setup, broker: Broker, work_dir: Path) -> Figures:
 
 
 async def delete_topics(bootstrap: str, topics: Topics) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = make_admin(bootstrap)
     await admin.start()
     try:
         await admin.delete_topics(list(topics.all()))

@@ -1,6 +1,6 @@
 """The enforcer shell: budget.balances in; budget.decisions and budget.alerts out.
 
-On start it reads what earlier runs published (decisions, alerts), then consumes the
+On start it reads what earlier runs published (decisions, alert memory), then consumes the
 compacted budget.balances from the beginning and follows it. A clock tick ends periods
 without new usage, and a changed budgets.yaml is reloaded (a bad one is refused and the
 old policy stays). In the same event loop it serves the budgets API and the dashboard
@@ -17,12 +17,14 @@ import logging
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from pydantic import BaseModel
 
 from services.enforcer.api import create_app
-from services.enforcer.board import Board
+from services.enforcer.board import MAX_ALERTS, Board
+from services.enforcer.memory import AlertsSent
 from services.enforcer.notifier import run_notifier
 from services.enforcer.state import Enforcer, Outcome
 from tally.config.errors import ConfigError
@@ -42,14 +44,15 @@ from tally.service import (
     configure_logging,
     error_text,
     load_config_or_report,
+    run_or_report,
     serving,
     stop_on_signals,
 )
 from tally.settings import Settings
 from tally.topics import Topics
-from tally.wire import BalanceUpdated, BudgetAlerted, BudgetDecided, Wire, bounded_text
+from tally.wire import BalanceUpdated, BudgetAlerted, BudgetDecided, bounded_text
 
-W = TypeVar("W", bound=Wire)
+W = TypeVar("W", bound=BaseModel)
 
 __all__ = ["ConfigWatcher", "main", "run_enforcer"]
 
@@ -90,12 +93,19 @@ class ConfigWatcher:
 
 
 async def restore(board: Board, bootstrap: str, topics: Topics) -> None:
+    """What earlier runs said: each user's decision and the alerts sent in the current
+    periods (compacted topics: one record per key), and the recent alerts for the board.
+    Only the tail of budget.alerts is read, so its retention and length do not matter.
+    A record that is none of these is logged and skipped."""
     decisions = decode_all(BudgetDecided,
                            await read_to_end(bootstrap, topics.budget_decisions))
-    alerts = decode_all(BudgetAlerted, await read_to_end(bootstrap, topics.budget_alerts))
-    board.enforcer.restore(decisions, (a.alert_id for a in alerts))
-    board.restore_alerts(alerts)
-    log.info("restored %d decisions and %d alert ids", len(decisions), len(alerts))
+    memory = decode_all(AlertsSent, await read_to_end(bootstrap, topics.budget_alert_memory))
+    recent = decode_all(BudgetAlerted,
+                        await read_to_end(bootstrap, topics.budget_alerts, last=MAX_ALERTS))
+    board.enforcer.restore(decisions, memory, recent)
+    board.restore_alerts(recent)
+    log.info("restored %d decisions, %d alert memory records, %d recent alerts",
+             len(decisions), len(memory), len(recent))
 
 
 def decode_all(model: type[W], records: Iterable[Record]) -> list[W]:
@@ -118,14 +128,21 @@ def decode_balances(records: Iterable[Record]) -> list[BalanceUpdated]:
 
 
 async def publish(producer: AIOKafkaProducer, topics: Topics, outcome: Outcome) -> None:
-    """Decisions, then alerts; both acknowledged before the next step."""
-    sends = [await producer.send(topics.budget_decisions, d.model_dump_json().encode(),
-                                 key=d.user_id.encode()) for d in outcome.decisions]
-    sends += [await producer.send(topics.budget_alerts, a.model_dump_json().encode(),
-                                  key=a.user_id.encode()) for a in outcome.alerts]
-    await asyncio.gather(*sends)
+    """Decisions and alerts, then (once they are acknowledged) the alert memory: a crash
+    between the two can leave an alert unremembered (restore finds it in budget.alerts),
+    never remembered but unsent."""
+    await _sent([await producer.send(topics.budget_decisions, d.model_dump_json().encode(),
+                                     key=d.user_id.encode()) for d in outcome.decisions]
+                + [await producer.send(topics.budget_alerts, a.model_dump_json().encode(),
+                                       key=a.user_id.encode()) for a in outcome.alerts])
+    await _sent([await producer.send(topics.budget_alert_memory, m.model_dump_json().encode(),
+                                     key=m.key.encode()) for m in outcome.memory])
     for alert in outcome.alerts:
         log.info("alert %s: %s", alert.alert_id, alert.message.strip())
+
+
+async def _sent(sends: list[asyncio.Future[Any]]) -> None:
+    await asyncio.gather(*sends)
 
 
 async def run_enforcer(
@@ -274,8 +291,8 @@ def main(argv: list[str]) -> int:
     if load_config_or_report(args.config, "tally enforcer") is None:
         return 1
     configure_logging()
-    asyncio.run(_main(args.config, settings, args.port or None, args.host))
-    return 0
+    return run_or_report(_main(args.config, settings, args.port or None, args.host),
+                         "tally enforcer")
 
 
 async def _main(config_dir: Path, settings: Settings, port: int | None, host: str) -> None:

@@ -1,16 +1,17 @@
 """What the enforcer knows and decides, with no I/O: the shell feeds it and publishes.
 
-State is rebuilt on every start from three topics: budget.balances (usage), and
-budget.decisions and budget.alerts (what was already said), so a restart or a replay
-repeats no decision and no alert.
+State is rebuilt on every start from compacted topics: budget.balances (usage),
+budget.decisions and budget.alert_memory (what was already said, memory.py), so a restart
+or a replay repeats no decision and no alert.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
+from services.enforcer.memory import AlertMemory, AlertsSent
 from tally.config.models import Config
 from tally.core import (
     Window,
@@ -23,17 +24,23 @@ from tally.core import (
 )
 from tally.core.report import with_identities
 from tally.core.usage import UserUsage
+from tally.topics import spec_for
 from tally.wire import BalanceUpdated, BudgetAlerted, BudgetDecided
 
 __all__ = ["Enforcer", "Outcome", "same_decision"]
 
+# An alert memory key is kept as long as the topic keeps it: past that its period is over.
+MEMORY_SPAN = timedelta(milliseconds=spec_for("budget.alert_memory").retention_ms)
+
 
 @dataclass
 class Outcome:
-    """What to publish after one step: changed decisions, then new alerts."""
+    """What to publish after one step: changed decisions, new alerts, then the alert
+    memory records that say those alerts were sent."""
 
     decisions: list[BudgetDecided] = field(default_factory=list)
     alerts: list[BudgetAlerted] = field(default_factory=list)
+    memory: list[AlertsSent] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.decisions or self.alerts)
@@ -51,14 +58,15 @@ class Enforcer:
         self.config = config
         self.usages: dict[str, UserUsage] = {}
         self.published: dict[str, BudgetDecided] = {}
-        self.sent_alerts: set[str] = set()
+        self.memory = AlertMemory()
         self._daily: Window | None = None
 
-    def restore(self, decisions: Iterable[BudgetDecided], alert_ids: Iterable[str]) -> None:
+    def restore(self, decisions: Iterable[BudgetDecided], memory: Iterable[AlertsSent] = (),
+                alerts: Iterable[BudgetAlerted] = ()) -> None:
         """Remember what earlier runs already published (latest decision wins)."""
         for decision in decisions:
             self.published[decision.user_id] = decision
-        self.sent_alerts.update(alert_ids)
+        self.memory.restore(memory, alerts)
 
     def on_balances(self, balances: Iterable[BalanceUpdated], now: datetime) -> Outcome:
         return self.evaluate(self._affected(self.remember(balances)), now)
@@ -82,6 +90,7 @@ class Enforcer:
         if self._daily is not None and now in self._daily:
             return Outcome()
         self._daily = calendar_for(schedule).daily_window(now)
+        self.memory.forget_before(now - MEMORY_SPAN)
         return self.evaluate_everyone(now)
 
     def evaluate_everyone(self, now: datetime) -> Outcome:
@@ -96,12 +105,11 @@ class Enforcer:
             decision = with_identities(decide(everyone[user_id], budgets, now, groups),
                                        self.config)
             previous = self.published.get(user_id)
-            alerts = new_alerts(previous, decision, budgets, self.sent_alerts)
-            self.sent_alerts.update(alert.alert_id for alert in alerts)
-            outcome.alerts.extend(alerts)
+            outcome.alerts.extend(new_alerts(previous, decision, budgets, self.memory.ids))
             if not same_decision(previous, decision):
                 self.published[user_id] = decision
                 outcome.decisions.append(decision)
+        outcome.memory = self.memory.add(outcome.alerts)
         return outcome
 
     def decision_for(self, user_id: str, now: datetime) -> BudgetDecided:

@@ -42,7 +42,7 @@ from tally.kafka import (
     partitions_of,
 )
 from tally.ops import Metrics, Readiness, ops_routes, watching
-from tally.service import configure_logging, error_text, serving
+from tally.service import configure_logging, error_text, run_or_report, serving
 from tally.settings import Settings
 from tally.topics import Topics
 from tally.wire import rejection
@@ -300,9 +300,10 @@ async def _take(ahead: asyncio.Queue[list[Record]], reader: asyncio.Future[None]
 
 async def run_projector(config: Config, bootstrap: str, topics: Topics, db_path: Path,
                         stop: asyncio.Event, port: int | None = None,
-                        partitions: int = 3, publish_before_commit: bool = True) -> None:
+                        partitions: int = 3, publish_before_commit: bool = True,
+                        host: str = "127.0.0.1") -> None:
     """Run until `stop` is set; with a port, serve POST /audit, /metrics, /healthz and
-    /readyz (ready once caught up with usage.events and usage.dlq) on 127.0.0.1:port."""
+    /readyz (ready once caught up with usage.events and usage.dlq) on host:port."""
     await ensure_topics(bootstrap, topics, partitions)
     db_path.parent.mkdir(parents=True, exist_ok=True)
     async with contextlib.AsyncExitStack() as stack:
@@ -323,7 +324,7 @@ async def run_projector(config: Config, bootstrap: str, topics: Topics, db_path:
         if port is not None:
             routes = [*ops_routes(projector.metrics, readiness),
                       *history_routes(con, config, lambda: datetime.now(UTC))]
-            await stack.enter_async_context(serving(audit_app(con, routes), port))
+            await stack.enter_async_context(serving(audit_app(con, routes), port, host))
         log.info("projector: %d users, reading %s", len(projector.mirror), topics.usage_events)
         await _until(stop, projector, consumer)
 
@@ -371,7 +372,8 @@ def main(argv: list[str]) -> int:
     settings = Settings.from_env()
     parser = base_parser("tally projector", settings)
     parser.add_argument("--port", type=int, default=settings.projector_port,
-                        help="audit endpoint port on 127.0.0.1; 0 serves none")
+                        help="audit endpoint port; 0 serves none")
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
     parser.add_argument("--publish-after-commit", action="store_true",
                         help="send balances only once their batch has committed "
                              "(slower; the default sends them just before the commit)")
@@ -382,8 +384,7 @@ def main(argv: list[str]) -> int:
         print(f"tally projector: {e}", file=sys.stderr)
         return 2
     configure_logging()
-    asyncio.run(_run_until_signalled(config, settings, args))
-    return 0
+    return run_or_report(_run_until_signalled(config, settings, args), "tally projector")
 
 
 async def _run_until_signalled(config: Config, settings: Settings,
@@ -391,9 +392,10 @@ async def _run_until_signalled(config: Config, settings: Settings,
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    await run_projector(config, settings.bootstrap_servers, Topics(args.namespace), args.db,
+    topics = Topics(args.namespace, settings.replication_factor)
+    await run_projector(config, settings.bootstrap_servers, topics, args.db,
                         stop, port=args.port or None, partitions=settings.partitions,
-                        publish_before_commit=not args.publish_after_commit)
+                        publish_before_commit=not args.publish_after_commit, host=args.host)
 
 
 if __name__ == "__main__":

@@ -192,7 +192,8 @@ def main(argv: list[str]) -> int:
         return 1
     building = args.db.with_name(args.db.name + ".replay")
     _remove(building)
-    progress = asyncio.run(replay(config, settings.bootstrap_servers, Topics(args.namespace),
+    topics = Topics(args.namespace, settings.replication_factor)
+    progress = asyncio.run(replay(config, settings.bootstrap_servers, topics,
                                   building, partitions=settings.partitions))
     _remove(args.db)  # its write-ahead log must not be replayed onto the new file
     os.replace(building, args.db)

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from tally.kafka import Record, batches, end_offsets, make_consumer, partitions_of
+from tally.settings import KafkaSecurity
 from tally.topics import Topics
 from tally.wire import BudgetDecided, PeriodName, PeriodStatus
 
@@ -152,9 +153,13 @@ class DecisionCache:
     """Follows budget.decisions; `get` and `allows` answer from memory."""
 
     def __init__(
-        self, bootstrap: str, topics: Topics | None = None, fail_open: bool = True
+        self, bootstrap: str, topics: Topics | None = None, fail_open: bool = True,
+        security: KafkaSecurity | None = None,
     ) -> None:
+        """`security`: SASL/TLS settings; by default the KAFKA_SECURITY_PROTOCOL family of
+        environment variables (tally.settings.KafkaSecurity)."""
         self._bootstrap = bootstrap
+        self._security = security
         self._topic = (topics or Topics()).budget_decisions
         self._fail_open = fail_open
         self._table = DecisionTable()
@@ -191,7 +196,7 @@ class DecisionCache:
 
     async def start(self, timeout: float = 30.0) -> None:
         """Connect, then return once everything published before now has been read."""
-        self._consumer = make_consumer(self._bootstrap)
+        self._consumer = make_consumer(self._bootstrap, security=self._security)
         await self._consumer.start()
         parts = await partitions_of(self._consumer, self._topic)
         self._consumer.assign(parts)

@@ -7,32 +7,43 @@ consumer reads in batches (`getmany`): both are outside FastStream's per-message
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.conn import create_conn
+from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+from aiokafka.helpers import create_ssl_context
 
+from tally.settings import KafkaSecurity
+from tally.topiccheck import Difference, FoundTopic, TopicsMisconfigured, compare
 from tally.topics import Topics
 
 __all__ = [
+    "KafkaUnreachable",
     "Record",
+    "apply_topics",
     "batches",
+    "check_topics",
     "end_offsets",
     "ensure_topics",
     "fetch",
+    "make_admin",
     "make_consumer",
     "make_producer",
     "partitions_of",
     "read_to_end",
+    "security_options",
 ]
 
 log = logging.getLogger(__name__)
 
-COMPACTED_CONFIG = {"cleanup.policy": "compact", "min.cleanable.dirty.ratio": "0.1",
-                    "segment.ms": "600000"}
+DYNAMIC_TOPIC_CONFIG = 1  # DescribeConfigs config_source: set on the topic itself
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,21 +63,126 @@ class Record:
         return f"kafka:{self.topic}[{self.partition}]@{self.offset}"
 
 
+def security_options(security: KafkaSecurity | None = None) -> dict[str, Any]:
+    """aiokafka's connection settings for SASL and TLS (default: from the environment,
+    KAFKA_SECURITY_PROTOCOL and the others, see tally.settings)."""
+    security = security or KafkaSecurity.from_env()
+    options: dict[str, Any] = {"security_protocol": security.protocol}
+    if security.sasl:
+        options |= {"sasl_mechanism": security.sasl_mechanism,
+                    "sasl_plain_username": security.sasl_username,
+                    "sasl_plain_password": security.sasl_password}
+    if security.tls:
+        options["ssl_context"] = create_ssl_context(
+            cafile=security.ssl_ca_file, certfile=security.ssl_cert_file,
+            keyfile=security.ssl_key_file, password=security.ssl_key_password)
+    return options
+
+
+def make_admin(bootstrap: str, security: KafkaSecurity | None = None) -> AIOKafkaAdminClient:
+    return AIOKafkaAdminClient(bootstrap_servers=bootstrap, **security_options(security))
+
+
 async def ensure_topics(bootstrap: str, topics: Topics, partitions: int) -> None:
-    """Create the missing topics; compaction on the snapshot topics. Existing ones stay."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
+    """Create the missing topics as the topic table says, then check the existing ones:
+    raise TopicsMisconfigured where a difference loses data or repeats alerts, log the
+    smaller differences as warnings."""
+    async with _admin(bootstrap) as admin:
+        await _create_missing(admin, topics, partitions)
+        differences = await _compare(admin, bootstrap, topics, partitions)
+    refusing = [d for d in differences if d.refuses]
+    if refusing:
+        raise TopicsMisconfigured(refusing)
+    for difference in differences:
+        log.warning("topic setting differs from the table:\n%s", difference.describe())
+
+
+async def check_topics(bootstrap: str, topics: Topics, partitions: int) -> list[Difference]:
+    """Every difference between the cluster's topics and the table (`tally topics check`)."""
+    async with _admin(bootstrap) as admin:
+        return await _compare(admin, bootstrap, topics, partitions)
+
+
+async def apply_topics(bootstrap: str, topics: Topics, partitions: int) -> list[Difference]:
+    """Create the missing topics and make the safe config changes (`tally topics apply`);
+    the differences left, which need a hand (their `fix`)."""
+    async with _admin(bootstrap) as admin:
+        await _create_missing(admin, topics, partitions)
+        differences = await _compare(admin, bootstrap, topics, partitions)
+        await _alter(admin, topics, [d for d in differences if d.safe])
+        for _ in range(50):  # altered configs reach the brokers' metadata asynchronously
+            if not any(d.safe for d in differences):
+                break
+            await asyncio.sleep(0.1)
+            differences = await _compare(admin, bootstrap, topics, partitions)
+        return differences
+
+
+class KafkaUnreachable(RuntimeError):
+    """No connection to the cluster: down, wrong address, or refused credentials."""
+
+
+async def why_unreachable(bootstrap: str, security: KafkaSecurity | None = None) -> str:
+    """The broker's own reason (refused credentials, TLS failure, nothing listening),
+    which aiokafka logs but does not raise: one direct connection to the first server."""
+    host, _, port = bootstrap.split(",")[0].rpartition(":")
+    options = security_options(security)
     try:
-        existing = set(await admin.list_topics())
-        wanted = [
-            NewTopic(name, partitions, 1,
-                     topic_configs=COMPACTED_CONFIG if name in topics.compacted() else {})
-            for name in topics.all() if name not in existing
-        ]
-        if wanted:
-            await _create(admin, wanted)
+        conn = await create_conn(host, int(port), request_timeout_ms=10_000, **options)
+    except Exception as error:  # whatever it is, it is the answer
+        return f"{type(error).__name__}: {error}"
+    conn.close()
+    return "it answers now (it may have been starting)"
+
+
+async def started_admin(bootstrap: str,
+                        security: KafkaSecurity | None = None) -> AIOKafkaAdminClient:
+    """An admin client connected to the cluster, or KafkaUnreachable saying why not."""
+    admin = make_admin(bootstrap, security)
+    try:
+        await admin.start()
+    except KafkaConnectionError as error:
+        await admin.close()
+        security = security or KafkaSecurity.from_env()
+        who = f" as {security.sasl_username!r}" if security.sasl else ""
+        reason = await why_unreachable(bootstrap, security)
+        raise KafkaUnreachable(f"cannot connect to Kafka at {bootstrap} over "
+                               f"{security.protocol}{who}: {reason}") from error
+    return admin
+
+
+@contextlib.asynccontextmanager
+async def _admin(bootstrap: str) -> AsyncIterator[AIOKafkaAdminClient]:
+    admin = await started_admin(bootstrap)
+    try:
+        yield admin
     finally:
         await admin.close()
+
+
+async def _create_missing(admin: AIOKafkaAdminClient, topics: Topics, partitions: int) -> None:
+    existing = set(await admin.list_topics())
+    missing = {name: spec for name, spec in topics.specs().items() if name not in existing}
+    if not missing:
+        return
+    replicas = topics.replication_factor or await _default_replicas(admin)
+    await _create(admin, [NewTopic(name, partitions, replicas, topic_configs=spec.configs(replicas))
+                          for name, spec in missing.items()])
+
+
+async def _default_replicas(admin: AIOKafkaAdminClient) -> int:
+    """The broker's default.replication.factor (what a topic gets when none is said)."""
+    broker = (await admin.describe_cluster())["brokers"][0]["node_id"]
+    resource = ConfigResource(ConfigResourceType.BROKER, str(broker),
+                              {"default.replication.factor": None})
+    try:
+        (response,) = await admin.describe_configs([resource])
+        entries = response.to_object()["resources"][0]["config_entries"]
+        return int(entries[0]["config_value"])
+    except (KafkaError, IndexError, KeyError, ValueError) as error:  # e.g. not allowed
+        raise KafkaUnreachable(
+            f"cannot read the brokers' default.replication.factor to create the topics "
+            f"({error!r}); set TALLY_REPLICATION_FACTOR") from error
 
 
 async def _create(admin: AIOKafkaAdminClient, wanted: list[NewTopic]) -> None:
@@ -81,10 +197,58 @@ async def _create(admin: AIOKafkaAdminClient, wanted: list[NewTopic]) -> None:
         await asyncio.sleep(0.1)
 
 
-def make_producer(bootstrap: str, linger_ms: int = 1) -> AIOKafkaProducer:
+async def _compare(admin: AIOKafkaAdminClient, bootstrap: str, topics: Topics,
+                   partitions: int) -> list[Difference]:
+    found = await _describe(admin, list(topics.specs()))
+    return compare(topics.specs(), found, partitions, topics.replication_factor, bootstrap)
+
+
+async def _describe(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, FoundTopic]:
+    """Partitions, replicas and every config of the topics that exist among `names`."""
+    layouts = {t["topic"]: t["partitions"] for t in await admin.describe_topics(names)
+               if t["error_code"] == 0 and t["partitions"]}
+    configs = await _topic_configs(admin, list(layouts))
+    return {name: FoundTopic(name, len(parts), min(len(p["replicas"]) for p in parts),
+                             configs[name]) for name, parts in layouts.items()}
+
+
+async def _topic_configs(admin: AIOKafkaAdminClient, names: list[str],
+                         dynamic_only: bool = False) -> dict[str, dict[str, str]]:
+    if not names:
+        return {}
+    resources = [ConfigResource(ConfigResourceType.TOPIC, name) for name in names]
+    found: dict[str, dict[str, str]] = {}
+    for response in await admin.describe_configs(resources):
+        for resource in response.to_object()["resources"]:
+            found[resource["resource_name"]] = {
+                entry["config_names"]: entry["config_value"]
+                for entry in resource["config_entries"]
+                if not dynamic_only or entry["config_source"] == DYNAMIC_TOPIC_CONFIG}
+    return found
+
+
+async def _alter(admin: AIOKafkaAdminClient, topics: Topics,
+                 changes: list[Difference]) -> None:
+    """AlterConfigs replaces a topic's whole set of its own configs: send the ones it has
+    with the changes made, so nothing set by hand is dropped by the way."""
+    names = sorted({d.topic for d in changes})
+    current = await _topic_configs(admin, names, dynamic_only=True)
+    for name in names:
+        configs = current[name] | {d.setting: d.value for d in changes if d.topic == name}
+        (response,) = await admin.alter_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, name, configs)])
+        for resource in response.to_object()["resources"]:
+            if resource["error_code"]:
+                raise RuntimeError(f"altering {name} failed: {resource['error_message']}")
+        log.info("topic %s now has %s", name, configs)
+
+
+def make_producer(bootstrap: str, linger_ms: int = 1,
+                  security: KafkaSecurity | None = None) -> AIOKafkaProducer:
     """An idempotent producer with acks=all: a retry never writes a message twice."""
     return AIOKafkaProducer(
         bootstrap_servers=bootstrap,
+        **security_options(security),
         enable_idempotence=True,
         acks="all",
         linger_ms=linger_ms,
@@ -94,7 +258,8 @@ def make_producer(bootstrap: str, linger_ms: int = 1) -> AIOKafkaProducer:
 
 
 def make_consumer(
-    bootstrap: str, group_id: str | None = None, fetch_max_wait_ms: int = 5
+    bootstrap: str, group_id: str | None = None, fetch_max_wait_ms: int = 5,
+    security: KafkaSecurity | None = None,
 ) -> AIOKafkaConsumer:
     """A consumer that never auto-commits: offsets are committed after the work is done.
 
@@ -102,6 +267,7 @@ def make_consumer(
     """
     return AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
+        **security_options(security),
         group_id=group_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
@@ -145,8 +311,9 @@ async def fetch(consumer: AIOKafkaConsumer, max_records: int, timeout_ms: int) -
             for messages in fetched.values() for m in messages]
 
 
-async def read_to_end(bootstrap: str, topic: str) -> list[Record]:
-    """Every record of a topic from the beginning up to its end offsets at call time."""
+async def read_to_end(bootstrap: str, topic: str, last: int | None = None) -> list[Record]:
+    """Every record of a topic from the beginning (or only the `last` records of each
+    partition) up to its end offsets at call time."""
     consumer = make_consumer(bootstrap)
     await consumer.start()
     try:
@@ -154,6 +321,9 @@ async def read_to_end(bootstrap: str, topic: str) -> list[Record]:
         consumer.assign(parts)
         await consumer.seek_to_beginning(*parts)
         targets = await end_offsets(consumer, parts)
+        if last is not None:
+            for tp, end in targets.items():
+                consumer.seek(tp, max(await consumer.position(tp), end - last))
         found: list[Record] = []
         while any([await consumer.position(tp) < end for tp, end in targets.items()]):
             found.extend(await fetch(consumer, 10_000, 100))

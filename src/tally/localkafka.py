@@ -31,21 +31,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tally.settings import project_root
+from tally.topics import min_insync_replicas
 
 __all__ = [
     "KafkaStartError",
+    "Node",
+    "SaslUser",
+    "cluster_nodes",
     "ensure_jars",
     "is_running",
+    "kill_node",
     "main",
     "probe",
     "render_server_properties",
+    "restart_node",
     "running_pid",
     "start",
+    "start_cluster",
     "stop",
     "wait_ready",
 ]
 
 HOST = "127.0.0.1"
+RETENTION_CHECK_MS = 1000
 SERVER_MAIN = "kafka.Kafka"
 STORAGE_MAIN = "kafka.tools.StorageTool"
 BROKER_JVM = ["-Xmx512m", "-Xms256m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20"]
@@ -123,36 +131,77 @@ def pom_file() -> Path:
 # ---------------------------------------------------------------- pure helpers
 
 
-def render_server_properties(port: int, controller_port: int, log_dirs: Path) -> str:
-    """server.properties for one combined broker+controller on 127.0.0.1 (node.id 1)."""
+SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+@dataclass(frozen=True)
+class SaslUser:
+    """The one SCRAM user of a local SASL broker (clients and the broker itself)."""
+
+    username: str
+    password: str
+
+    def server_settings(self) -> dict[str, str]:
+        login = ("org.apache.kafka.common.security.scram.ScramLoginModule required "
+                 f'username="{self.username}" password="{self.password}";')
+        return {"sasl.enabled.mechanisms": ",".join(SCRAM_MECHANISMS),
+                "sasl.mechanism.inter.broker.protocol": SCRAM_MECHANISMS[0]} | {
+            f"listener.name.sasl_plaintext.{m.lower()}.sasl.jaas.config": login
+            for m in SCRAM_MECHANISMS}
+
+    def format_args(self) -> list[str]:
+        """StorageTool arguments that create the user's SCRAM credentials."""
+        return [arg for m in SCRAM_MECHANISMS for arg in
+                ("--add-scram", f"{m}=[name={self.username},password={self.password}]")]
+
+
+
+def render_server_properties(port: int, controller_port: int, log_dirs: Path,
+                             node_id: int = 1, voters: str | None = None,
+                             sasl: SaslUser | None = None) -> str:
+    """server.properties for one combined broker+controller on 127.0.0.1: node.id 1 alone,
+    or one node of a cluster whose controller quorum is `voters` ("1@host:port,...").
+    With `sasl`, clients (and the broker itself) sign in with SCRAM on a SASL_PLAINTEXT
+    listener; the credentials are created when the storage is formatted."""
+    voters = voters or f"{node_id}@{HOST}:{controller_port}"
+    replicas = voters.count("@")
+    listener = "SASL_PLAINTEXT" if sasl else "PLAINTEXT"
     settings = {
         "process.roles": "broker,controller",
-        "node.id": "1",
-        "controller.quorum.voters": f"1@{HOST}:{controller_port}",
-        "listeners": f"PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{controller_port}",
-        "advertised.listeners": f"PLAINTEXT://{HOST}:{port}",
-        "inter.broker.listener.name": "PLAINTEXT",
+        "node.id": str(node_id),
+        "controller.quorum.voters": voters,
+        "listeners": f"{listener}://{HOST}:{port},CONTROLLER://{HOST}:{controller_port}",
+        "advertised.listeners": f"{listener}://{HOST}:{port}",
+        "inter.broker.listener.name": listener,
         "controller.listener.names": "CONTROLLER",
-        "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        "listener.security.protocol.map": f"CONTROLLER:PLAINTEXT,{listener}:{listener}",
         "log.dirs": str(log_dirs),
         "num.partitions": "3",
-        "default.replication.factor": "1",
+        "default.replication.factor": str(replicas),
+        "min.insync.replicas": str(min_insync_replicas(replicas)),
         "auto.create.topics.enable": "false",
-        "offsets.topic.replication.factor": "1",
+        "offsets.topic.replication.factor": str(replicas),
         "offsets.topic.num.partitions": "10",
-        "transaction.state.log.replication.factor": "1",
-        "transaction.state.log.min.isr": "1",
-        "share.coordinator.state.topic.replication.factor": "1",
-        "share.coordinator.state.topic.min.isr": "1",
+        "transaction.state.log.replication.factor": str(replicas),
+        "transaction.state.log.min.isr": str(min_insync_replicas(replicas)),
+        "share.coordinator.state.topic.replication.factor": str(replicas),
+        "share.coordinator.state.topic.min.isr": str(min_insync_replicas(replicas)),
         "group.initial.rebalance.delay.ms": "0",
         "log.cleaner.dedupe.buffer.size": str(32 * 1024 * 1024),
+        # Retention is enforced within seconds rather than 5 minutes, so that a test can
+        # let "a week" pass (topics with retention.ms of seconds). Cheap on a dev broker.
+        "log.retention.check.interval.ms": str(RETENTION_CHECK_MS),
     }
+    if sasl is not None:
+        settings |= sasl.server_settings()
+    if replicas > 1:  # a killed node is fenced, and its partitions led elsewhere, in ~3 s
+        settings |= {"broker.session.timeout.ms": "3000", "broker.heartbeat.interval.ms": "500"}
     return "".join(f"{key}={value}\n" for key, value in settings.items())
 
 
 def configured_port(properties: str) -> int | None:
     """The client port in a rendered server.properties, or None."""
-    match = re.search(r"^advertised\.listeners=PLAINTEXT://[^:]+:(\d+)$", properties, re.M)
+    match = re.search(r"^advertised\.listeners=[A-Z_]+://[^:]+:(\d+)$", properties, re.M)
     return int(match.group(1)) if match else None
 
 
@@ -201,6 +250,27 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes:
 
 def probe(host: str, port: int, timeout: float = 2.0) -> bool:
     """True when a Kafka broker answers a Metadata request listing at least one broker."""
+    return broker_count(host, port, timeout) > 0
+
+
+def answers_api_versions(host: str, port: int, timeout: float = 2.0) -> bool:
+    """True when a broker answers ApiVersions: the one request a SASL listener takes before
+    the client signs in (a Metadata request there is answered by closing the connection)."""
+    correlation_id = int(time.monotonic_ns() % 2**31)
+    client_id = b"tally-localkafka"
+    payload = struct.pack(">hhih", 18, 0, correlation_id, len(client_id)) + client_id
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(struct.pack(">i", len(payload)) + payload)
+            (size,) = struct.unpack(">i", _recv_exact(sock, 4))
+            answer = _recv_exact(sock, size)
+    except (OSError, struct.error):
+        return False
+    return len(answer) >= 4 and struct.unpack(">i", answer[:4])[0] == correlation_id
+
+
+def broker_count(host: str, port: int, timeout: float = 2.0) -> int:
+    """How many live brokers the broker at host:port knows of (0: no answer)."""
     correlation_id = int(time.monotonic_ns() % 2**31)
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
@@ -208,8 +278,8 @@ def probe(host: str, port: int, timeout: float = 2.0) -> bool:
             (size,) = struct.unpack(">i", _recv_exact(sock, 4))
             payload = _recv_exact(sock, size)
     except (OSError, struct.error):
-        return False
-    return brokers_in_metadata_response(payload, correlation_id) > 0
+        return 0
+    return brokers_in_metadata_response(payload, correlation_id)
 
 
 def port_open(port: int) -> bool:
@@ -362,9 +432,9 @@ def is_running(data_dir: Path | None = None) -> bool:
 # --------------------------------------------------------------------- start
 
 
-def _write_config(layout: Layout, port: int, controller_port: int) -> None:
+def _write_config(layout: Layout, properties: str) -> None:
     layout.config_file.parent.mkdir(parents=True, exist_ok=True)
-    layout.config_file.write_text(render_server_properties(port, controller_port, layout.data))
+    layout.config_file.write_text(properties)
     layout.log4j_file.write_text(LOG4J2)
 
 
@@ -372,14 +442,15 @@ def _log4j_flag(layout: Layout) -> str:
     return f"-Dlog4j2.configurationFile={layout.log4j_file}"
 
 
-def _format_storage(layout: Layout, java: str) -> None:
-    """Format log.dirs once, with a fresh random cluster id (static single-voter quorum)."""
+def _format_storage(layout: Layout, java: str, cluster_id: str,
+                    sasl: SaslUser | None = None) -> None:
+    """Format log.dirs once, with the cluster's id (static quorum of controller voters)."""
     if (layout.data / "meta.properties").exists():
         return
-    say("formatting storage...")
+    say(f"formatting storage of {layout.root}...")
     shutil.rmtree(layout.data, ignore_errors=True)  # unformatted leftovers are never valid
-    cluster_id = new_cluster_id()
     args = ["format", "-t", cluster_id, "-c", str(layout.config_file)]
+    args += sasl.format_args() if sasl else []
     jvm = [*TOOL_JVM, _log4j_flag(layout)]
     command = java_command(java, STORAGE_MAIN, jvm, args)
     result = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -395,9 +466,9 @@ def _rotate_log(layout: Layout) -> None:
         layout.log_file.replace(layout.log_file.with_suffix(".log.1"))
 
 
-def _spawn(layout: Layout, java: str) -> int:
+def _spawn(layout: Layout, java: str, heap: list[str] = BROKER_JVM) -> int:
     _rotate_log(layout)
-    jvm = [*BROKER_JVM, _log4j_flag(layout), f"-Dkafka.logs.dir={layout.log_file.parent}"]
+    jvm = [*heap, _log4j_flag(layout), f"-Dkafka.logs.dir={layout.log_file.parent}"]
     command = java_command(java, SERVER_MAIN, jvm, [str(layout.config_file)])
     with layout.log_file.open("ab") as log:
         process = subprocess.Popen(
@@ -428,7 +499,8 @@ def _failure(layout: Layout, what: str) -> KafkaStartError:
 
 def _await_broker(layout: Layout, pid: int, port: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while not probe(HOST, port):
+    sasl = "SASL_" in layout.config_file.read_text()
+    while not (answers_api_versions(HOST, port) if sasl else probe(HOST, port)):
         if not _alive(pid):
             layout.pid_file.unlink(missing_ok=True)
             raise _failure(layout, f"Kafka (pid {pid}) exited during startup")
@@ -462,8 +534,11 @@ def start(
     controller_port: int = 9093,
     data_dir: Path | None = None,
     timeout: float = 90.0,
+    sasl: SaslUser | None = None,
 ) -> str:
-    """Start the broker (or find it running) and return its bootstrap "127.0.0.1:PORT"."""
+    """Start the broker (or find it running) and return its bootstrap "127.0.0.1:PORT".
+    With `sasl`, its one listener is SASL_PLAINTEXT with SCRAM, for that user only (a data
+    dir formatted without it has no such user: use another data dir)."""
     layout = _layout(data_dir)
     with _locked(layout):
         pid = _running_pid(layout)
@@ -473,8 +548,9 @@ def start(
         java = _java()
         ensure_jars()
         began = time.monotonic()
-        _write_config(layout, port, controller_port)
-        _format_storage(layout, java)
+        _write_config(layout, render_server_properties(port, controller_port, layout.data,
+                                                       sasl=sasl))
+        _format_storage(layout, java, new_cluster_id(), sasl)
         pid = _spawn(layout, java)
         try:
             _await_broker(layout, pid, port, timeout)
@@ -503,14 +579,17 @@ def _wait_exit(pid: int, timeout: float) -> bool:
 
 
 def stop(data_dir: Path | None = None, timeout: float = 30.0) -> bool:
-    """Stop the broker (SIGTERM, then SIGKILL after timeout). True if one was running."""
-    layout = _layout(data_dir)
-    with _locked(layout):
-        pid = _running_pid(layout)
-        if pid is None:
-            return False
-        _terminate(layout, pid, timeout)
-    return True
+    """Stop the broker, or every node of the cluster, of this data dir (SIGTERM, then
+    SIGKILL after timeout). True if one was running."""
+    root = _layout(data_dir)
+    with _locked(root):
+        running = [(layout, pid) for layout in [root, *_node_layouts(root)]
+                   if (pid := _running_pid(layout)) is not None]
+        for _, pid in running:  # all at once: the last of a cluster has no quorum
+            _signal(pid, signal.SIGTERM)
+        for layout, pid in running:
+            _terminate(layout, pid, timeout)
+    return bool(running)
 
 
 def _terminate(layout: Layout, pid: int, timeout: float) -> None:
@@ -524,10 +603,104 @@ def _terminate(layout: Layout, pid: int, timeout: float) -> None:
     layout.pid_file.unlink(missing_ok=True)
 
 
+# ------------------------------------------------------------------- cluster
+
+CLUSTER_JVM = ["-Xmx320m", "-Xms64m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20"]
+
+
+@dataclass(frozen=True)
+class Node:
+    """One node of a local cluster: broker and controller in one process."""
+
+    node_id: int
+    layout: Layout
+    port: int
+    controller_port: int
+
+
+def cluster_nodes(brokers: int, port: int, controller_port: int,
+                  data_dir: Path | None = None) -> list[Node]:
+    """Node i (from 1) listens on port + 2(i-1) and controller_port + 2(i-1), and keeps its
+    data in <data dir>/node-i: 9092/9093, 9094/9095, 9096/9097 by default."""
+    root = _layout(data_dir).root
+    return [Node(i, Layout(root / f"node-{i}"), port + 2 * (i - 1),
+                 controller_port + 2 * (i - 1)) for i in range(1, brokers + 1)]
+
+
+def _node_layouts(root: Layout) -> list[Layout]:
+    return [Layout(path) for path in sorted(root.root.glob("node-*")) if path.is_dir()]
+
+
+def _cluster_id(root: Layout) -> str:
+    """One id for every node of the cluster, kept beside them."""
+    path = root.root / "cluster-id"
+    if not path.exists():
+        path.write_text(new_cluster_id() + "\n")
+    return path.read_text().strip()
+
+
+def start_cluster(brokers: int = 3, port: int = 9092, controller_port: int = 9093,
+                  data_dir: Path | None = None, timeout: float = 120.0) -> str:
+    """Start a cluster of `brokers` nodes on loopback (or find it running) and return its
+    bootstrap servers; replication factor and min.insync.replicas follow its size."""
+    root, nodes = _layout(data_dir), cluster_nodes(brokers, port, controller_port, data_dir)
+    voters = ",".join(f"{n.node_id}@{HOST}:{n.controller_port}" for n in nodes)
+    with _locked(root):
+        java = _java()
+        ensure_jars()
+        began, cluster_id = time.monotonic(), _cluster_id(root)
+        for node in nodes:
+            if _running_pid(node.layout) is None:
+                _check_ports_free(node.port, node.controller_port)
+                _write_config(node.layout, render_server_properties(
+                    node.port, node.controller_port, node.layout.data, node.node_id, voters))
+                _format_storage(node.layout, java, cluster_id)
+                _spawn(node.layout, java, CLUSTER_JVM)
+        _await_cluster(nodes, brokers, timeout)
+    say(f"Kafka cluster of {brokers} ready in {time.monotonic() - began:.1f} s")
+    return ",".join(f"{HOST}:{node.port}" for node in nodes)
+
+
+def _await_cluster(nodes: list[Node], brokers: int, timeout: float) -> None:
+    """Every node answers and knows all `brokers` (a quorum formed, none fenced)."""
+    deadline = time.monotonic() + timeout
+    for node in nodes:
+        while broker_count(HOST, node.port) < brokers:
+            pid = _read_pid(node.layout)
+            if pid is None or not _alive(pid):
+                raise _failure(node.layout, f"Kafka node {node.node_id} exited during startup")
+            if time.monotonic() > deadline:
+                raise _failure(node.layout, f"the cluster did not form within {timeout:.0f} s")
+            time.sleep(0.2)
+
+
+def kill_node(node: Node, signum: signal.Signals = signal.SIGKILL) -> int:
+    """Signal one node (SIGKILL: a crash); its pid."""
+    pid = _running_pid(node.layout)
+    if pid is None:
+        raise KafkaStartError(f"Kafka node {node.node_id} is not running")
+    _signal(pid, signum)
+    _wait_exit(pid, 30.0)
+    _CHILDREN.pop(pid, None)
+    return pid
+
+
+def restart_node(node: Node, timeout: float = 60.0) -> None:
+    """Start one stopped node again from its config and data; return once it answers."""
+    with _locked(node.layout):
+        pid = _spawn(node.layout, _java(), CLUSTER_JVM)
+        _await_broker(node.layout, pid, node.port, timeout)
+
+
 # ----------------------------------------------------------------------- CLI
 
 
-def _status(layout: Layout) -> int:
+def _status(root: Layout) -> int:
+    """One line per broker (the single one, or each node of a cluster); 0 if all answer."""
+    return max(_node_status(layout) for layout in (_node_layouts(root) or [root]))
+
+
+def _node_status(layout: Layout) -> int:
     pid = _running_pid(layout)
     if pid is None:
         print(f"Kafka is not running (data dir {layout.root})")
@@ -541,6 +714,14 @@ def _status(layout: Layout) -> int:
     return 0 if answering else 1
 
 
+def _sasl_user() -> SaslUser:
+    user = SaslUser(os.environ.get("KAFKA_SASL_USERNAME", "tally"),
+                    os.environ.get("KAFKA_SASL_PASSWORD", "tally-secret"))
+    say(f"clients: KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT KAFKA_SASL_MECHANISM=SCRAM-SHA-256 "
+        f"KAFKA_SASL_USERNAME={user.username} KAFKA_SASL_PASSWORD=...")
+    return user
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tally kafka", description="the local Kafka broker")
     parser.add_argument("action", choices=["start", "stop", "status"],
@@ -551,6 +732,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="the KRaft controller's port (default: 9093)")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="where its logs and data live (default: .local/kafka)")
+    parser.add_argument("--sasl", action="store_true",
+                        help="a SASL_PLAINTEXT SCRAM listener; the user is KAFKA_SASL_USERNAME "
+                             "and KAFKA_SASL_PASSWORD (default tally / tally-secret)")
+    parser.add_argument("--brokers", type=int, default=1,
+                        help="nodes (broker+controller each); ports step by 2 from --port")
     return parser
 
 
@@ -563,7 +749,11 @@ def main(argv: list[str]) -> int:
         print("Kafka stopped" if stop(data_dir) else "Kafka was not running")
         return 0
     try:
-        print(start(args.port, args.controller_port, data_dir))
+        if args.brokers > 1:
+            print(start_cluster(args.brokers, args.port, args.controller_port, data_dir))
+        else:
+            sasl = _sasl_user() if args.sasl else None
+            print(start(args.port, args.controller_port, data_dir, sasl=sasl))
     except KafkaStartError as error:
         print(f"tally kafka start: {error}", file=sys.stderr)
         return 1

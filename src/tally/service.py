@@ -13,7 +13,7 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from pathlib import Path
 
 import uvicorn
@@ -22,9 +22,12 @@ from starlette.types import ASGIApp
 from tally.config.errors import ConfigError
 from tally.config.loader import load_config
 from tally.config.models import Config
+from tally.kafka import KafkaUnreachable
+from tally.topiccheck import TopicsMisconfigured
 
 __all__ = ["EscapingFormatter", "QuietServer", "bind", "configure_logging", "decimal", "error_text",
-           "escape_controls", "load_config_or_report", "serving", "stop_on_signals"]
+           "escape_controls", "load_config_or_report", "run_or_report", "serving",
+           "stop_on_signals"]
 
 
 class EscapingFormatter(logging.Formatter):
@@ -67,6 +70,17 @@ def load_config_or_report(directory: Path, prog: str) -> Config | None:
         print(f"{prog}: refusing to start, the config in {directory} is invalid:\n{error}",
               file=sys.stderr)
         return None
+
+
+def run_or_report(service: Coroutine[object, object, None], prog: str) -> int:
+    """Run a service to its end; 1 after printing why, when the cluster refused it at
+    start (unreachable, refused credentials, topics that would lose data)."""
+    try:
+        asyncio.run(service)
+    except (KafkaUnreachable, TopicsMisconfigured) as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def stop_on_signals(stop: asyncio.Event) -> None:

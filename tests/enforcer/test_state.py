@@ -76,7 +76,7 @@ def test_a_restored_enforcer_repeats_no_decision_and_no_alert() -> None:
     first = Enforcer(cfg)
     said = first.on_balances([balance_after(cfg, 1000)], NOON)
     second = Enforcer(cfg)
-    second.restore(said.decisions, (a.alert_id for a in said.alerts))
+    second.restore(said.decisions, said.memory)
     assert not second.on_balances([balance_after(cfg, 1000)], NOON + timedelta(minutes=1))
 
 
@@ -131,3 +131,31 @@ def test_a_decision_names_the_identities_its_user_claims() -> None:
     })
     decision = Enforcer(cfg).on_balances([balance_after(cfg, 100)], NOON).decisions[0]
     assert decision.identities == ("openai-user:alice", "telegram:42")
+
+
+def test_alert_memory_is_one_record_per_user_and_period() -> None:
+    cfg = config()
+    outcome = Enforcer(cfg).on_balances([balance_after(cfg, 1000)], NOON)
+    assert {a.kind for a in outcome.alerts} == {"limit", "warning"}
+    (record,) = outcome.memory  # the daily warning and limit share one key
+    assert record.key == "alice|daily|2026-05-10T00:00:00+00:00"
+    assert set(record.alert_ids) == {a.alert_id for a in outcome.alerts}
+
+
+def test_alerts_read_back_from_budget_alerts_count_as_sent() -> None:
+    cfg = config()
+    said = Enforcer(cfg).on_balances([balance_after(cfg, 1000)], NOON)
+    second = Enforcer(cfg)
+    second.restore(said.decisions, memory=(), alerts=said.alerts)  # memory never written
+    assert not second.on_balances([balance_after(cfg, 1000)], NOON + timedelta(minutes=1))
+
+
+def test_alert_memory_forgets_periods_long_over() -> None:
+    cfg = config()
+    enforcer = Enforcer(cfg)
+    enforcer.on_balances([balance_after(cfg, 1000)], NOON)
+    first_day = set(enforcer.memory.ids)
+    enforcer.on_tick(NOON + timedelta(days=61))  # a new day: the reset alert's own key
+    assert len(enforcer.memory) == 2 and first_day <= enforcer.memory.ids
+    enforcer.on_tick(NOON + timedelta(days=63))
+    assert len(enforcer.memory) == 1 and not first_day & enforcer.memory.ids

@@ -6,6 +6,8 @@
  * Tally's `src/tally/topics.py`: a namespace prefixes every name).
  */
 
+import { readFileSync } from "node:fs";
+
 /** @typedef {"input_tokens"|"output_tokens"|"cache_read_tokens"|"cache_write_tokens"} TokenField */
 
 /**
@@ -22,6 +24,14 @@
  * @property {TokenField[]} countedTokens Match budgets.yaml `counted_tokens`.
  * @property {number} pendingTtlSeconds Forget a call's local tokens after this long.
  * @property {boolean} appendFooter Append warnings and the footer on channel deliveries.
+ * @property {KafkaSecurity} security How to reach Kafka (SASL, TLS).
+ */
+
+/**
+ * @typedef {object} KafkaSecurity
+ * @property {"PLAINTEXT"|"SSL"|"SASL_PLAINTEXT"|"SASL_SSL"} protocol
+ * @property {{mechanism: "plain"|"scram-sha-256"|"scram-sha-512", username: string, password: string} | null} sasl
+ * @property {{caFile?: string, certFile?: string, keyFile?: string} | null} tls
  */
 
 export const TOKEN_FIELDS = Object.freeze([
@@ -54,11 +64,60 @@ export function topicNames(namespace) {
 }
 
 /**
+ * SASL and TLS settings: the plugin config's, else the environment variables Tally's
+ * services read (KAFKA_SECURITY_PROTOCOL, KAFKA_SASL_*, KAFKA_SSL_*_FILE).
+ * @param {Record<string, any>} given
+ * @param {Record<string, string | undefined>} env
+ * @returns {KafkaSecurity}
+ */
+export function resolveSecurity(given, env) {
+  const protocol = given.securityProtocol ?? env.KAFKA_SECURITY_PROTOCOL ?? "PLAINTEXT";
+  if (!["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"].includes(protocol)) {
+    throw new Error(`tally: unknown Kafka security protocol ${JSON.stringify(protocol)}`);
+  }
+  const s = given.sasl ?? {};
+  const sasl = protocol.startsWith("SASL_") ? {
+    mechanism: String(s.mechanism ?? env.KAFKA_SASL_MECHANISM ?? "PLAIN").toLowerCase(),
+    username: s.username ?? env.KAFKA_SASL_USERNAME,
+    password: s.password ?? env.KAFKA_SASL_PASSWORD,
+  } : null;
+  if (sasl && !(sasl.username && sasl.password)) {
+    throw new Error(`tally: Kafka security protocol ${protocol} needs sasl.username and ` +
+                    "sasl.password (or KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD)");
+  }
+  const t = given.tls ?? {};
+  const tls = protocol.endsWith("SSL") ? {
+    caFile: t.caFile ?? env.KAFKA_SSL_CA_FILE,
+    certFile: t.certFile ?? env.KAFKA_SSL_CERT_FILE,
+    keyFile: t.keyFile ?? env.KAFKA_SSL_KEY_FILE,
+  } : null;
+  return Object.freeze({ protocol, sasl: /** @type {KafkaSecurity["sasl"]} */ (sasl), tls });
+}
+
+/**
+ * kafkajs's `sasl` and `ssl` options for the resolved security settings.
+ * @param {import("./config.js").KafkaSecurity} security
+ */
+export function connectionOptions(security) {
+  /** @type {Record<string, any>} */
+  const options = {};
+  if (security.sasl) options.sasl = { ...security.sasl };
+  if (security.tls) {
+    const read = (/** @type {string | undefined} */ path) => (path ? readFileSync(path) : undefined);
+    const { caFile, certFile, keyFile } = security.tls;
+    options.ssl = caFile || certFile ? { ca: caFile ? [read(caFile)] : undefined,
+                                         cert: read(certFile), key: read(keyFile) } : true;
+  }
+  return options;
+}
+
+/**
  * The settings with every default filled in.
  * @param {Record<string, unknown> | undefined} raw `api.pluginConfig`
+ * @param {Record<string, string | undefined>} [env] where the security settings default from
  * @returns {TallyConfig}
  */
-export function resolveConfig(raw) {
+export function resolveConfig(raw, env = process.env) {
   const given = /** @type {Record<string, any>} */ (raw ?? {});
   const merged = { ...DEFAULTS, ...given };
   const topics = { ...topicNames(merged.namespace), ...(given.topics ?? {}) };
@@ -74,5 +133,6 @@ export function resolveConfig(raw) {
     countedTokens: [...merged.countedTokens],
     pendingTtlSeconds: merged.pendingTtlSeconds,
     appendFooter: merged.appendFooter,
+    security: resolveSecurity(given, env),
   });
 }

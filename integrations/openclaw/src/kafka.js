@@ -16,6 +16,7 @@ import { randomUUID } from "node:crypto";
 import { hostname } from "node:os";
 import kafkajs from "kafkajs";
 import { isDecision } from "./budget.js";
+import { connectionOptions } from "./config.js";
 
 const { Kafka, logLevel } = kafkajs;
 
@@ -61,6 +62,7 @@ export class KafkaLink {
     this.kafka = new Kafka({
       clientId: config.clientId,
       brokers: config.brokers,
+      ...connectionOptions(config.security),
       logLevel: logLevel.ERROR,
       logCreator: logCreator(logger),
       retry: { initialRetryTime: 200, maxRetryTime: 5_000, retries: 8 },

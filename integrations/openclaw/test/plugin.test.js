@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { resolveConfig, topicNames } from "../src/config.js";
+import { connectionOptions, resolveConfig, topicNames } from "../src/config.js";
 import { createTally, notices } from "../src/plugin.js";
 
 const NOON = Date.parse("2026-05-10T12:00:00Z");
@@ -34,6 +34,24 @@ test("settings: defaults, the namespace, explicit topics", () => {
   assert.deepEqual(config.topics, { usageRaw: "raw-x", budgetDecisions: "t1.budget.decisions" });
   assert.equal(config.failOpen, true);
   assert.deepEqual(topicNames(""), { usageRaw: "usage.raw", budgetDecisions: "budget.decisions" });
+});
+
+test("settings: SASL and TLS from the environment, the plugin config winning", () => {
+  const env = { KAFKA_SECURITY_PROTOCOL: "SASL_SSL", KAFKA_SASL_MECHANISM: "SCRAM-SHA-256",
+                KAFKA_SASL_USERNAME: "tally", KAFKA_SASL_PASSWORD: "s3cret",
+                KAFKA_SSL_CA_FILE: "/etc/kafka/ca.pem" };
+  assert.deepEqual(resolveConfig({}, env).security, {
+    protocol: "SASL_SSL",
+    sasl: { mechanism: "scram-sha-256", username: "tally", password: "s3cret" },
+    tls: { caFile: "/etc/kafka/ca.pem", certFile: undefined, keyFile: undefined } });
+  const given = { securityProtocol: "SASL_PLAINTEXT", sasl: { mechanism: "PLAIN", username: "gw" } };
+  assert.deepEqual(resolveConfig(given, env).security.sasl,
+                   { mechanism: "plain", username: "gw", password: "s3cret" });
+  assert.deepEqual(resolveConfig({}, {}).security, { protocol: "PLAINTEXT", sasl: null, tls: null });
+  assert.deepEqual(connectionOptions(resolveConfig({ securityProtocol: "SSL" }, {}).security),
+                   { ssl: true });
+  assert.throws(() => resolveConfig({ securityProtocol: "SASL_SSL" }, {}),
+                /SASL_SSL needs sasl.username and sasl.password/);
 });
 
 test("allowed calls pass untouched and send their usage", () => {
