@@ -39,6 +39,7 @@ from tally.service import (
     bind,
     configure_logging,
     load_config_or_report,
+    run_or_report,
     stop_on_signals,
 )
 from tally.topics import Topics
@@ -271,6 +272,5 @@ def main(argv: list[str]) -> int:
     configure_logging()
     logging.getLogger("aiokafka").setLevel(logging.WARNING)  # group chatter at INFO
     port = None if args.no_http else (settings.ingest_port if args.port is None else args.port)
-    asyncio.run(_main(config, settings.bootstrap_servers, settings.topics, args, port,
-                      settings.partitions))
-    return 0
+    return run_or_report(_main(config, settings.bootstrap_servers, settings.topics, args, port,
+                               settings.partitions), "tally ingest")
