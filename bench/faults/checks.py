@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from bisect import bisect_right
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,7 +28,7 @@ from tally.config.models import Config
 from tally.core import budgets_report, fold_events, new_alerts
 from tally.core.usage import UserUsage
 from tally.simulate import read_events
-from tally.wire import BudgetDecided, UsageRecorded
+from tally.wire import BudgetDecided, RejectedEvent, UsageRecorded
 
 __all__ = ["Balances", "Decisions", "Dlq", "check_balances", "check_decisions", "check_dlq",
            "check_history", "missing_alerts"]
@@ -77,12 +78,22 @@ class Dlq:
     raw_foreign: int = 0  # records on usage.raw that the run never sent
 
 
+def _keeps(dead: RejectedEvent, raw: bytes) -> bool:
+    """Whether a DLQ record holds `raw`: whole, or (past its size bound) a prefix with the
+    size and hash of the whole."""
+    if dead.original_truncated:
+        return (dead.original_size == len(raw)
+                and dead.original_sha256 == hashlib.sha256(raw).hexdigest()
+                and raw.decode(errors="replace").startswith(dead.original[:-1]))
+    return dead.original == raw.decode(errors="replace")
+
+
 def check_dlq(workload: Workload, evidence: Evidence) -> Dlq:
     malformed = {r.source: r.value or b"" for r in evidence.raw
                  if (r.value or b"") in workload.malformed}
     topic = Counter(d.source for d in evidence.dlq)
     table = Counter(evidence.rejected_sources)
-    originals = {d.source: d.original for d in evidence.dlq}
+    originals = {d.source: d for d in evidence.dlq}
     valid = [r.value for r in evidence.raw if r.value and r.value not in workload.malformed]
     ids = {str(orjson.loads(v)["event_id"]) for v in valid}
     sent = {e.event_id for e in workload.events}
@@ -91,7 +102,7 @@ def check_dlq(workload: Workload, evidence: Evidence) -> Dlq:
         missing=len(malformed.keys() - topic.keys()), copies=_copies(topic),
         not_malformed=len(topic.keys() - malformed.keys()),
         wrong_original=sum(1 for s, raw in malformed.items()
-                           if s in originals and originals[s] != raw.decode(errors="replace")),
+                           if s in originals and not _keeps(originals[s], raw)),
         rejected_rows=len(evidence.rejected_sources),
         rejected_missing=len(malformed.keys() - table.keys()),
         rejected_duplicated=_copies(table),

@@ -51,7 +51,10 @@ def report(differences: list[Difference], settings: Settings) -> int:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="tally topics", description=__doc__)
-    parser.add_argument("action", choices=["check", "apply", "table"])
+    parser.add_argument("action", choices=["check", "apply", "table"],
+                        help="check: compare the cluster's topics with the table (exit 1 where "
+                             "a service would refuse to start); apply: create missing topics "
+                             "and make the safe changes; table: print the table")
     args = parser.parse_args(argv)
     if args.action == "table":
         print(markdown_table())
