@@ -27,6 +27,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from services.projector import store
 from services.projector.audit import audit_app
 from services.projector.decode import Decoder, rejected
+from services.projector.sandbox import AuditLimits, Auditor, lock_down
+from tally.access import Access
 from tally.config.errors import ConfigError
 from tally.config.loader import load_config
 from tally.config.models import Config
@@ -232,9 +234,13 @@ async def _take(ahead: asyncio.Queue[list[Record]], reader: asyncio.Future[None]
 
 async def run_projector(config: Config, bootstrap: str, topics: Topics, db_path: Path,
                         stop: asyncio.Event, port: int | None = None,
-                        partitions: int = 3, publish_before_commit: bool = True) -> None:
-    """Run until `stop` is set; with a port, serve POST /audit, /metrics, /healthz and
-    /readyz (ready once caught up with usage.events and usage.dlq) on 127.0.0.1:port."""
+                        partitions: int = 3, publish_before_commit: bool = True,
+                        audit_limits: AuditLimits | None = None,
+                        config_dir: Path | None = None) -> None:
+    """Run until `stop` is set; with a port, serve POST /audit (sandboxed within
+    `audit_limits`, for admins as `config`'s auth says; `config_dir` resolves its key file),
+    /metrics, /healthz and /readyz (ready once caught up with usage.events and usage.dlq)
+    on 127.0.0.1:port."""
     await ensure_topics(bootstrap, topics, partitions)
     db_path.parent.mkdir(parents=True, exist_ok=True)
     async with contextlib.AsyncExitStack() as stack:
@@ -253,8 +259,14 @@ async def run_projector(config: Config, bootstrap: str, topics: Topics, db_path:
         readiness = Readiness()
         await stack.enter_async_context(watching(consumer, projector.metrics, readiness))
         if port is not None:
-            routes = ops_routes(projector.metrics, readiness)
-            await stack.enter_async_context(serving(audit_app(con, routes), port))
+            limits = audit_limits or AuditLimits()
+            lock_down(con, limits)
+            auditor = Auditor(con, limits)
+            app = audit_app(auditor, Access.build(config, config_dir),
+                            ops_routes(projector.metrics, readiness))
+            await stack.enter_async_context(serving(app, port))
+            # Unwound first: running audits are interrupted, so the server stops promptly.
+            stack.push_async_callback(auditor.stop)
         log.info("projector: %d users, reading %s", len(projector.mirror), topics.usage_events)
         await _until(stop, projector, consumer)
 
@@ -324,7 +336,8 @@ async def _run_until_signalled(config: Config, settings: Settings,
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     await run_projector(config, settings.bootstrap_servers, Topics(args.namespace), args.db,
                         stop, port=args.port or None, partitions=settings.partitions,
-                        publish_before_commit=not args.publish_after_commit)
+                        publish_before_commit=not args.publish_after_commit,
+                        config_dir=args.config)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ API and budgets API, and the projector's POST /audit.
 - Credentials are checked by `tally.auth.Authenticator` (the ingest's rules): an API key
   from users.yaml, or a JWT whose signature, `exp` and `nbf` (and `aud`/`iss` when
   configured) hold. Missing, unknown, expired or badly signed: 401.
-- Admin endpoints (and the audit) need the role `admin`: the JWT's role claim, else users.yaml's role.
-  Anyone else: 403.
+- Admin endpoints (and the audit) need the role `admin`: the JWT's role claim, else
+  users.yaml's role. Anyone else: 403.
 - A user reads only their own budget (GET /api/budgets/me has no user parameter at all).
 - auth.yaml `require_auth: false` lets unauthenticated usage reports into the ingest, but
   a budget is personal: these endpoints still need credentials.
