@@ -38,7 +38,7 @@ def check_read_only(sql: str) -> None:
     try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as e:
-        raise AuditError(f"bad SQL: {e}") from e
+        raise AuditError(f"bad SQL: {_first_line(e)}") from e
     if len(statements) != 1:
         raise AuditError(f"expected one statement, got {len(statements)}")
     kind = statements[0].type
@@ -63,9 +63,14 @@ def run_query(cursor: duckdb.DuckDBPyConnection, sql: str,
 
 def _explained(error: duckdb.Error) -> str:
     """DuckDB's message, after what the sandbox (services.projector.sandbox) refused."""
-    message = str(error).strip()
+    message = _first_line(error)
     if isinstance(error, duckdb.PermissionException):
         return f"file access is disabled in audit queries (and so are extensions): {message}"
     if isinstance(error, duckdb.OutOfMemoryException):
         return f"the query needs more than the audit's memory limit: {message}"
     return message
+
+
+def _first_line(error: duckdb.Error) -> str:
+    """One line: what follows in DuckDB's message is the query again, with a caret."""
+    return str(error).strip().splitlines()[0]

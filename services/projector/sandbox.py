@@ -131,6 +131,7 @@ class Auditor:
         while not job.done():
             cursor.interrupt()
             await asyncio.wait({job}, timeout=0.05)
+        job.exception()  # DuckDB's "Interrupted!": the caller says why instead
 
     def _release(self, cursor: duckdb.DuckDBPyConnection) -> None:
         self._running.pop(cursor, None)
