@@ -27,7 +27,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from services.projector import store
 from services.projector.audit import audit_app
 from services.projector.decode import Decoder, rejected
-from services.projector.sandbox import AuditLimits, Auditor, lock_down
+from services.projector.sandbox import AuditLimits, Auditor, add_limit_options, lock_down
 from tally.access import Access
 from tally.config.errors import ConfigError
 from tally.config.loader import load_config
@@ -318,6 +318,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--publish-after-commit", action="store_true",
                         help="send balances only once their batch has committed "
                              "(slower; the default sends them just before the commit)")
+    add_limit_options(parser)
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
@@ -337,7 +338,7 @@ async def _run_until_signalled(config: Config, settings: Settings,
     await run_projector(config, settings.bootstrap_servers, Topics(args.namespace), args.db,
                         stop, port=args.port or None, partitions=settings.partitions,
                         publish_before_commit=not args.publish_after_commit,
-                        config_dir=args.config)
+                        audit_limits=AuditLimits.of(args), config_dir=args.config)
 
 
 if __name__ == "__main__":
