@@ -48,9 +48,24 @@ CREDENTIAL_HINT = "the audit needs an admin credential: set TALLY_API_KEY (or TA
 
 
 def to_json(result: QueryResult) -> bytes:
-    # Decimal (avg) and INTERVAL have no JSON type: they travel as text.
-    return orjson.dumps({"columns": result.columns, "rows": result.rows,
-                         "truncated": result.truncated}, default=str)
+    # Decimal (avg) and INTERVAL have no JSON type: they travel as text; so do integers
+    # past 64 bits (a HUGEINT sum), which orjson refuses.
+    body = {"columns": result.columns, "rows": result.rows, "truncated": result.truncated}
+    try:
+        return orjson.dumps(body, default=str)
+    except TypeError:
+        body["rows"] = [tuple(_json_safe(v) for v in row) for row in result.rows]
+        return orjson.dumps(body, default=str)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, int) and not -2**63 <= value < 2**64:
+        return str(value)
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
 
 
 # the endpoint ------------------------------------------------------------------------------
