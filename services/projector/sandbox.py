@@ -90,7 +90,7 @@ class Auditor:
         self._pool = ThreadPoolExecutor(limits.concurrency, thread_name_prefix="audit")
         self._running: dict[duckdb.DuckDBPyConnection, asyncio.Future[QueryResult]] = {}
         self._stopping = False
-        self.interrupted = 0  # queries stopped before their end (time, hang-up, stop)
+        self._orphans: set[asyncio.Future[None]] = set()  # interrupts nobody awaits
 
     @property
     def busy(self) -> int:
@@ -110,7 +110,9 @@ class Auditor:
             return await self._watch(job, cursor, hung_up)
         finally:
             if not job.done():  # cancelled (the server stopping): stop the thread too
-                cursor.interrupt()
+                orphan = asyncio.ensure_future(self._interrupt(cursor, job))
+                self._orphans.add(orphan)
+                orphan.add_done_callback(self._orphans.discard)
 
     async def stop(self) -> None:
         """Refuse new queries, interrupt the running ones and wait for their threads."""
@@ -147,7 +149,6 @@ class Auditor:
     async def _interrupt(self, cursor: duckdb.DuckDBPyConnection, job: asyncio.Future[Any],
                          ) -> None:
         """Until its thread returns: an interrupt sent before the query began is lost."""
-        self.interrupted += 1
         while not job.done():
             cursor.interrupt()
             await asyncio.wait({job}, timeout=0.05)
