@@ -219,7 +219,7 @@ async def test_a_client_hang_up_interrupts_the_query(live: Projector) -> None:
 async def test_the_fold_counts_a_new_event_while_heavy_audits_run(live: Projector) -> None:
     async with endless_audits(live) as audits:
         await produce(live.bootstrap, live.topics.usage_events, [usage("second", "bob")])
-        await until(lambda: live.counted(2))
+        await until(lambda: live.counted(2), timeout=300)  # the audits would run 600 s
         assert not any(a.done() for a in audits), "the audits should still be running"
     assert (await live.audit("SELECT user_id FROM ledger ORDER BY 1")).json()["rows"] == [
         ["alice"], ["bob"]]
@@ -236,22 +236,25 @@ async def test_sigterm_interrupts_running_queries_instead_of_waiting(live: Proje
 
 @contextlib.asynccontextmanager
 async def endless_audits(live: Projector) -> AsyncIterator[list[asyncio.Task[httpx.Response]]]:
-    """ENDLESS queries on every audit thread; their clients hang up at the end, and the
-    block ends once their threads are free again."""
-    audits = [asyncio.create_task(live.audit(ENDLESS)) for _ in range(LIMITS.concurrency)]
+    """ENDLESS queries on every audit thread; their clients (which would wait for ever)
+    hang up at the end, and the block ends once the threads are free again."""
+    async with httpx.AsyncClient(timeout=None) as patient:
+        audits = [asyncio.create_task(patient.post(f"{live.url}/audit", json={"sql": ENDLESS},
+                                                   headers=ADMIN))
+                  for _ in range(LIMITS.concurrency)]
 
-    async def pool_full() -> bool:
-        return (await live.audit("SELECT 1")).status_code == 429
+        async def pool_full() -> bool:
+            return (await live.audit("SELECT 1")).status_code == 429
 
-    await until(pool_full)
-    try:
-        yield audits
-    finally:
-        for audit in audits:
-            audit.cancel()
-        await asyncio.gather(*audits, return_exceptions=True)
-        if not live.task.done():
-            await until(live.answers)
+        await until(pool_full)
+        try:
+            yield audits
+        finally:
+            for audit in audits:
+                audit.cancel()
+            await asyncio.gather(*audits, return_exceptions=True)
+    if not live.task.done():
+        await until(live.answers)
 
 
 # the command -------------------------------------------------------------------------------
