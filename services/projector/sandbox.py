@@ -10,8 +10,12 @@ batches still find memory while an audit runs.
 
 Audits run on `AuditLimits.concurrency` threads of their own (asyncio.to_thread's default
 pool is shared with the fold: six heavy audits once held every thread of it and delayed the
-counting of an event by 22 s). A query past its time, or whose client hung up, or running
-when the projector stops, is interrupted, not waited for.
+counting of an event by 22 s), and DuckDB gets no worker threads of its own: each query
+runs on the thread that asked, so audits take at most `concurrency` cores and the fold's
+batches run on the fold's thread. (A lower CPU priority for the audit threads was tried:
+at nice 19 a short query starved for a minute behind the process's other threads.)
+A query past its time, or whose client hung up, or running when the projector stops, is
+interrupted, not waited for.
 
 Errors (all `AuditError`, whose `status` is the HTTP answer): a refused or failing query
 (400), a query past its time (408), all audit threads busy (429), the projector stopping
@@ -76,6 +80,8 @@ def lock_down(con: duckdb.DuckDBPyConnection, limits: AuditLimits) -> None:
         "SET allow_community_extensions = false",
         f"SET memory_limit = '{limits.memory_limit}'",
         f"SET max_temp_directory_size = '{limits.spill_limit}'",
+        # No DuckDB worker threads: a query runs on the thread that asked (see the docstring).
+        "SET threads = 1",
         "SET enable_external_access = false",
         "SET lock_configuration = true",
     ):
@@ -157,3 +163,4 @@ class Auditor:
     def _release(self, cursor: duckdb.DuckDBPyConnection) -> None:
         self._running.pop(cursor, None)
         cursor.close()
+

@@ -239,11 +239,15 @@ async def endless_audits(live: Projector) -> AsyncIterator[list[asyncio.Task[htt
     """ENDLESS queries on every audit thread; their clients (which would wait for ever)
     hang up at the end, and the block ends once the threads are free again."""
     async with httpx.AsyncClient(timeout=None) as patient:
-        audits = [asyncio.create_task(patient.post(f"{live.url}/audit", json={"sql": ENDLESS},
-                                                   headers=ADMIN))
-                  for _ in range(LIMITS.concurrency)]
+        def endless() -> asyncio.Task[httpx.Response]:
+            return asyncio.create_task(patient.post(f"{live.url}/audit", json={"sql": ENDLESS},
+                                                    headers=ADMIN))
+
+        audits = [endless() for _ in range(LIMITS.concurrency)]
 
         async def pool_full() -> bool:
+            # A probe may take a thread first and an ENDLESS be refused: it is sent again.
+            audits[:] = [endless() if audit.done() else audit for audit in audits]
             return (await live.audit("SELECT 1")).status_code == 429
 
         await until(pool_full)
