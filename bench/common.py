@@ -1,6 +1,7 @@
 """What the benchmarks share: their own broker, the synthetic usage, tables and medians.
 
-The benchmarks run a Kafka broker of their own (127.0.0.1:29092, data in .local/kafka-bench)
+The benchmarks run a Kafka broker of their own (127.0.0.1:29092 unless
+TALLY_BENCH_KAFKA_PORT says otherwise, data in .local/kafka-bench)
 so they never disturb the test broker on 19092. A data set is produced once per namespace
 and reused by later runs while the broker's data directory is kept.
 """
@@ -39,7 +40,9 @@ __all__ = [
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "config"
 BENCH_DATA = ROOT / ".local" / "bench"
-PORT, CONTROLLER_PORT = 29092, 29093
+# TALLY_BENCH_KAFKA_PORT moves the bench broker (its controller on the next port).
+PORT = int(os.environ.get("TALLY_BENCH_KAFKA_PORT", "29092"))
+CONTROLLER_PORT = PORT + 1
 KAFKA_DIR = ROOT / ".local" / "kafka-bench"
 
 START = datetime(2026, 3, 1, tzinfo=UTC)

@@ -26,7 +26,7 @@ import sys
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -37,12 +37,13 @@ from tally.decision_cache import DecisionCache
 from tally.kafka import Record, batches, ensure_topics, make_consumer, make_producer, partitions_of
 from tally.topics import Topics
 
-__all__ = ["main"]
+__all__ = ["Load", "main", "one_run", "quantile"]
 
 SERVICES = ("ingest", "projector", "enforcer")
 
 
 Seen = dict[str, list[tuple[int, float]]]  # per user: (daily tokens, when), in order
+Load = Callable[[str], contextlib.AbstractAsyncContextManager[object]]
 
 
 class WatchedCache(DecisionCache):
@@ -93,20 +94,23 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def services(bootstrap: str, topics: Topics, data: Path, after_commit: bool) -> Iterator[None]:
-    """The three services as child processes; SIGTERM (then SIGKILL) at the end."""
+def services(bootstrap: str, topics: Topics, data: Path, after_commit: bool,
+             projector_args: Sequence[str] = ()) -> Iterator[dict[str, str]]:
+    """The three services as child processes, with their environment (ports) for the block;
+    SIGTERM (then SIGKILL) at the end."""
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
            "TALLY_TOPIC_NAMESPACE": topics.namespace, "TALLY_DATA_DIR": str(data),
            "TALLY_CONFIG_DIR": str(CONFIG_DIR), "TALLY_INGEST_PORT": str(free_port()),
            "TALLY_PROJECTOR_PORT": str(free_port()), "TALLY_ENFORCER_PORT": str(free_port())}
     data.mkdir(parents=True, exist_ok=True)
     logs = [(data / f"{name}.log").open("w") for name in SERVICES]
-    extra = {"projector": ["--publish-after-commit"] if after_commit else []}
+    extra = {"projector": [*(["--publish-after-commit"] if after_commit else []),
+                           *projector_args]}
     children = [subprocess.Popen([sys.executable, "-m", "tally.cli", name, *extra.get(name, [])],
                                  cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
                 for name, log in zip(SERVICES, logs, strict=True)]
     try:
-        yield
+        yield env
     finally:
         for child in children:
             child.terminate()
@@ -185,12 +189,19 @@ def latencies(sent: Seen, seen: Seen) -> tuple[list[float], int]:
     return found, missing
 
 
+@contextlib.asynccontextmanager
+async def no_load(projector_url: str) -> AsyncIterator[None]:
+    yield None
+
+
 async def one_run(bootstrap: str, rate: int, seconds: float, users: int,
-                  after_commit: bool) -> dict[str, tuple[list[float], int]]:
+                  after_commit: bool, load: Load = no_load,
+                  projector_args: Sequence[str] = ()) -> dict[str, tuple[list[float], int]]:
+    """`load`, given the projector's URL, runs beside the steady events (e.g. audits)."""
     topics = Topics(f"live-{uuid.uuid4().hex[:8]}")
     data = BENCH_DATA / topics.namespace
     await ensure_topics(bootstrap, topics, 3)
-    with services(bootstrap, topics, data, after_commit):
+    with services(bootstrap, topics, data, after_commit, projector_args) as env:
         async with following(bootstrap, topics) as cache:
             producer = make_producer(bootstrap)
             await producer.start()
@@ -201,7 +212,8 @@ async def one_run(bootstrap: str, rate: int, seconds: float, users: int,
                              in ((topics.usage_events, events),
                                  (topics.budget_balances, balances))]
                 await warm_up(producer, topics, cache)
-                sent = await steady(producer, topics, rate, seconds, users)
+                async with load(f"http://127.0.0.1:{env['TALLY_PROJECTOR_PORT']}"):
+                    sent = await steady(producer, topics, rate, seconds, users)
                 await asyncio.sleep(3)  # the last events' decisions
             finally:
                 for task in followers:

@@ -22,8 +22,12 @@ from tests.test_pipeline import produce, running
 
 pytestmark = pytest.mark.kafka
 
-CONFIG = Config.model_validate({"budgets": {"per_user_budgets": {
-    "default_limits": {"daily_tokens": 1000, "monthly_tokens": 100000}}}})
+ADMIN_KEY = "ak_auditor_0123456789"
+CONFIG = Config.model_validate({
+    "budgets": {"per_user_budgets": {
+        "default_limits": {"daily_tokens": 1000, "monthly_tokens": 100000}}},
+    "users": {"user_identification": {"users": [
+        {"id": "auditor", "api_key": ADMIN_KEY, "role": "admin"}]}}})
 
 
 def usage(event_id: str) -> bytes:
@@ -79,5 +83,6 @@ async def test_the_projector_serves_metrics_health_and_readiness_beside_audit(
             return line in (await client.get(f"{url}/metrics")).text.splitlines()
 
         await until(counted)
-        audit = await client.post(f"{url}/audit", json={"sql": "SELECT count(*) FROM ledger"})
+        audit = await client.post(f"{url}/audit", json={"sql": "SELECT count(*) FROM ledger"},
+                                  headers={"X-API-Key": ADMIN_KEY})
         assert audit.json()["rows"] == [[2]]

@@ -18,6 +18,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 
 from bench.faults.services import Service
+from bench.faults.workload import AUDITOR_KEY
 from tally.kafka import end_offsets, make_admin, make_consumer, partitions_of
 from tally.topics import Topics
 
@@ -46,7 +47,8 @@ class _Gauges:
     async def projector_consumed(self) -> dict[str, int]:
         sql = "SELECT topic, sum(next_offset) FROM offsets GROUP BY topic"
         async with httpx.AsyncClient(timeout=5.0) as client:
-            response = await client.post(self.audit_url, json={"sql": sql})
+            response = await client.post(self.audit_url, json={"sql": sql},
+                                         headers={"X-API-Key": AUDITOR_KEY})
         return {topic: int(total) for topic, total in response.json()["rows"]}
 
     async def through(self) -> bool:

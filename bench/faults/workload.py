@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 __all__ = [
+    "AUDITOR_KEY",
     "DEPARTMENT",
     "GUESTS",
     "Event",
@@ -31,6 +32,7 @@ __all__ = [
 ]
 
 USERS = tuple(f"user_{i:02d}" for i in range(40))
+AUDITOR_KEY = "ak_faults_auditor_0001"
 GUESTS = ("openai-user:guest-a", "openai-user:guest-b")  # claimed by nobody: default limits
 DEPARTMENT = "research"  # a shared budget over the first six users
 MODELS = (("anthropic/claude-sonnet-4", "anthropic"), ("openai/gpt-4.1", "openai"),
@@ -169,7 +171,9 @@ def users_yaml() -> dict[str, Any]:
     users = [{"id": u, "role": "developer" if i % 2 else "viewer",
               **({"department": DEPARTMENT} if i < 6 else {})}
              for i, u in enumerate(USERS)]
-    return {"user_identification": {"users": users}}
+    # The drain check asks the projector's /audit, which answers admins only.
+    auditor = {"id": "auditor", "api_key": AUDITOR_KEY, "role": "admin"}
+    return {"user_identification": {"users": [*users, auditor]}}
 
 
 def budgets_yaml(totals: dict[str, int]) -> dict[str, Any]:
@@ -179,7 +183,7 @@ def budgets_yaml(totals: dict[str, int]) -> dict[str, Any]:
     return {"per_user_budgets": {
         "default_limits": {"daily_tokens": guests * 100 // 85, "monthly_tokens": guests * 30},
         "user_overrides": {u: _override(i, totals.get(u, 0)) for i, u in enumerate(USERS)},
-        "role_limits": {"developer": 1_000_000, "viewer": 500_000},
+        "role_limits": {"developer": 1_000_000, "viewer": 500_000, "admin": 1_000},
         "reset_schedule": {"daily_reset_time": "00:00", "monthly_reset_day": 1,
                            "timezone": "UTC"},
         "warnings": [{"at_percent": 75, "message": "75% of your {period} budget used"},

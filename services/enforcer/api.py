@@ -27,9 +27,9 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from services.enforcer.access import Access
 from services.enforcer.board import MAX_ALERTS, STATUSES, Board, Filters
 from services.enforcer.openapi import openapi_document
+from tally.access import Access
 from tally.auth import AuthError
 from tally.config.models import Config
 from tally.identity import Principal

@@ -28,6 +28,8 @@ from services.projector import store
 from services.projector.audit import audit_app
 from services.projector.decode import Decoder, Skipped, rejected
 from services.projector.history import history_routes
+from services.projector.sandbox import AuditLimits, Auditor, add_limit_options, lock_down
+from tally.access import Access
 from tally.config.errors import ConfigError
 from tally.config.loader import load_config
 from tally.config.models import Config
@@ -301,9 +303,12 @@ async def _take(ahead: asyncio.Queue[list[Record]], reader: asyncio.Future[None]
 async def run_projector(config: Config, bootstrap: str, topics: Topics, db_path: Path,
                         stop: asyncio.Event, port: int | None = None,
                         partitions: int = 3, publish_before_commit: bool = True,
-                        host: str = "127.0.0.1") -> None:
-    """Run until `stop` is set; with a port, serve POST /audit, /metrics, /healthz and
-    /readyz (ready once caught up with usage.events and usage.dlq) on host:port."""
+                        host: str = "127.0.0.1", audit_limits: AuditLimits | None = None,
+                        config_dir: Path | None = None) -> None:
+    """Run until `stop` is set; with a port, serve POST /audit (sandboxed within
+    `audit_limits`, for admins as `config`'s auth says; `config_dir` resolves its key file),
+    GET /history, /metrics, /healthz and /readyz (ready once caught up with usage.events and
+    usage.dlq) on host:port."""
     await ensure_topics(bootstrap, topics, partitions)
     db_path.parent.mkdir(parents=True, exist_ok=True)
     async with contextlib.AsyncExitStack() as stack:
@@ -322,9 +327,16 @@ async def run_projector(config: Config, bootstrap: str, topics: Topics, db_path:
         readiness = Readiness()
         await stack.enter_async_context(watching(consumer, projector.metrics, readiness))
         if port is not None:
+            limits = audit_limits or AuditLimits()
+            lock_down(con, limits)
+            auditor = Auditor(con, limits)
+            access = Access.build(config, config_dir)
             routes = [*ops_routes(projector.metrics, readiness),
-                      *history_routes(con, config, lambda: datetime.now(UTC))]
-            await stack.enter_async_context(serving(audit_app(con, routes), port, host))
+                      *history_routes(con, config, lambda: datetime.now(UTC), access)]
+            app = audit_app(auditor, access, routes)
+            await stack.enter_async_context(serving(app, port, host))
+            # Unwound first: running audits are interrupted, so the server stops promptly.
+            stack.push_async_callback(auditor.stop)
         log.info("projector: %d users, reading %s", len(projector.mirror), topics.usage_events)
         await _until(stop, projector, consumer)
 
@@ -377,6 +389,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--publish-after-commit", action="store_true",
                         help="send balances only once their batch has committed "
                              "(slower; the default sends them just before the commit)")
+    add_limit_options(parser)
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
@@ -395,7 +408,8 @@ async def _run_until_signalled(config: Config, settings: Settings,
     topics = Topics(args.namespace, settings.replication_factor)
     await run_projector(config, settings.bootstrap_servers, topics, args.db,
                         stop, port=args.port or None, partitions=settings.partitions,
-                        publish_before_commit=not args.publish_after_commit, host=args.host)
+                        publish_before_commit=not args.publish_after_commit, host=args.host,
+                        audit_limits=AuditLimits.of(args), config_dir=args.config)
 
 
 if __name__ == "__main__":

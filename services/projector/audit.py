@@ -5,7 +5,13 @@ all. So the running projector answers queries itself (POST /audit {"sql": ...}) 
 separate cursor, which sees the last committed batch. When no projector answers,
 `tally audit` opens the file read-only.
 
-Errors: `AuditError` (a write statement, several statements, bad SQL, no data).
+The audit reads everything everyone used, so it is behind the admin API's door
+(`tally.access`: an admin's API key or JWT), takes JSON only, of a bounded size, from a
+caller that names this host; the query runs sandboxed (`sandbox`: no files, no extensions,
+a time and a memory limit, a cap on rows, threads of its own), in the projector and in a
+file opened read-only alike.
+
+Errors: `AuditError` (`query`, `sandbox`); its `status` is the HTTP answer.
 """
 
 from __future__ import annotations
@@ -14,12 +20,10 @@ import argparse
 import asyncio
 import csv
 import io
-import re
 import sys
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,118 +35,140 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from services.projector import store
+from services.projector.query import AuditError, QueryResult, check_read_only, run_query
+from services.projector.sandbox import AuditLimits, Auditor, lock_down
+from tally.access import Access
+from tally.auth import AuthError
 from tally.settings import Settings
 
 __all__ = ["AuditError", "QueryResult", "audit_app", "check_read_only", "main", "run_query"]
 
 DESCRIPTION = """Run one read-only query (SELECT, or EXPLAIN of one) on the projector's data.
-The running projector answers it (POST /audit); when none answers, the DuckDB file is
-opened read-only. Tables: ledger, balances, rejected, offsets; views: users, this_month,
-usage_by_day_model, usage_by_model, rejected_by_reason."""
-MAX_ROWS = 10_000
-_EXPLAIN = re.compile(r"^\s*explain\s+(analy[sz]e\s+)?", re.IGNORECASE)
-
-
-class AuditError(Exception):
-    """A query the audit refuses, or one DuckDB cannot run."""
-
-
-@dataclass(frozen=True)
-class QueryResult:
-    columns: list[str]
-    rows: list[tuple[Any, ...]]
-    truncated: bool = False
-
-
-def check_read_only(sql: str) -> None:
-    """Accept exactly one SELECT (or EXPLAIN of one): EXPLAIN ANALYZE would run a write."""
-    try:
-        statements = duckdb.extract_statements(sql)
-    except duckdb.Error as e:
-        raise AuditError(f"bad SQL: {e}") from e
-    if len(statements) != 1:
-        raise AuditError(f"expected one statement, got {len(statements)}")
-    kind = statements[0].type
-    if kind == duckdb.StatementType.EXPLAIN:
-        check_read_only(_EXPLAIN.sub("", statements[0].query, count=1))
-    elif kind != duckdb.StatementType.SELECT:
-        raise AuditError(f"read-only: only SELECT queries run here, not {kind.name}")
-
-
-def run_query(cursor: duckdb.DuckDBPyConnection, sql: str,
-              max_rows: int = MAX_ROWS) -> QueryResult:
-    """Run a checked query on a cursor of its own (a cursor serves one thread at a time)."""
-    check_read_only(sql)
-    try:
-        cursor.execute(sql)
-        columns = [d[0] for d in cursor.description or []]
-        rows = cursor.fetchmany(max_rows + 1)
-    except duckdb.Error as e:
-        raise AuditError(str(e).strip()) from e
-    return QueryResult(columns, rows[:max_rows], len(rows) > max_rows)
+The running projector answers it (POST /audit, as an admin: TALLY_API_KEY or TALLY_TOKEN);
+when none answers, the DuckDB file is opened read-only. Tables: ledger, balances, rejected,
+offsets; views: users, this_month, usage_by_day_model, usage_by_model, rejected_by_reason."""
+LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+CREDENTIAL_HINT = "the audit needs an admin credential: set TALLY_API_KEY (or TALLY_TOKEN)"
 
 
 def to_json(result: QueryResult) -> bytes:
-    # Decimal (avg) and INTERVAL have no JSON type: they travel as text.
-    return orjson.dumps({"columns": result.columns, "rows": result.rows,
-                         "truncated": result.truncated}, default=str)
+    # Decimal (avg) and INTERVAL have no JSON type: they travel as text; so do integers
+    # past 64 bits (a HUGEINT sum), which orjson refuses.
+    body = {"columns": result.columns, "rows": result.rows, "truncated": result.truncated}
+    try:
+        return orjson.dumps(body, default=str)
+    except TypeError:
+        body["rows"] = [tuple(_json_safe(v) for v in row) for row in result.rows]
+        return orjson.dumps(body, default=str)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, int) and not -2**63 <= value < 2**64:
+        return str(value)
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
 
 
 # the endpoint ------------------------------------------------------------------------------
 
 
-def audit_app(con: duckdb.DuckDBPyConnection, more: Sequence[BaseRoute] = ()) -> Starlette:
-    """POST /audit {"sql": "..."} -> {"columns", "rows", "truncated"}; 400 with {"error"}.
+def audit_app(auditor: Auditor, access: Access, more: Sequence[BaseRoute] = ()) -> Starlette:
+    """POST /audit {"sql": "..."} -> {"columns", "rows", "truncated"}; else {"error"} with
+    400 (bad query, file asked for, wrong Host), 401/403 (no admin credential), 408 (past
+    the time limit), 413 (body too big), 415 (not JSON), 429 (audit threads busy).
     `more`: routes served beside it (the projector's /metrics, /healthz, /readyz)."""
 
     async def audit(request: Request) -> Response:
         try:
-            sql = orjson.loads(await request.body())["sql"]
-        except (orjson.JSONDecodeError, KeyError, TypeError):
-            return _error('expected a JSON body {"sql": "..."}')
-        # The cursor is made on the loop thread, then used by one worker thread only.
-        cursor = con.cursor()
-        try:
-            result = await asyncio.to_thread(run_query, cursor, str(sql))
+            _check_host(request)
+            access.admin(request)
+            sql = await _sql_of(request, auditor.limits.max_body_bytes)
+            result = await auditor.run(sql, request.is_disconnected)
+        except AuthError as e:
+            return _error(e.reason, e.status, {"WWW-Authenticate": "Bearer"}
+                          if e.status == 401 else None)
         except AuditError as e:
-            return _error(str(e))
-        finally:
-            cursor.close()
+            return _error(str(e), e.status)
         return Response(to_json(result), media_type="application/json")
 
     return Starlette(routes=[Route("/audit", audit, methods=["POST"]), *more])
 
 
-def _error(message: str) -> Response:
-    return Response(orjson.dumps({"error": message}), 400, media_type="application/json")
+def _check_host(request: Request) -> None:
+    """A web page the browser reaches this port from (DNS rebinding) names its own host."""
+    host = request.url.hostname
+    if host not in LOCAL_HOSTS:
+        raise AuditError(f"Host {host!r} is not this projector: the audit answers to "
+                         f"{', '.join(sorted(LOCAL_HOSTS))} only")
+
+
+async def _sql_of(request: Request, limit: int) -> str:
+    """The body's "sql", from a JSON body of at most `limit` bytes."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise AuditError(f"expected Content-Type application/json, not {kind or 'none'}", 415)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise AuditError(f"the body is over the audit's limit of {limit:,} bytes", 413)
+    try:
+        sql = orjson.loads(body)["sql"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        sql = None
+    if not isinstance(sql, str):
+        raise AuditError('expected a JSON body {"sql": "..."}')
+    return sql
+
+
+def _error(message: str, status: int, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps({"error": message}), status, headers,
+                    media_type="application/json")
 
 
 # the command -------------------------------------------------------------------------------
 
 
-def ask_projector(url: str, sql: str, timeout: float = 30.0) -> QueryResult | None:
+def ask_projector(url: str, sql: str, credential: dict[str, str],
+                  timeout: float = 60.0) -> QueryResult | None:
     """The running projector's answer; None when nobody listens at `url`."""
     request = urllib.request.Request(f"{url.rstrip('/')}/audit", orjson.dumps({"sql": sql}),
-                                     {"Content-Type": "application/json"})
+                                     {"Content-Type": "application/json", **credential})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             body = orjson.loads(response.read())
     except urllib.error.HTTPError as e:
-        raise AuditError(_error_text(e)) from e
+        raise AuditError(_error_text(e), e.code) from e
+    except TimeoutError as e:
+        raise AuditError(f"the projector at {url} did not answer within {timeout:g} s") from e
     except (urllib.error.URLError, ConnectionError):
         return None
     return QueryResult(body["columns"], [tuple(r) for r in body["rows"]], body["truncated"])
 
 
+def credential_headers(api_key: str | None, token: str | None) -> dict[str, str]:
+    """The headers that carry the caller's credential (none: the projector says 401)."""
+    if api_key and token:
+        raise AuditError("give an API key or a token, not both")
+    if token:
+        return {"Authorization": f"Bearer {token}"}
+    return {"X-API-Key": api_key} if api_key else {}
+
+
 def _error_text(e: urllib.error.HTTPError) -> str:
     try:
-        return str(orjson.loads(e.read())["error"])
+        text = str(orjson.loads(e.read())["error"])
     except (orjson.JSONDecodeError, KeyError, TypeError):
-        return f"{e.url}: HTTP {e.code}"
+        text = f"{e.url}: HTTP {e.code}"
+    return f"{CREDENTIAL_HINT} ({text})" if e.code in (401, 403) else text
 
 
-def query_file(db: Path, sql: str) -> QueryResult:
-    """Open the DuckDB file read-only: possible only while no projector holds it."""
+def query_file(db: Path, sql: str, limits: AuditLimits) -> QueryResult:
+    """Open the DuckDB file read-only (possible only while no projector holds it) and run
+    the query in the same sandbox as the projector's."""
     if not db.exists():
         raise AuditError(f"no projector answered and {db} does not exist (run the demo, "
                          "or pass --db with a file `tally replay --db` built)")
@@ -152,7 +178,18 @@ def query_file(db: Path, sql: str) -> QueryResult:
         raise AuditError(f"{db} cannot be opened (while a projector runs, only it may open "
                          f"its file: leave --db out to ask it): {e}") from e
     with con:
-        return run_query(con, sql)
+        lock_down(con, limits)
+        return asyncio.run(_run_alone(Auditor(con, limits), sql))
+
+
+async def _run_alone(auditor: Auditor, sql: str) -> QueryResult:
+    async def never() -> bool:  # no client to hang up: Ctrl-C cancels, and so interrupts
+        return False
+
+    try:
+        return await auditor.run(sql, never)
+    finally:
+        await auditor.stop()
 
 
 def render(result: QueryResult, fmt: str) -> str:
@@ -194,13 +231,19 @@ def main(argv: list[str]) -> int:
                         help="the running projector to ask first (default: %(default)s)")
     parser.add_argument("--format", choices=("table", "json", "csv"), default="table",
                         help="how to print the rows (default: table)")
+    parser.add_argument("--api-key", default=settings.api_key,
+                        help="an admin's API key from users.yaml (default: TALLY_API_KEY)")
+    parser.add_argument("--token", default=settings.token,
+                        help="a JWT with the admin role (default: TALLY_TOKEN)")
     args = parser.parse_args(argv)
     try:
         check_read_only(args.sql)  # refuse a write before asking anyone
         if args.db is not None:
-            result = query_file(args.db, args.sql)
+            result = query_file(args.db, args.sql, AuditLimits())
         else:
-            result = ask_projector(args.url, args.sql) or query_file(default_db, args.sql)
+            credential = credential_headers(args.api_key, args.token)
+            result = (ask_projector(args.url, args.sql, credential)
+                      or query_file(default_db, args.sql, AuditLimits()))
     except AuditError as e:
         print(f"tally audit: {e}", file=sys.stderr)
         return 1

@@ -29,10 +29,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from services.enforcer.access import Access
+from tally.access import Access
 from tally.auth import AuthError
 from tally.config.models import Config
 from tally.core import calendar_for, last_days
+from tally.service import decimal
 
 __all__ = ["DEFAULT_DAYS", "MAX_DAYS", "history", "history_routes"]
 
@@ -72,9 +73,10 @@ def history(cursor: duckdb.DuckDBPyConnection, config: Config, now: datetime,
 
 
 def history_routes(con: duckdb.DuckDBPyConnection, config: Config,
-                   clock: Callable[[], datetime]) -> list[Route]:
-    """GET /history?days=N (1..MAX_DAYS, default DEFAULT_DAYS), for an admin only."""
-    access = Access.build(config)
+                   clock: Callable[[], datetime], access: Access | None = None) -> list[Route]:
+    """GET /history?days=N (1..MAX_DAYS, default DEFAULT_DAYS), for an admin only (the
+    audit's door: `access`, else one built from `config`)."""
+    access = access or Access.build(config)
 
     async def endpoint(request: Request) -> Response:
         try:
@@ -82,13 +84,13 @@ def history_routes(con: duckdb.DuckDBPyConnection, config: Config,
         except AuthError as error:
             headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
             return _json({"error": error.reason, "details": []}, error.status, headers)
-        text = request.query_params.get("days", str(DEFAULT_DAYS))
-        if not text.isdigit() or not 1 <= int(text) <= MAX_DAYS:
+        days = decimal(request.query_params.get("days", str(DEFAULT_DAYS)))
+        if days is None or not 1 <= days <= MAX_DAYS:
             return _json({"error": "bad days",
                           "details": [f"days must be an integer from 1 to {MAX_DAYS}"]}, 400)
         cursor = con.cursor()  # made on the loop thread, used by one worker thread
         try:
-            body = await asyncio.to_thread(history, cursor, config, clock(), int(text))
+            body = await asyncio.to_thread(history, cursor, config, clock(), days)
         finally:
             cursor.close()
         return _json(body)

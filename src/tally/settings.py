@@ -78,7 +78,8 @@ class KafkaSecurity(BaseModel):
 
 
 class Settings(BaseModel):
-    """Where Kafka is, where data lives, which ports the services listen on."""
+    """Where Kafka is, where data lives, which ports the services listen on (and the
+    caller's credential, for a command that asks a service)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -91,6 +92,9 @@ class Settings(BaseModel):
     ingest_port: int = 8081
     projector_port: int = 8082
     enforcer_port: int = 8083
+    # The caller's own credential, for commands that ask a service (tally audit).
+    api_key: str | None = None
+    token: str | None = None
 
     @property
     def topics(self) -> Topics:
@@ -109,5 +113,7 @@ class Settings(BaseModel):
             "ingest_port": env.get("TALLY_INGEST_PORT"),
             "projector_port": env.get("TALLY_PROJECTOR_PORT"),
             "enforcer_port": env.get("TALLY_ENFORCER_PORT"),
+            "api_key": env.get("TALLY_API_KEY") or None,
+            "token": env.get("TALLY_TOKEN") or None,
         }
         return cls.model_validate({k: v for k, v in fields.items() if v is not None})

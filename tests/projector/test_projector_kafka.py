@@ -43,6 +43,13 @@ per_user_budgets:
                    timezone: "America/New_York"}
   counted_tokens: [input_tokens, output_tokens, cache_write_tokens]
 """
+# The audit is for admins (tally.access): the one users.yaml user is an auditor.
+USERS_YAML = """
+user_identification:
+  users:
+    - {id: auditor, api_key: ak_auditor_0123456789, role: admin}
+"""
+ADMIN = {"X-API-Key": "ak_auditor_0123456789"}
 START = datetime(2025, 2, 20, tzinfo=UTC)  # the span crosses the US DST change of March 9
 USERS = ("alice", "bob", "carol", "dave", "erin")
 
@@ -52,6 +59,7 @@ def config_dir(tmp_path: Path) -> Path:
     directory = tmp_path / "config"
     directory.mkdir()
     (directory / "budgets.yaml").write_text(BUDGETS)
+    (directory / "users.yaml").write_text(USERS_YAML)
     return directory
 
 
@@ -124,7 +132,8 @@ def free_port() -> int:
 
 async def audit(port: int, sql: str) -> Any:
     async with httpx.AsyncClient() as client:
-        response = await client.post(f"http://127.0.0.1:{port}/audit", json={"sql": sql})
+        response = await client.post(f"http://127.0.0.1:{port}/audit", json={"sql": sql},
+                                     headers=ADMIN)
     return response.json()
 
 
@@ -230,11 +239,17 @@ async def test_live_projector_balances_publishing_and_audit(
 
 
 async def check_audit_command(port: int, db: Path, config_dir: Path) -> None:
-    """`tally audit` answers through the running projector, and refuses a write."""
+    """`tally audit` answers an admin through the running projector, explains a refusal in
+    one line, and refuses a write."""
     url = f"http://127.0.0.1:{port}"
-    code, out, _ = await run_tally("audit", "SELECT count(*) AS n FROM ledger",
-                                   "--url", url, "--format", "csv")
-    assert code == 0 and out.splitlines()[0] == "n" and int(out.splitlines()[1]) > 0
+    count = ("audit", "SELECT count(*) AS n FROM ledger", "--url", url)
+    code, out, err = await run_tally(*count, "--format", "csv",
+                                     env={"TALLY_API_KEY": ADMIN["X-API-Key"]})
+    assert code == 0, err
+    assert out.splitlines()[0] == "n" and int(out.splitlines()[1]) > 0
+    code, _, err = await run_tally(*count, env={"TALLY_API_KEY": ""})
+    assert code == 1 and err.startswith("tally audit: the audit needs an admin credential: "
+                                        "set TALLY_API_KEY") and len(err.splitlines()) == 1
     code, _, err = await run_tally("audit", "DELETE FROM ledger", "--url", url)
     assert code == 1 and "read-only" in err
     code, _, err = await run_tally("audit", "SELEC nonsense", "--url", url)

@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import orjson
 import pyarrow as pa
 import pytest
 
 from services.projector import store
-from services.projector.audit import AuditError, run_query
+from services.projector.audit import AuditError, run_query, to_json
 from services.projector.decode import Decoder
 from tally.config.models import Limits, PerUserBudgets, ResetSchedule
 from tally.core.usage import fold_events
@@ -168,3 +169,12 @@ def test_audit_runs_reads(con: duckdb.DuckDBPyConnection) -> None:
     assert (result.columns, result.rows, result.truncated) == (
         ["user_id", "tokens"], [("alice", 10)], True)
     assert run_query(con.cursor(), "EXPLAIN SELECT * FROM ledger").rows
+
+
+def test_audit_answers_integers_past_64_bits_as_text(con: duckdb.DuckDBPyConnection) -> None:
+    """A HUGEINT sum (of hashes here) once made the endpoint answer 500: orjson refuses it."""
+    sql = "SELECT sum(hash(range)) AS big, [sum(hash(range))] AS listed, 1 AS small " \
+          "FROM range(10)"
+    body = orjson.loads(to_json(run_query(con.cursor(), sql)))
+    big, listed, small = body["rows"][0]
+    assert int(big) > 2**64 and listed == [big] and small == 1

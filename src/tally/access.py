@@ -1,15 +1,19 @@
-"""Who may call which enforcer endpoint, as auth.yaml and users.yaml say.
+"""Who may call which admin or personal endpoint, as auth.yaml and users.yaml say.
+
+One rule for every port that gives more than a caller's own usage: the enforcer's admin
+API and budgets API, and the projector's POST /audit.
 
 - Credentials are checked by `tally.auth.Authenticator` (the ingest's rules): an API key
   from users.yaml, or a JWT whose signature, `exp` and `nbf` (and `aud`/`iss` when
   configured) hold. Missing, unknown, expired or badly signed: 401.
-- Admin endpoints need the role `admin`: the JWT's role claim, else users.yaml's role.
-  Anyone else: 403.
+- Admin endpoints (and the audit) need the role `admin`: the JWT's role claim, else
+  users.yaml's role. Anyone else: 403.
 - A user reads only their own budget (GET /api/budgets/me has no user parameter at all).
 - auth.yaml `require_auth: false` lets unauthenticated usage reports into the ingest, but
   a budget is personal: these endpoints still need credentials.
 - auth.yaml `enabled: false` turns authentication off everywhere: the admin endpoints are
-  open (bind the enforcer to 127.0.0.1, its default) and /me has nobody to answer for.
+  open (bind the enforcer and projector to 127.0.0.1, their default) and /me has nobody
+  to answer for.
 """
 
 from __future__ import annotations

@@ -1,0 +1,76 @@
+"""The audit's rule for a query: one read, run on a cursor of its own, at most so many rows.
+
+Errors: `AuditError` (a write statement, several statements, bad SQL, a file or an
+extension asked for, too much memory); its `status` is the HTTP answer (400 here).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import duckdb
+
+__all__ = ["MAX_ROWS", "AuditError", "QueryResult", "check_read_only", "run_query"]
+
+MAX_ROWS = 10_000
+_EXPLAIN = re.compile(r"^\s*explain\s+(analy[sz]e\s+)?", re.IGNORECASE)
+
+
+class AuditError(Exception):
+    """A query the audit refuses, or one DuckDB cannot run; `status` is the HTTP answer."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    columns: list[str]
+    rows: list[tuple[Any, ...]]
+    truncated: bool = False
+
+
+def check_read_only(sql: str) -> None:
+    """Accept exactly one SELECT (or EXPLAIN of one): EXPLAIN ANALYZE would run a write."""
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as e:
+        raise AuditError(f"bad SQL: {_first_line(e)}") from e
+    if len(statements) != 1:
+        raise AuditError(f"expected one statement, got {len(statements)}")
+    kind = statements[0].type
+    if kind == duckdb.StatementType.EXPLAIN:
+        check_read_only(_EXPLAIN.sub("", statements[0].query, count=1))
+    elif kind != duckdb.StatementType.SELECT:
+        raise AuditError(f"read-only: only SELECT queries run here, not {kind.name}")
+
+
+def run_query(cursor: duckdb.DuckDBPyConnection, sql: str,
+              max_rows: int = MAX_ROWS) -> QueryResult:
+    """Run a checked query on a cursor of its own (a cursor serves one thread at a time)."""
+    check_read_only(sql)
+    try:
+        cursor.execute(sql)
+        columns = [d[0] for d in cursor.description or []]
+        rows = cursor.fetchmany(max_rows + 1)
+    except duckdb.Error as e:
+        raise AuditError(_explained(e)) from e
+    return QueryResult(columns, rows[:max_rows], len(rows) > max_rows)
+
+
+def _explained(error: duckdb.Error) -> str:
+    """DuckDB's message, after what the sandbox (services.projector.sandbox) refused."""
+    message = _first_line(error)
+    if isinstance(error, duckdb.PermissionException):
+        return f"file access is disabled in audit queries (and so are extensions): {message}"
+    if isinstance(error, duckdb.OutOfMemoryException):
+        return f"the query needs more than the audit's memory limit: {message}"
+    return message
+
+
+def _first_line(error: duckdb.Error) -> str:
+    """One line: what follows in DuckDB's message is the query again, with a caret."""
+    return str(error).strip().splitlines()[0]
