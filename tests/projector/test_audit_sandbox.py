@@ -244,10 +244,13 @@ async def endless_audits(live: Projector) -> AsyncIterator[list[asyncio.Task[htt
                                                     headers=ADMIN))
 
         audits = [endless() for _ in range(LIMITS.concurrency)]
+        head_start = 0.5  # a probe (on a kept-alive connection) would otherwise come first
 
         async def pool_full() -> bool:
-            # A probe may take a thread first and an ENDLESS be refused: it is sent again.
-            audits[:] = [endless() if audit.done() else audit for audit in audits]
+            refused = [i for i, audit in enumerate(audits) if audit.done()]
+            for i in refused:  # a probe had the thread: sent again
+                audits[i] = endless()
+            await asyncio.sleep(head_start)
             return (await live.audit("SELECT 1")).status_code == 429
 
         await until(pool_full)
