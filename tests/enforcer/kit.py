@@ -75,8 +75,10 @@ def filled_board(cfg: Config | None = None, usage: Mapping[str, int] = USAGE,
     return board
 
 
-def token(sub: str = "carol", key: Any = SECRET, expires_in: int = 60,
+def token(sub: str = "carol", key: Any = SECRET, expires_in: int = 3600,
           algorithm: str = "HS256", **claims: Any) -> str:
+    # An hour: tests parametrized with tokens make them at collection, and a whole suite on
+    # a loaded machine may reach them many minutes later.
     return jwt.encode({"sub": sub, "exp": int(time.time()) + expires_in, **claims}, key,
                       algorithm=algorithm)
 
