@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition, errors
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.conn import create_conn
@@ -185,16 +185,43 @@ async def _default_replicas(admin: AIOKafkaAdminClient) -> int:
             f"({error!r}); set TALLY_REPLICATION_FACTOR") from error
 
 
+CREATE_PATIENCE_S = 60.0  # a cluster that has just started may still be registering brokers
+
+
 async def _create(admin: AIOKafkaAdminClient, wanted: list[NewTopic]) -> None:
-    try:
-        await admin.create_topics(wanted)
-    except TopicAlreadyExistsError:
-        log.info("topics created concurrently by another service")
+    """Create the topics. The controller answers per topic, without raising: a cluster
+    that has just started refuses a replication factor its brokers cannot hold yet
+    (INVALID_REPLICATION_FACTOR), so refusals are retried for CREATE_PATIENCE_S, then
+    named. Then wait until the metadata shows them."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + CREATE_PATIENCE_S
+    pending = wanted
+    while pending:
+        refused = await _refused(admin, pending)
+        if refused and loop.time() > deadline:
+            reasons = "; ".join(f"{name}: {reason}" for name, reason in sorted(refused.items()))
+            raise KafkaUnreachable(f"the cluster refused to create the topics: {reasons}")
+        pending = [topic for topic in pending if topic.name in refused]
+        if pending:
+            await asyncio.sleep(1.0)
     names = {t.name for t in wanted}
-    for _ in range(50):  # metadata propagates asynchronously after CreateTopics
-        if names <= set(await admin.list_topics()):
-            return
+    while not names <= set(await admin.list_topics()):  # metadata propagates after create
+        if loop.time() > deadline:
+            raise KafkaUnreachable(f"created topics did not appear: {sorted(names)}")
         await asyncio.sleep(0.1)
+
+
+async def _refused(admin: AIOKafkaAdminClient, topics: list[NewTopic]) -> dict[str, str]:
+    """Each topic the controller did not create (one that exists already is fine), and why."""
+    try:
+        response = await admin.create_topics(topics)
+    except TopicAlreadyExistsError:
+        return {}
+    refused = {}
+    for topic, code, *message in response.topic_errors:
+        if code not in (0, TopicAlreadyExistsError.errno):
+            refused[topic] = f"{errors.for_code(code).__name__} {''.join(message)}".strip()
+    return refused
 
 
 async def _compare(admin: AIOKafkaAdminClient, bootstrap: str, topics: Topics,
