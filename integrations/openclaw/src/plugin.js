@@ -47,7 +47,11 @@ class HookTimer {
   }
 }
 
-/** A bounded map, oldest entry out first. */
+/**
+ * A bounded map, oldest entry out first.
+ * @template V
+ * @extends {Map<string, V>}
+ */
 class Recent extends Map {
   /** @param {number} limit */
   constructor(limit) {
@@ -55,7 +59,7 @@ class Recent extends Map {
     this.limit = limit;
   }
 
-  /** @param {string} key @param {string} value */
+  /** @param {string} key @param {V} value */
   set(key, value) {
     super.delete(key);
     super.set(key, value);
@@ -81,11 +85,12 @@ export function createTally({ config, transport, logger, clock = Date.now }) {
     reservationTtlMs: config.frontDoor.reservationTimeoutSeconds * 1000,
   });
   const runs = new RunMemory();
+  /** @type {Recent<string>} */
   const sessions = new Recent(10_000);
   const timer = new HookTimer();
   const seen = new WeakSet();
-  /** @type {Map<string, {userId: string, reservation: string}>} front-door call -> its caller */
-  const doors = new Map();
+  /** @type {Recent<{userId: string, reservation: string}>} front-door call -> its caller */
+  const doors = new Recent(10_000);
 
   /** The front-door call a session belongs to, if any. @param {string | undefined} key */
   function doorOf(key) {
