@@ -187,7 +187,8 @@ export function createFrontDoor({ tally, config, gateway, logger, clock = Date.n
       if (status === 200 && body.stream) {
         res.writeHead(status, { ...shown, "cache-control": "no-cache" });
         const appender = streamAppender(extra);
-        for await (const part of upstream) res.write(appender.push(part.toString("utf8")));
+        upstream.setEncoding("utf8"); // a character split between two reads stays whole
+        for await (const part of upstream) res.write(appender.push(part));
         res.end(appender.end());
         return;
       }
