@@ -18,7 +18,7 @@ from tally.core.usage import UserUsage, with_labels
 from tally.identity import api_key_digest, normalise_identity
 from tally.wire import BudgetDecided
 
-__all__ = ["budget_row", "budgets_report", "known_usages", "with_identities"]
+__all__ = ["budget_row", "budgets_report", "known_usages", "shown_decision", "with_identities"]
 
 
 def known_usages(usages: Mapping[str, UserUsage], config: Config) -> dict[str, UserUsage]:
@@ -55,6 +55,11 @@ def with_identities(decision: BudgetDecided, config: Config) -> BudgetDecided:
     return decision.model_copy(update={"identities": claimed, "key_digests": digests})
 
 
+def shown_decision(decision: BudgetDecided) -> dict[str, Any]:
+    """A decision as reports show it: without the key digests, which only gateways need."""
+    return decision.model_dump(mode="json", exclude={"key_digests"})
+
+
 def budget_row(decision: BudgetDecided) -> dict[str, Any]:
     """One user's line, in the brief's shape, with the decision appended."""
     return {
@@ -65,5 +70,5 @@ def budget_row(decision: BudgetDecided) -> dict[str, Any]:
         "monthly_used": decision.monthly.tokens_used,
         "monthly_limit": decision.monthly.tokens_limit,
         "status": decision.status,
-        "decision": decision.model_dump(mode="json", exclude={"key_digests"}),
+        "decision": shown_decision(decision),
     }
