@@ -73,13 +73,14 @@ async def test_reads_history_then_follows_new_decisions(
         await producer.stop()
 
 
-def test_packed_decisions_come_back_equal_with_their_identities() -> None:
+def test_packed_decisions_come_back_equal_with_their_identities_and_key_digests() -> None:
     from tally.decision_cache import DecisionTable
 
     table = DecisionTable()
     plain = decision_for("bob", 10)
     claimed = decision_for("alice", 1200).model_copy(
-        update={"identities": ("openai-user:alice", "telegram:1")})
+        update={"identities": ("openai-user:alice", "telegram:1"),
+                "key_digests": ("sha256:" + "ab" * 32,)})
     table.put("alice", claimed)
     table.put("bob", plain)
     assert table.build("alice") == claimed

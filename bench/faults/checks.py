@@ -26,6 +26,7 @@ from bench.faults.evidence import Evidence, latest_by_user
 from bench.faults.workload import Event, Workload, recount
 from tally.config.models import Config
 from tally.core import budgets_report, fold_events, new_alerts
+from tally.core.report import shown_decision
 from tally.core.usage import UserUsage
 from tally.simulate import read_events
 from tally.wire import BudgetDecided, RejectedEvent, UsageRecorded
@@ -151,7 +152,7 @@ def check_decisions(events: Sequence[Event], config: Config,
     mismatched = []
     for user, decision in sorted(latest.items()):
         want = simulation.report(decision.as_of).get(user)
-        got = decision.model_dump(mode="json")
+        got = shown_decision(decision)
         if want != got:
             mismatched.append(f"{user}: {_first_difference(want or {}, got)}")
     missing = sorted(simulation.report(end).keys() - latest.keys())

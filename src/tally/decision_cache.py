@@ -42,7 +42,7 @@ _TEXTS = ("status", "action", "period", "budget", "reset_time", "message", "foot
 _PERIOD_INTS = ("tokens_used", "tokens_limit", "tokens_remaining", "percent_used")
 _PERIOD_TEXTS = ("status", "reset_time")
 _NI = len(_INTS) + 1 + 2 * (len(_PERIOD_INTS) + 1)  # + as_of, + period_start each
-_NT = len(_TEXTS) + 2 * len(_PERIOD_TEXTS) + 1  # + identities, joined by newlines
+_NT = len(_TEXTS) + 2 * len(_PERIOD_TEXTS) + 2  # + identities, key digests: joined by newlines
 
 
 class DecisionTable:
@@ -93,7 +93,8 @@ class DecisionTable:
         fields["monthly"] = _period("monthly", ints[n + 5:n + 10], words[m + 2:m + 4])
         fields["as_of"] = _instant(ints[len(_INTS)])
         joined = words[m + 4]
-        fields["identities"] = tuple(joined.split("\n")) if joined else ()
+        fields["identities"] = _lines(joined)
+        fields["key_digests"] = _lines(words[m + 5])
         return _model(BudgetDecided, fields)
 
     def _grow(self) -> int:
@@ -111,6 +112,7 @@ class DecisionTable:
             ints += [_micros(p.period_start), *(getattr(p, name) for name in _PERIOD_INTS)]
             texts += [self._word(getattr(p, name)) for name in _PERIOD_TEXTS]
         texts.append(self._word("\n".join(d.identities) or None))
+        texts.append(self._word("\n".join(d.key_digests) or None))
         return array("q", ints), array("I", texts)
 
     def _word(self, text: str | None) -> int:
@@ -129,6 +131,10 @@ def _micros(at: datetime) -> int:
 
 def _instant(micros: int) -> datetime:
     return _EPOCH + timedelta(microseconds=micros)
+
+
+def _lines(joined: str | None) -> tuple[str, ...]:
+    return tuple(joined.split("\n")) if joined else ()
 
 
 def _period(kind: PeriodName, ints: array[int], words: list[str | None]) -> PeriodStatus:

@@ -15,13 +15,30 @@ Matching rules:
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 from tally.config.models import Config, User
 
-__all__ = ["OPENAI_USER", "Directory", "Principal", "normalise_identity"]
+__all__ = ["OPENAI_USER", "Directory", "Principal", "api_key_digest", "normalise_identity"]
 
 OPENAI_USER = "openai-user:"
+
+
+# The label hashed before every key, so a digest published here matches no other system's
+# plain SHA-256 of the same string. The plugin (integrations/openclaw/src/frontdoor.js)
+# computes the same digest of the key a caller presents.
+API_KEY_DIGEST_LABEL = b"tally.api_key.v1\x00"
+
+
+def api_key_digest(api_key: str) -> str:
+    """What a gateway may know of an API key: enough to recognise it, not to present it.
+
+    Published in every decision (BudgetDecided.key_digests). A plain hash is enough only
+    because keys are long random strings (README: how to make one); a short or guessable
+    key would be found from its digest by trying candidates.
+    """
+    return "sha256:" + hashlib.sha256(API_KEY_DIGEST_LABEL + api_key.encode()).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

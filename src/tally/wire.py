@@ -206,6 +206,9 @@ class BudgetDecided(Wire):
     # The gateway identities the user claims in users.yaml (normalised), so a gateway that
     # knows a person only as "openai-user:alice" finds the decision of user_alice.
     identities: tuple[str, ...] = ()
+    # api_key_digest() of the user's users.yaml api_key, so a gateway's front door can
+    # recognise the key its caller presents without holding the key itself.
+    key_digests: tuple[str, ...] = ()
 
 
 class BudgetAlerted(Wire):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from tally.config.models import Config
 from tally.core.policy import decide
-from tally.core.report import budget_row, budgets_report, known_usages
+from tally.core.report import budget_row, budgets_report, known_usages, with_identities
 from tally.core.usage import UserUsage, fold_events
+from tally.identity import api_key_digest
 
 from .corekit import event, utc
 
@@ -102,3 +104,25 @@ def test_budget_row_reads_the_decision() -> None:
     )
     row = budget_row(decision)
     assert (row["status"], row["daily_remaining"]) == ("over_limit", 0)
+
+
+# The same vector is checked by the plugin's unit tests (integrations/openclaw/test/
+# frontdoor.test.js), so both sides compute one digest.
+KEY = "ak_alice_0123456789"
+KEY_DIGEST = "sha256:" + hashlib.sha256(b"tally.api_key.v1\x00" + KEY.encode()).hexdigest()
+
+
+def test_a_decision_carries_its_users_key_digest_and_the_report_hides_it() -> None:
+    keyed = Config.model_validate({
+        "users": {"user_identification": {"users": [
+            {"id": "ann", "api_key": KEY, "identities": ["openai-user:Ann"]}, {"id": "ben"}]}},
+        "budgets": {"per_user_budgets": {
+            "default_limits": {"daily_tokens": 1000, "monthly_tokens": 10000}}}})
+    budgets = keyed.budgets.per_user_budgets
+    ann = with_identities(decide(UserUsage("ann"), budgets, NOW), keyed)
+    ben = with_identities(decide(UserUsage("ben"), budgets, NOW), keyed)
+    assert api_key_digest(KEY) == KEY_DIGEST
+    assert (ann.identities, ann.key_digests) == (("openai-user:ann",), (KEY_DIGEST,))
+    assert ben.key_digests == ()
+    assert "key_digests" not in budget_row(ann)["decision"]
+    assert KEY not in ann.model_dump_json()

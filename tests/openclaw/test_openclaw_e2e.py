@@ -37,7 +37,8 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,41 @@ async def eventually(check: Callable[[], bool], what: str, timeout: float = 60) 
         await asyncio.sleep(0.05)
 
 
+@dataclass
+class Pipeline:
+    """Tally's three services in this process, each a `running(...)` start function."""
+
+    config_dir: Path
+    bootstrap: str
+    topics: Topics
+    db: Path
+    clock: Clock
+
+    @classmethod
+    def create(cls, tmp_path: Path, bootstrap: str, namespace: str, budgets: dict[str, Any],
+               users: dict[str, Any], now: datetime) -> Pipeline:
+        """Its config folder written, its clock at `now`."""
+        config_dir = tmp_path / "config"
+        config_dir.mkdir()
+        (config_dir / "budgets.yaml").write_text(yaml.safe_dump(budgets))
+        (config_dir / "users.yaml").write_text(yaml.safe_dump(users))
+        return cls(config_dir, bootstrap, Topics(namespace), tmp_path / "p.db", Clock(now))
+
+    def __iter__(self) -> Iterator[Callable[[asyncio.Event], Service]]:
+        return iter((self.ingest, self.projector, self.enforcer))
+
+    def ingest(self, stop: asyncio.Event) -> Service:
+        return run_ingest(load_config(self.config_dir), self.bootstrap, self.topics, None, stop)
+
+    def projector(self, stop: asyncio.Event) -> Service:
+        return run_projector(load_config(self.config_dir), self.bootstrap, self.topics, self.db,
+                             stop)
+
+    def enforcer(self, stop: asyncio.Event) -> Service:
+        return run_enforcer(self.config_dir, self.bootstrap, self.topics, stop, clock=self.clock,
+                            tick_seconds=0.1)
+
+
 class Chat:
     """POST /v1/chat/completions as a person would, through the relay into the namespace."""
 
@@ -176,27 +212,18 @@ async def test_budgets_on_a_real_openclaw_gateway(
     paths = install()
     installed = time.monotonic() - started
     kafka_port = int(kafka_bootstrap.split(",")[0].rsplit(":", 1)[1])
-    topics, config_dir, db = Topics(f"oc-{unique_name}"), tmp_path / "config", tmp_path / "p.db"
     now = datetime.now(UTC)
     reset = (now + timedelta(hours=6)).replace(second=0, microsecond=0)
-    config_dir.mkdir()
-    (config_dir / "budgets.yaml").write_text(yaml.safe_dump(budgets(reset, "hard_stop")))
-    (config_dir / "users.yaml").write_text(yaml.safe_dump(users()))
-    config, clock = load_config(config_dir), Clock(now)
+    pipeline = Pipeline.create(tmp_path, kafka_bootstrap, f"oc-{unique_name}",
+                               budgets(reset, "hard_stop"), users(), now)
+    topics, config_dir, db = pipeline.topics, pipeline.config_dir, pipeline.db
+    clock = pipeline.clock
     plugin = {"brokers": [f"127.0.0.1:{kafka_port}"], "namespace": topics.namespace,
               "localLimitMessage": LOCAL_MESSAGE}
     home = tmp_path / "openclaw"
     figures: dict[str, Any] = {"install_seconds": round(installed, 1)}
 
-    def ingest(stop: asyncio.Event) -> Service:
-        return run_ingest(config, kafka_bootstrap, topics, None, stop)
-
-    def projector(stop: asyncio.Event) -> Service:
-        return run_projector(config, kafka_bootstrap, topics, db, stop)
-
-    def enforcer(stop: asyncio.Event) -> Service:
-        return run_enforcer(config_dir, kafka_bootstrap, topics, stop, clock=clock,
-                            tick_seconds=0.1)
+    ingest, projector, enforcer = pipeline
 
     with LoopbackNamespace() as ns:
         upstream = FakeUpstream(ns.listen_inside(UPSTREAM_PORT), IN, OUT).start()
@@ -349,14 +376,14 @@ def hook_timing(log: Path) -> dict[str, Any]:
 ARTIFACTS = project_root() / "test-artifacts" / "openclaw-e2e"
 
 
-def keep_logs(home: Path) -> None:
+def keep_logs(home: Path, folder: Path = ARTIFACTS) -> None:
     """The gateway's logs outlive pytest's temporary folders, for a failure's post-mortem."""
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     for name in ("gateway.out", "gateway.log"):
         if (home / name).exists():
-            shutil.copyfile(home / name, ARTIFACTS / name)
+            shutil.copyfile(home / name, folder / name)
 
 
-def report(figures: dict[str, Any]) -> None:
-    (ARTIFACTS / "figures.json").write_text(json.dumps(figures, indent=2) + "\n")
-    print("openclaw e2e:", json.dumps(figures))
+def report(figures: dict[str, Any], folder: Path = ARTIFACTS) -> None:
+    (folder / "figures.json").write_text(json.dumps(figures, indent=2) + "\n")
+    print(f"{folder.name}:", json.dumps(figures))

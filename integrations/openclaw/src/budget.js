@@ -37,6 +37,8 @@ import { periodValues, render } from "./templates.js";
  * @property {Period} [daily]
  * @property {Period} [monthly]
  * @property {string[]} [identities] gateway identities the user claims, when published
+ * @property {string[]} [key_digests] digests of the user's API keys (the front door's check)
+ * @property {number | null} [status_code] the hard stop's HTTP status
  */
 
 /**
@@ -45,10 +47,12 @@ import { periodValues, render } from "./templates.js";
  * @property {string | null} message
  * @property {string | null} footer
  * @property {string | null} forceModel "provider/model"
- * @property {"decision"|"local"|"unavailable"|"unknown-user"|"expired"} basis
+ * @property {"decision"|"local"|"unavailable"|"unknown-user"|"expired"|"anonymous"} basis
  */
 
 /** @typedef {{tokens: number, at: number, expect: number}} Pending */
+
+/** @typedef {{user: string, tokens: number, at: number}} Reservation */
 
 /**
  * @typedef {object} BookOptions
@@ -57,6 +61,7 @@ import { periodValues, render } from "./templates.js";
  * @property {string} localLimitMessage
  * @property {string} unavailableMessage
  * @property {number} pendingTtlMs
+ * @property {number} [reservationTtlMs] a front-door reservation not settled by then is released
  */
 
 const UNDER_LIMIT = new Set(["allow", "warn"]);
@@ -86,6 +91,66 @@ export class BudgetBook {
     this.claimed = new Map();
     /** @type {Map<string, Pending[]>} normalised identity -> calls not yet in a decision */
     this.pending = new Map();
+    /** @type {Map<string, string>} API key digest -> user id */
+    this.keyOwners = new Map();
+    /** @type {Map<string, string[]>} user id -> the key digests its decision lists */
+    this.keysOf = new Map();
+    /** @type {Map<string, Reservation>} id -> a front-door call's worst case, not yet settled */
+    this.reservations = new Map();
+    this.nextReservation = 0;
+  }
+
+  /** The user whose API key has this digest, or null. @param {string} digest */
+  userOfKey(digest) {
+    return this.keyOwners.get(digest) ?? null;
+  }
+
+  /** The latest decision for a users.yaml id. @param {string} userId */
+  decisionOf(userId) {
+    return this.decisions.get(userId) ?? null;
+  }
+
+  /**
+   * Hold a call's worst case against its user until settled; returns the reservation id.
+   * @param {string} userId @param {number} tokens @param {number} nowMs
+   */
+  reserve(userId, tokens, nowMs) {
+    const id = `r${++this.nextReservation}`;
+    this.reservations.set(id, { user: userId, tokens: Math.max(0, tokens), at: nowMs });
+    return id;
+  }
+
+  /** The call is over (its real usage counted, or it never reached the model). @param {string} id */
+  release(id) {
+    this.reservations.delete(id);
+  }
+
+  /** Tokens held by live reservations of this user. @param {string} userId @param {number} nowMs */
+  reservedTokens(userId, nowMs) {
+    const oldest = nowMs - (this.options.reservationTtlMs ?? 300_000);
+    let sum = 0;
+    for (const [id, r] of this.reservations) {
+      if (r.at < oldest) this.reservations.delete(id);
+      else if (r.user === userId) sum += r.tokens;
+    }
+    return sum;
+  }
+
+  /**
+   * What is left of the tightest period for this user now: the decision's figures less
+   * pending and reserved tokens (negative past the limit), with that period. Null without
+   * a decision.
+   * @param {string} userId @param {number} nowMs
+   */
+  headroom(userId, nowMs) {
+    const d = this.decisions.get(userId);
+    if (!d) return null;
+    const held = this.pendingTokens(userId, nowMs) + this.reservedTokens(userId, nowMs);
+    const periods = [d.daily, d.monthly].filter((p) => p) .map((p) => /** @type {Period} */ (p));
+    const tightest = (periods.length ? periods : [drivingPeriod(d)])
+      .map((p) => ({ period: p, left: p.tokens_limit - p.tokens_used - held }))
+      .reduce((a, b) => (b.left < a.left ? b : a));
+    return tightest;
   }
 
   /** budget.decisions has been read up to its end once. */
@@ -109,6 +174,10 @@ export class BudgetBook {
       if (this.owners.get(identity) === userId) this.owners.delete(identity); // not if moved
     }
     this.claimed.delete(userId);
+    for (const digest of this.keysOf.get(userId) ?? []) {
+      if (this.keyOwners.get(digest) === userId) this.keyOwners.delete(digest);
+    }
+    this.keysOf.delete(userId);
     if (!decision) {
       this.decisions.delete(userId);
       return;
@@ -118,6 +187,9 @@ export class BudgetBook {
       .map((identity) => normaliseIdentity(String(identity)));
     for (const identity of identities) this.owners.set(identity, userId);
     if (identities.length) this.claimed.set(userId, identities);
+    const digests = (Array.isArray(decision.key_digests) ? decision.key_digests : []).map(String);
+    for (const digest of digests) this.keyOwners.set(digest, userId);
+    if (digests.length) this.keysOf.set(userId, digests);
     this.#settle(userId, decision);
   }
 

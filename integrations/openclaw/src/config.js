@@ -25,6 +25,19 @@ import { readFileSync } from "node:fs";
  * @property {number} pendingTtlSeconds Forget a call's local tokens after this long.
  * @property {boolean} appendFooter Append warnings and the footer on channel deliveries.
  * @property {KafkaSecurity} security How to reach Kafka (SASL, TLS).
+ * @property {"user"|"operator"|"refuse-anonymous"} httpIdentity Who a call to the core
+ *   /v1/chat/completions counts under: its `user` field (as OpenClaw makes the session),
+ *   one operator identity, or its `user` with calls without one stopped.
+ * @property {string} operatorIdentity The identity of core-endpoint calls under "operator".
+ * @property {FrontDoor} frontDoor The per-user routes under /tally/v1/.
+ */
+
+/**
+ * @typedef {object} FrontDoor
+ * @property {boolean} enabled
+ * @property {number} defaultMaxTokens Reserved as a call's output when it sets no max_tokens.
+ * @property {number} promptOverhead Reserved on top of the prompt estimate (system prompt, tools).
+ * @property {number} reservationTimeoutSeconds A reservation not settled by then is released.
  */
 
 /**
@@ -52,6 +65,10 @@ export const DEFAULTS = Object.freeze({
   countedTokens: TOKEN_FIELDS,
   pendingTtlSeconds: 600,
   appendFooter: true,
+  httpIdentity: "user",
+  operatorIdentity: "openclaw-operator",
+  frontDoor: Object.freeze({ enabled: true, defaultMaxTokens: 1024, promptOverhead: 0,
+                             reservationTimeoutSeconds: 300 }),
 });
 
 /**
@@ -134,5 +151,8 @@ export function resolveConfig(raw, env = process.env) {
     pendingTtlSeconds: merged.pendingTtlSeconds,
     appendFooter: merged.appendFooter,
     security: resolveSecurity(given, env),
+    httpIdentity: merged.httpIdentity,
+    operatorIdentity: merged.operatorIdentity,
+    frontDoor: Object.freeze({ ...DEFAULTS.frontDoor, ...(given.frontDoor ?? {}) }),
   });
 }

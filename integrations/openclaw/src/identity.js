@@ -73,3 +73,29 @@ export function factsOf(ctx, event) {
     sessionKey: c.sessionKey,
   };
 }
+
+/** The session key prefix of a front-door call; the rest is the call's own id. */
+export const DOOR_SESSION = "tally-door:";
+
+/**
+ * The front-door call id in a session key, or null.
+ * @param {string | undefined} sessionKey
+ */
+export function doorSession(sessionKey) {
+  const found = /(?:^|:)tally-door:([0-9a-f-]{36})$/i.exec(sessionKey ?? "");
+  return found ? found[1].toLowerCase() : null;
+}
+
+/**
+ * A session of the core /v1/chat/completions endpoint: "...:openai-user:<user>" or, for a
+ * call without `user`, "...:openai:<random uuid>".
+ * @param {string | undefined} sessionKey
+ */
+export function coreSession(sessionKey) {
+  return openaiUserOf(sessionKey) !== null || anonymousSession(sessionKey);
+}
+
+/** A core-endpoint call that sent no `user`. @param {string | undefined} sessionKey */
+export function anonymousSession(sessionKey) {
+  return /(?:^|:)openai:[0-9a-f-]{36}$/i.test(sessionKey ?? "");
+}

@@ -11,7 +11,7 @@
  */
 
 import { BudgetBook, modelOverride } from "./budget.js";
-import { factsOf, identityOf } from "./identity.js";
+import { anonymousSession, coreSession, doorSession, factsOf, identityOf } from "./identity.js";
 import { RunMemory, countedTokens, usageEvent } from "./usage.js";
 
 /**
@@ -47,7 +47,11 @@ class HookTimer {
   }
 }
 
-/** A bounded map, oldest entry out first. */
+/**
+ * A bounded map, oldest entry out first.
+ * @template V
+ * @extends {Map<string, V>}
+ */
 class Recent extends Map {
   /** @param {number} limit */
   constructor(limit) {
@@ -55,7 +59,7 @@ class Recent extends Map {
     this.limit = limit;
   }
 
-  /** @param {string} key @param {string} value */
+  /** @param {string} key @param {V} value */
   set(key, value) {
     super.delete(key);
     super.set(key, value);
@@ -78,25 +82,51 @@ export function createTally({ config, transport, logger, clock = Date.now }) {
     localLimitMessage: config.localLimitMessage,
     unavailableMessage: config.unavailableMessage,
     pendingTtlMs: config.pendingTtlSeconds * 1000,
+    reservationTtlMs: config.frontDoor.reservationTimeoutSeconds * 1000,
   });
   const runs = new RunMemory();
+  /** @type {Recent<string>} */
   const sessions = new Recent(10_000);
   const timer = new HookTimer();
   const seen = new WeakSet();
+  /** @type {Recent<{userId: string, reservation: string}>} front-door call -> its caller */
+  const doors = new Recent(10_000);
+
+  /** The front-door call a session belongs to, if any. @param {string | undefined} key */
+  function doorOf(key) {
+    const id = doorSession(key);
+    return id ? doors.get(id) ?? null : null;
+  }
 
   /** Who the run or session belongs to; remembered for the hooks that follow. */
   function caller(/** @type {any} */ ctx, /** @type {any} */ event) {
-    const facts = factsOf(ctx, event);
-    const identity = facts.senderId
-      ? identityOf(facts, config.identityPrefix)
-      : runs.identity(ctx?.runId) ?? identityOf(facts, config.identityPrefix);
+    const identity = identityFor(ctx, event);
     runs.remember(ctx?.runId, identity);
     if (ctx?.sessionKey) sessions.set(ctx.sessionKey, identity);
     return identity;
   }
 
+  /** A front-door call counts under its key's owner; "operator" puts the core endpoint's
+   * calls under one name; otherwise the channel sender, the run's earlier identity, or the
+   * session's. */
+  function identityFor(/** @type {any} */ ctx, /** @type {any} */ event) {
+    const door = doorOf(ctx?.sessionKey);
+    if (door) return door.userId;
+    if (config.httpIdentity === "operator" && coreSession(ctx?.sessionKey)) {
+      return config.operatorIdentity;
+    }
+    const facts = factsOf(ctx, event);
+    if (facts.senderId) return identityOf(facts, config.identityPrefix);
+    return runs.identity(ctx?.runId) ?? identityOf(facts, config.identityPrefix);
+  }
+
   function verdictFor(/** @type {any} */ ctx, /** @type {any} */ event) {
-    return book.verdict(caller(ctx, event), clock());
+    const identity = caller(ctx, event);
+    if (config.httpIdentity === "refuse-anonymous" && anonymousSession(ctx?.sessionKey)) {
+      return { action: "hard_stop", message: config.unavailableMessage, footer: null,
+               forceModel: null, basis: /** @type {const} */ ("anonymous") };
+    }
+    return book.verdict(identity, clock());
   }
 
   const handlers = {
@@ -135,6 +165,8 @@ export function createTally({ config, transport, logger, clock = Date.now }) {
                                  attempt: runs.nextAttempt(runId), now: new Date(clock()) });
       if (!usage) return undefined;
       book.addUsage(identity, countedTokens(usage, config.countedTokens), clock());
+      const door = doorOf(ctx?.sessionKey);
+      if (door) book.release(door.reservation); // the real usage now counts instead
       transport.send(usage);
       return undefined;
     },
@@ -152,6 +184,7 @@ export function createTally({ config, transport, logger, clock = Date.now }) {
 
   return {
     book,
+    doors,
     stats: () => timer.summary(),
     /** Each handler timed, and never throwing. */
     hooks: Object.fromEntries(Object.entries(handlers).map(([name, handler]) => [name,

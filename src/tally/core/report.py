@@ -15,10 +15,10 @@ from tally.config.models import Config
 from tally.core.limits import group_usage
 from tally.core.policy import decide
 from tally.core.usage import UserUsage, with_labels
-from tally.identity import normalise_identity
+from tally.identity import api_key_digest, normalise_identity
 from tally.wire import BudgetDecided
 
-__all__ = ["budget_row", "budgets_report", "known_usages", "with_identities"]
+__all__ = ["budget_row", "budgets_report", "known_usages", "shown_decision", "with_identities"]
 
 
 def known_usages(usages: Mapping[str, UserUsage], config: Config) -> dict[str, UserUsage]:
@@ -45,12 +45,19 @@ def budgets_report(
 
 def with_identities(decision: BudgetDecided, config: Config) -> BudgetDecided:
     """The decision, naming the gateway identities its user claims in users.yaml, so a
-    gateway that knows a person only as "openai-user:alice" finds user_alice's decision."""
+    gateway that knows a person only as "openai-user:alice" finds user_alice's decision,
+    and the digest of their API key, so a gateway's front door recognises that key."""
     user = config.user_by_id(decision.user_id)
-    if user is None or not user.identities:
+    if user is None or not (user.identities or user.api_key):
         return decision
     claimed = tuple(normalise_identity(i) for i in user.identities)
-    return decision.model_copy(update={"identities": claimed})
+    digests = (api_key_digest(user.api_key),) if user.api_key else ()
+    return decision.model_copy(update={"identities": claimed, "key_digests": digests})
+
+
+def shown_decision(decision: BudgetDecided) -> dict[str, Any]:
+    """A decision as reports show it: without the key digests, which only gateways need."""
+    return decision.model_dump(mode="json", exclude={"key_digests"})
 
 
 def budget_row(decision: BudgetDecided) -> dict[str, Any]:
@@ -63,5 +70,5 @@ def budget_row(decision: BudgetDecided) -> dict[str, Any]:
         "monthly_used": decision.monthly.tokens_used,
         "monthly_limit": decision.monthly.tokens_limit,
         "status": decision.status,
-        "decision": decision.model_dump(mode="json"),
+        "decision": shown_decision(decision),
     }
