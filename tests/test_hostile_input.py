@@ -204,10 +204,12 @@ async def services(bootstrap: str, topics: Topics, config_dir: Path, data: Path,
 
 
 async def until(check: Callable[[], Any], what: str, timeout: float = 120) -> None:
-    async with asyncio.timeout(timeout):
-        while not await check():
-            await asyncio.sleep(0.3)
-    del what
+    try:
+        async with asyncio.timeout(timeout):
+            while not await check():
+                await asyncio.sleep(0.3)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}") from None
 
 
 async def ready(client: httpx.AsyncClient, run: Running) -> bool:

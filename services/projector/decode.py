@@ -190,11 +190,11 @@ def _plain(texts: pa.ChunkedArray, may_escape: bool) -> bool:
         pc.match_substring_regex(texts, CONTROL_CHARACTERS)).as_py()
 
 
+_ONE_MICROSECOND = timedelta(microseconds=1)
+
+
 def _in_time_range(at: pa.ChunkedArray) -> bool:
     return _within(at, EARLIEST_EVENT, LATEST_EVENT - _ONE_MICROSECOND)
-
-
-_ONE_MICROSECOND = timedelta(microseconds=1)
 
 
 def _within(column: pa.ChunkedArray, low: Any, high: Any) -> bool:
