@@ -3,7 +3,6 @@ FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY src ./src
-COPY services ./services
 COPY schemas ./schemas
 RUN pip install --no-cache-dir .
 COPY config ./config

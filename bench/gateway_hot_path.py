@@ -19,11 +19,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from bench.common import machine, median, print_table
-from services.enforcer.state import Enforcer
 from tally.config.models import Config
 from tally.core import fold_events, to_balance
 from tally.decision_cache import BUILT, DecisionCache
 from tally.kafka import Record
+from tally.services.enforcer.state import Enforcer
 from tally.wire import BudgetDecided, UsageRecorded
 
 __all__ = ["main"]

@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.replay_throughput [--events 1000000] [--runs 3] [--naive 5000]
 
 1,000,000 usage events (1,000 users, 5 models, two months) in usage.events of the bench
-broker; each run replays them with the real code path (services.projector.replay.replay)
+broker; each run replays them with the real code path (tally.services.projector.replay.replay)
 into a fresh DuckDB file. Beside it, in the same run on the same topic: (a) the ceiling,
 the same Kafka client and batch reader doing no work; (b) the floor, a naive projector
 that decodes each event with pydantic and writes it in its own transaction with one-row
@@ -31,12 +31,12 @@ from bench.common import (
     median,
     print_table,
 )
-from services.projector.app import assign_from
-from services.projector.replay import replay
 from tally.config.loader import load_config
 from tally.config.models import Config
 from tally.core.periods import calendar_for
 from tally.kafka import Record, batches, end_offsets, make_consumer
+from tally.services.projector.app import assign_from
+from tally.services.projector.replay import replay
 from tally.topics import Topics
 from tally.wire import UsageRecorded
 

@@ -4,7 +4,7 @@
 
 Each size has its own usage.events topic on the bench broker (1,000 users, 5 models, the
 same two months, so the larger sets are denser). Each run is a fresh process that replays
-the topic (services.projector.replay.replay, the real path) into a fresh DuckDB file and
+the topic (tally.services.projector.replay.replay, the real path) into a fresh DuckDB file and
 reports its time and its peak RSS (VmHWM): time should grow linearly with the events and
 memory stay flat. Median of `--runs`; the ratios are against the smallest size.
 """
@@ -28,8 +28,8 @@ from bench.common import (
     print_table,
 )
 from bench.replay_throughput import fresh_db
-from services.projector.replay import replay
 from tally.config.loader import load_config
+from tally.services.projector.replay import replay
 from tally.topics import Topics
 
 __all__ = ["main"]

@@ -20,9 +20,6 @@ import duckdb
 import orjson
 import pytest
 
-from services.enforcer.app import run_enforcer
-from services.ingest.app import run_ingest
-from services.projector.app import run_projector
 from tally import localkafka
 from tally.config.loader import load_config
 from tally.kafka import (
@@ -34,6 +31,9 @@ from tally.kafka import (
     partitions_of,
     read_to_end,
 )
+from tally.services.enforcer.app import run_enforcer
+from tally.services.ingest.app import run_ingest
+from tally.services.projector.app import run_projector
 from tally.topics import Topics
 from tally.wire import BudgetAlerted, BudgetDecided
 from tests.test_pipeline import NOON, eventually, running

@@ -6,11 +6,11 @@ import asyncio
 
 import pytest
 
-from services.enforcer.state import Enforcer
 from tally.config.models import Config
 from tally.core import fold_events, to_balance
 from tally.decision_cache import DecisionCache
 from tally.kafka import ensure_topics, make_producer
+from tally.services.enforcer.state import Enforcer
 from tally.topics import Topics
 from tally.wire import BudgetDecided
 from tests.core.corekit import event, utc

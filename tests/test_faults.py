@@ -23,15 +23,15 @@ from aiokafka.errors import CommitFailedError
 
 from bench.faults import Broker, Plan, render, run_faults
 from bench.faults.chaos import low_free_port
-from services.enforcer.app import run_enforcer
-from services.ingest.app import Intake, KafkaPublisher, handle
-from services.projector import store
-from services.projector.app import run_projector
 from tally.config.loader import load_config
 from tally.config.models import EventTimeWindow
 from tally.identity import Directory
 from tally.kafka import Record, ensure_topics, make_producer, read_to_end
 from tally.ops import Metrics
+from tally.services.enforcer.app import run_enforcer
+from tally.services.ingest.app import Intake, KafkaPublisher, handle
+from tally.services.projector import store
+from tally.services.projector.app import run_projector
 from tally.topics import Topics
 from tally.wire import BalanceUpdated, BudgetDecided, RejectedEvent, UsageRecorded
 

@@ -18,16 +18,16 @@ import orjson
 import pytest
 from aiokafka import ConsumerRecord, TopicPartition
 
-from services.enforcer.api import ApiError, limit_of
-from services.enforcer.app import decode_all
-from services.ingest.app import Intake, triage_records
-from services.ingest.http import create_app
-from services.projector import store
-from services.projector.decode import Decoder
-from services.projector.replay import decode as replay_decode
 from tally.kafka import Record
 from tally.ops import Metrics
 from tally.service import EscapingFormatter
+from tally.services.enforcer.api import ApiError, limit_of
+from tally.services.enforcer.app import decode_all
+from tally.services.ingest.app import Intake, triage_records
+from tally.services.ingest.http import create_app
+from tally.services.projector import store
+from tally.services.projector.decode import Decoder
+from tally.services.projector.replay import decode as replay_decode
 from tally.topics import Topics
 from tally.wire import MAX_ORIGINAL_BYTES, BalanceUpdated, BudgetDecided, rejection
 from tests.ingest.helpers import make_config, usage

@@ -11,10 +11,10 @@ import httpx
 import orjson
 import pytest
 
-from services.projector.app import run_projector
 from tally.config.models import Config
 from tally.kafka import ensure_topics, fetch, make_consumer, partitions_of
 from tally.ops import Metrics, Readiness, observe_lag
+from tally.services.projector.app import run_projector
 from tally.topics import Topics
 from tests.enforcer.kit import free_port
 from tests.enforcer.pipeline import ready, until

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from services.enforcer.app import run_enforcer
-from services.ingest.app import run_ingest
-from services.projector.app import run_projector
 from tally import localkafka, topicadmin
 from tally.config.loader import load_config
 from tally.decision_cache import DecisionCache
 from tally.kafka import KafkaUnreachable, ensure_topics, read_to_end
+from tally.services.enforcer.app import run_enforcer
+from tally.services.ingest.app import run_ingest
+from tally.services.projector.app import run_projector
 from tally.settings import project_root
 from tally.topics import Topics
 from tests.test_pipeline import BUDGETS, NOON, eventually, produce, raw, running, write_config

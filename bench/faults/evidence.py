@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from services.projector import store
 from tally.kafka import Record, read_to_end
+from tally.services.projector import store
 from tally.topics import Topics
 from tally.wire import BudgetAlerted, BudgetDecided, RejectedEvent
 

@@ -22,11 +22,13 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "config": ("tally.config.loader", "check DIR: validate auth.yaml, users.yaml, budgets.yaml"),
     "simulate": ("tally.simulate", "fold a JSONL file of events offline, print the budgets"),
     "schemas": ("tally.schemas", "write|check the JSON Schema files in schemas/"),
-    "ingest": ("services.ingest.app", "run the ingest service"),
-    "projector": ("services.projector.app", "run the projector service"),
-    "enforcer": ("services.enforcer.app", "run the enforcer service"),
-    "replay": ("services.projector.replay", "rebuild a fresh DuckDB from usage.events offset 0"),
-    "audit": ("services.projector.audit", "run a read-only SQL query on the projector's data"),
+    "ingest": ("tally.services.ingest.app", "run the ingest service"),
+    "projector": ("tally.services.projector.app", "run the projector service"),
+    "enforcer": ("tally.services.enforcer.app", "run the enforcer service"),
+    "replay": ("tally.services.projector.replay",
+               "rebuild a fresh DuckDB from usage.events offset 0"),
+    "audit": ("tally.services.projector.audit",
+              "run a read-only SQL query on the projector's data"),
     "status": ("tally.status", "print every user's current decision from budget.decisions"),
 }
 # These read or write topics: without a broker they say so at once (their --help works).

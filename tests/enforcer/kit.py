@@ -13,13 +13,13 @@ from typing import Any
 import httpx
 import jwt
 
-from services.enforcer.api import create_app
-from services.enforcer.board import Board
-from services.enforcer.state import Enforcer
 from tally.config.models import Config
 from tally.core import fold_events, to_balance
 from tally.ops import Readiness
 from tally.service import serving
+from tally.services.enforcer.api import create_app
+from tally.services.enforcer.board import Board
+from tally.services.enforcer.state import Enforcer
 from tally.wire import BalanceUpdated, UsageRecorded
 
 NOON = datetime(2026, 5, 10, 12, tzinfo=UTC)

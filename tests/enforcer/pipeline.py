@@ -11,11 +11,11 @@ from pathlib import Path
 
 import httpx
 
-from services.enforcer.app import run_enforcer
-from services.ingest.app import run_ingest
-from services.projector.app import run_projector
 from tally.config.loader import load_config
 from tally.ops import Metrics
+from tally.services.enforcer.app import run_enforcer
+from tally.services.ingest.app import run_ingest
+from tally.services.projector.app import run_projector
 from tally.topics import Topics
 from tests.test_pipeline import running
 

@@ -10,7 +10,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from services.enforcer.responses import ErrorBody
+from tally.services.enforcer.responses import ErrorBody
 
 from .kit import KEYS, asgi_client, bearer, config, filled_board, token
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from services.enforcer.responses import AlertsResponse, BudgetsResponse, MyBudget
+from tally.services.enforcer.responses import AlertsResponse, BudgetsResponse, MyBudget
 from tally.simulate import simulate
 
 from .kit import (

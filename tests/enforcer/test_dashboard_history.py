@@ -15,9 +15,9 @@ import orjson
 import pytest
 from playwright.async_api import Page
 
-from services.enforcer.responses import UsageHistory
 from tally.config.loader import load_config
 from tally.demo import HISTORY_DAYS, PLAN, sample_history
+from tally.services.enforcer.responses import UsageHistory
 from tally.settings import project_root
 from tally.topics import Topics
 from tests.test_pipeline import produce

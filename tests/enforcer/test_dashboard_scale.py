@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import time
 
-from services.enforcer.board import Board
-from services.enforcer.state import Enforcer
+from tally.services.enforcer.board import Board
+from tally.services.enforcer.state import Enforcer
 
 from .browser import chromium_page, log_in, screenshot, visible_users
 from .kit import KEYS, NOON, balances, config, events, served

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import httpx
 
-from services.enforcer.api import create_app
+from tally.services.enforcer.api import create_app
 
 from .kit import KEYS, filled_board, free_port, ready
 

@@ -22,13 +22,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from services.enforcer.notifier import Notifier, backoff, run_notifier, slack_text
 from tally.config.errors import ConfigError
 from tally.config.loader import load_config
 from tally.config.models import AlertWebhook
 from tally.kafka import ensure_topics, make_producer
 from tally.ops import Metrics
 from tally.service import serving
+from tally.services.enforcer.notifier import Notifier, backoff, run_notifier, slack_text
 from tally.topics import Topics
 from tally.wire import AlertKind, BudgetAlerted
 

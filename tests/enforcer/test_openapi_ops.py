@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from starlette.routing import Route
 
-from services.enforcer.api import create_app
 from tally.ops import Readiness
+from tally.services.enforcer.api import create_app
 
 from .kit import asgi_client, filled_board, ready
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from services.enforcer.state import Enforcer, same_decision
 from tally.config.models import Config
 from tally.core import fold_events, to_balance
+from tally.services.enforcer.state import Enforcer, same_decision
 from tally.wire import BalanceUpdated
 from tests.core.corekit import event
 

@@ -9,8 +9,8 @@ from typing import Any
 import httpx
 import orjson
 
-from services.enforcer.responses import DashboardRow
-from services.enforcer.stream import Hub, sse_frame
+from tally.services.enforcer.responses import DashboardRow
+from tally.services.enforcer.stream import Hub, sse_frame
 
 from .kit import KEYS, NOON, balances, events, filled_board, served
 

@@ -16,12 +16,12 @@ import duckdb
 import pytest
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from services.enforcer.app import run_enforcer
-from services.ingest.app import run_ingest
-from services.projector.app import run_projector
-from services.projector.replay import replay
 from tally.config.loader import load_config
 from tally.kafka import ensure_topics, fetch, make_admin, make_consumer, partitions_of
+from tally.services.enforcer.app import run_enforcer
+from tally.services.ingest.app import run_ingest
+from tally.services.projector.app import run_projector
+from tally.services.projector.replay import replay
 from tally.topics import Topics
 from tally.wire import BudgetAlerted
 from tests.test_pipeline import (

@@ -16,11 +16,11 @@ import jwt
 import orjson
 import pytest
 
-from services.ingest.app import KafkaPublisher
-from services.ingest.http import MAX_BODY_BYTES, SOURCE, create_app
 from tally.config.models import Config
 from tally.kafka import ensure_topics, make_producer
 from tally.ops import Metrics, Readiness
+from tally.services.ingest.app import KafkaPublisher
+from tally.services.ingest.http import MAX_BODY_BYTES, SOURCE, create_app
 from tally.topics import Topics
 from tally.wire import RejectedEvent, UsageRecorded
 

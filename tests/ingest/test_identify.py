@@ -6,9 +6,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from services.ingest.identify import enrich, may_report
 from tally.config.models import User
 from tally.identity import Directory, Principal, normalise_identity
+from tally.services.ingest.identify import enrich, may_report
 from tally.wire import UsageRecorded
 
 USERS = (

@@ -11,8 +11,8 @@ import httpx
 import orjson
 import pytest
 
-from services.ingest.app import run_ingest
 from tally.kafka import Record, make_producer
+from tally.services.ingest.app import run_ingest
 from tally.topics import Topics
 from tally.wire import RejectedEvent, UsageRecorded
 

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import orjson
 import pytest
 
-from services.ingest.validate import (
+from tally.services.ingest.validate import (
     MAX_EVENT_BYTES,
     parse_batch,
     parse_event,

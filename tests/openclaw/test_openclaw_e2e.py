@@ -48,12 +48,12 @@ import httpx
 import pytest
 import yaml
 
-from services.enforcer.app import run_enforcer
-from services.ingest.app import run_ingest
-from services.projector.app import run_projector
 from tally.config.loader import load_config
 from tally.decision_cache import DecisionCache
 from tally.kafka import read_to_end
+from tally.services.enforcer.app import run_enforcer
+from tally.services.ingest.app import run_ingest
+from tally.services.projector.app import run_projector
 from tally.settings import project_root
 from tally.topics import Topics
 from tally.wire import BudgetAlerted, BudgetDecided

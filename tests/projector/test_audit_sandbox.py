@@ -14,9 +14,9 @@ import httpx
 import orjson
 import pytest
 
-from services.projector import store
-from services.projector.app import run_projector
-from services.projector.sandbox import AuditLimits
+from tally.services.projector import store
+from tally.services.projector.app import run_projector
+from tally.services.projector.sandbox import AuditLimits
 from tally.settings import project_root
 from tally.topics import Topics
 from tests.enforcer.kit import KEYS, bearer, config, free_port, token

@@ -8,7 +8,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from services.projector import dedupe, store
+from tally.services.projector import dedupe, store
 from tests.projector.test_store import TOPIC, event, table
 
 

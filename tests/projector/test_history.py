@@ -11,9 +11,9 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
-from services.projector import store
-from services.projector.history import history, history_routes
 from tally.config.loader import load_config
+from tally.services.projector import store
+from tally.services.projector.history import history, history_routes
 from tally.settings import project_root
 
 CONFIG = load_config(project_root() / "config")  # UTC, days start at 00:00

@@ -18,8 +18,6 @@ import duckdb
 import httpx
 import pytest
 
-from services.projector import store
-from services.projector.app import run_projector
 from tally.config.loader import load_config
 from tally.config.models import Config
 from tally.core.usage import UserUsage, fold_events, from_balance
@@ -30,6 +28,8 @@ from tally.kafka import (
     partitions_of,
     read_to_end,
 )
+from tally.services.projector import store
+from tally.services.projector.app import run_projector
 from tally.topics import Topics
 from tally.wire import BalanceUpdated, RejectedEvent, UsageRecorded
 

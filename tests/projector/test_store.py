@@ -12,12 +12,12 @@ import orjson
 import pyarrow as pa
 import pytest
 
-from services.projector import store
-from services.projector.audit import AuditError, run_query, to_json
-from services.projector.decode import Decoder
 from tally.config.models import Limits, PerUserBudgets, ResetSchedule
 from tally.core.usage import fold_events
 from tally.kafka import Record
+from tally.services.projector import store
+from tally.services.projector.audit import AuditError, run_query, to_json
+from tally.services.projector.decode import Decoder
 from tally.wire import UsageRecorded
 
 T0 = datetime(2025, 3, 10, 12, 0, tzinfo=UTC)

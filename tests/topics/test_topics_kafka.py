@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from aiokafka.admin import NewTopic
 
-from services.projector.app import main as projector_main
-from services.projector.app import run_projector
 from tally import topicadmin
 from tally.config.loader import load_config
 from tally.kafka import check_topics, ensure_topics, make_admin
+from tally.services.projector.app import main as projector_main
+from tally.services.projector.app import run_projector
 from tally.topiccheck import TopicsMisconfigured
 from tally.topics import Topics
 

@@ -14,11 +14,11 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, get_args
 
-from services.enforcer.responses import dashboard_row, my_budget
-from services.enforcer.state import Enforcer, Outcome
-from services.enforcer.stream import Hub, sse_frame
 from tally.core.report import budget_row
 from tally.ops import Metrics
+from tally.services.enforcer.responses import dashboard_row, my_budget
+from tally.services.enforcer.state import Enforcer, Outcome
+from tally.services.enforcer.stream import Hub, sse_frame
 from tally.wire import BudgetAlerted, StatusName
 
 __all__ = ["MAX_ALERTS", "STATUSES", "Board", "Filters"]

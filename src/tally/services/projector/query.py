@@ -62,7 +62,7 @@ def run_query(cursor: duckdb.DuckDBPyConnection, sql: str,
 
 
 def _explained(error: duckdb.Error) -> str:
-    """DuckDB's message, after what the sandbox (services.projector.sandbox) refused."""
+    """DuckDB's message, after what the sandbox (tally.services.projector.sandbox) refused."""
     message = _first_line(error)
     if isinstance(error, duckdb.PermissionException):
         return f"file access is disabled in audit queries (and so are extensions): {message}"

@@ -29,12 +29,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pj
 
-from services.projector.store import LEDGER_ARROW, REJECTED_ARROW
 from tally.config.models import PerUserBudgets, TokenField
 from tally.core.periods import Calendar, Window, calendar_for
 from tally.core.usage import counted_tokens
 from tally.kafka import Record
 from tally.service import error_text
+from tally.services.projector.store import LEDGER_ARROW, REJECTED_ARROW
 from tally.wire import (
     CONTROL_CHARACTERS,
     EARLIEST_EVENT,

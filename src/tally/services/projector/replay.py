@@ -21,13 +21,13 @@ from typing import Any, TextIO
 import duckdb
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from services.projector import store
-from services.projector.app import Decoded, assign_from, base_parser
-from services.projector.decode import Decoder, Skipped, rejected
 from tally.config.errors import ConfigError
 from tally.config.loader import load_config
 from tally.config.models import Config
 from tally.kafka import Record, end_offsets, ensure_topics, make_consumer
+from tally.services.projector import store
+from tally.services.projector.app import Decoded, assign_from, base_parser
+from tally.services.projector.decode import Decoder, Skipped, rejected
 from tally.settings import Settings
 from tally.topics import Topics
 

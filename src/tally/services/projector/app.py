@@ -24,11 +24,6 @@ import duckdb
 import pyarrow as pa
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from services.projector import store
-from services.projector.audit import audit_app
-from services.projector.decode import Decoder, Skipped, rejected
-from services.projector.history import history_routes
-from services.projector.sandbox import AuditLimits, Auditor, add_limit_options, lock_down
 from tally.access import Access
 from tally.config.errors import ConfigError
 from tally.config.loader import load_config
@@ -45,6 +40,11 @@ from tally.kafka import (
 )
 from tally.ops import Metrics, Readiness, ops_routes, watching
 from tally.service import configure_logging, error_text, run_or_report, serving
+from tally.services.projector import store
+from tally.services.projector.audit import audit_app
+from tally.services.projector.decode import Decoder, Skipped, rejected
+from tally.services.projector.history import history_routes
+from tally.services.projector.sandbox import AuditLimits, Auditor, add_limit_options, lock_down
 from tally.settings import Settings
 from tally.topics import Topics
 from tally.wire import rejection

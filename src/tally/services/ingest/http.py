@@ -34,19 +34,19 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from services.ingest.identify import identify, may_report
-from services.ingest.validate import (
+from tally.auth import Authenticator, AuthError
+from tally.config.models import Config, EventTimeWindow
+from tally.identity import Directory, Principal
+from tally.ops import Metrics, Readiness, ops_routes
+from tally.service import decimal
+from tally.services.ingest.identify import identify, may_report
+from tally.services.ingest.validate import (
     admit,
     parse_batch,
     reason_kind,
     rejection,
     validate_object,
 )
-from tally.auth import Authenticator, AuthError
-from tally.config.models import Config, EventTimeWindow
-from tally.identity import Directory, Principal
-from tally.ops import Metrics, Readiness, ops_routes
-from tally.service import decimal
 from tally.wire import RejectedEvent, UsageRecorded
 
 __all__ = ["MAX_BODY_BYTES", "SOURCE", "Publisher", "count_rejected", "create_app"]

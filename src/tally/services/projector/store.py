@@ -22,8 +22,8 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from services.projector import dedupe
 from tally.core.usage import LABELS, Stamped, UserUsage
+from tally.services.projector import dedupe
 
 __all__ = [
     "LEDGER_ARROW",

@@ -11,7 +11,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from services.enforcer.memory import AlertMemory, AlertsSent
 from tally.config.models import Config
 from tally.core import (
     Window,
@@ -24,6 +23,7 @@ from tally.core import (
 )
 from tally.core.report import with_identities
 from tally.core.usage import UserUsage
+from tally.services.enforcer.memory import AlertMemory, AlertsSent
 from tally.topics import spec_for
 from tally.wire import BalanceUpdated, BudgetAlerted, BudgetDecided
 

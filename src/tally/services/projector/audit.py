@@ -34,11 +34,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from services.projector import store
-from services.projector.query import AuditError, QueryResult, check_read_only, run_query
-from services.projector.sandbox import AuditLimits, Auditor, lock_down
 from tally.access import Access
 from tally.auth import AuthError
+from tally.services.projector import store
+from tally.services.projector.query import AuditError, QueryResult, check_read_only, run_query
+from tally.services.projector.sandbox import AuditLimits, Auditor, lock_down
 from tally.settings import Settings
 
 __all__ = ["AuditError", "QueryResult", "audit_app", "check_read_only", "main", "run_query"]

@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from services.enforcer.responses import (
+from tally.services.enforcer.responses import (
     AlertsResponse,
     BudgetsResponse,
     DashboardRow,

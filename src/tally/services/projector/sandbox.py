@@ -33,7 +33,7 @@ from typing import Any
 
 import duckdb
 
-from services.projector.query import AuditError, QueryResult, check_read_only, run_query
+from tally.services.projector.query import AuditError, QueryResult, check_read_only, run_query
 
 __all__ = ["AuditLimits", "Auditor", "add_limit_options", "lock_down"]
 

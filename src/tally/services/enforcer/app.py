@@ -22,11 +22,6 @@ from typing import Any, TypeVar
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from pydantic import BaseModel
 
-from services.enforcer.api import create_app
-from services.enforcer.board import MAX_ALERTS, Board
-from services.enforcer.memory import AlertsSent
-from services.enforcer.notifier import run_notifier
-from services.enforcer.state import Enforcer, Outcome
 from tally.config.errors import ConfigError
 from tally.config.loader import load_config
 from tally.config.models import AlertWebhook, Config
@@ -48,6 +43,11 @@ from tally.service import (
     serving,
     stop_on_signals,
 )
+from tally.services.enforcer.api import create_app
+from tally.services.enforcer.board import MAX_ALERTS, Board
+from tally.services.enforcer.memory import AlertsSent
+from tally.services.enforcer.notifier import run_notifier
+from tally.services.enforcer.state import Enforcer, Outcome
 from tally.settings import Settings
 from tally.topics import Topics
 from tally.wire import BalanceUpdated, BudgetAlerted, BudgetDecided, bounded_text

@@ -27,9 +27,6 @@ import uvicorn
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError
 
-from services.ingest.http import count_rejected, create_app
-from services.ingest.identify import identify
-from services.ingest.validate import admit, parse_event, rejection
 from tally.config.models import Config, EventTimeWindow
 from tally.identity import Directory
 from tally.kafka import Record, ensure_topics, fetch, make_consumer, make_producer
@@ -42,6 +39,9 @@ from tally.service import (
     run_or_report,
     stop_on_signals,
 )
+from tally.services.ingest.http import count_rejected, create_app
+from tally.services.ingest.identify import identify
+from tally.services.ingest.validate import admit, parse_event, rejection
 from tally.topics import Topics
 from tally.wire import RejectedEvent, UsageRecorded
 

@@ -27,14 +27,14 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from services.enforcer.board import MAX_ALERTS, STATUSES, Board, Filters
-from services.enforcer.openapi import openapi_document
 from tally.access import Access
 from tally.auth import AuthError
 from tally.config.models import Config
 from tally.identity import Principal
 from tally.ops import Readiness, ops_routes
 from tally.service import decimal
+from tally.services.enforcer.board import MAX_ALERTS, STATUSES, Board, Filters
+from tally.services.enforcer.openapi import openapi_document
 
 __all__ = ["DASHBOARD", "ApiError", "create_app"]
 
