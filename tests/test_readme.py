@@ -207,10 +207,14 @@ class Demo:
     def __exit__(self, *exc: object) -> None:
         self.process.send_signal(signal.SIGINT)
         try:
-            self.process.wait(timeout=60)
+            self.process.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            logs = Path(self.env["TALLY_DATA_DIR"]) / "logs"
+            tails = [f"--- {log.name}\n{log.read_text()[-1500:]}" for log in logs.glob("*.log")]
+            raise AssertionError("`tally run` did not stop within 90 s of Ctrl-C:\n"
+                                 + "\n".join([self.out.read_text()[-3000:], *tails])) from None
         finally:
-            if self.process.poll() is None:
-                self.process.kill()
             self.handle.close()
 
 

@@ -55,17 +55,25 @@ def start_service(name: str, settings: Settings, logs: Path) -> subprocess.Popen
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
-def stop_services(processes: list[subprocess.Popen[bytes]]) -> None:
+STOP_GRACE_SECONDS = 20
+
+
+def stop_services(processes: dict[str, subprocess.Popen[bytes]]) -> None:
+    """SIGTERM to every service, then one shared grace period (not one per service) before
+    a kill, each named: Ctrl-C ends within STOP_GRACE_SECONDS whatever hangs."""
     # A second Ctrl-C (or a terminal signalling the whole group) must not cut cleanup short.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for process in processes:
+    for process in processes.values():
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
-    for process in processes:
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    for name, process in processes.items():
         try:
-            process.wait(timeout=20)
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
+            say(f"{name} did not stop within {STOP_GRACE_SECONDS} s of SIGTERM: killed")
             process.kill()
+            process.wait()
 
 
 async def feed(settings: Settings, history: list[dict[str, object]]) -> None:
@@ -97,16 +105,33 @@ async def post_over_http(settings: Settings, event: dict[str, object]) -> None:
 
 
 async def show(settings: Settings, once: bool, expected_users: int) -> None:
+    """Print, then reprint on change, until Ctrl-C or SIGTERM. The signal ends the loop
+    between reads rather than cancelling one half-way: a Kafka client cancelled in its
+    start could hold the exit up indefinitely on a loaded machine."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     cache = DecisionCache(settings.bootstrap_servers, settings.topics)
-    await cache.start(timeout=60)
     try:
-        await wait_for(lambda: settled(cache, expected_users), 60)
-        shown = await print_state(cache, settings, Shown())
-        while not once:
-            await asyncio.sleep(1)
+        await cache.start(timeout=60)
+        await wait_for(lambda: stop.is_set() or settled(cache, expected_users), 60)
+        shown = Shown()
+        while not stop.is_set():
             shown = await print_state(cache, settings, shown)
+            if once:
+                break
+            with suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1)
     finally:
-        await cache.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        try:
+            await asyncio.wait_for(cache.stop(), 10)
+        except TimeoutError:
+            say("the decision cache did not close within 10 s; going on")
+    if stop.is_set():
+        raise KeyboardInterrupt
 
 
 def settled(cache: DecisionCache, expected_users: int) -> bool:
@@ -180,7 +205,7 @@ def main(argv: list[str]) -> int:
         logs.mkdir(parents=True, exist_ok=True)
         asyncio.run(ensure_topics(settings.bootstrap_servers, settings.topics,
                                   settings.partitions))
-        processes = [start_service(name, settings, logs) for name in SERVICES]
+        processes = {name: start_service(name, settings, logs) for name in SERVICES}
         stack.callback(stop_services, processes)
         say(f"services started; logs in {logs}")
         say("in another shell: .venv/bin/tally status (or `source .venv/bin/activate`, "

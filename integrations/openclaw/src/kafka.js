@@ -59,6 +59,10 @@ export class KafkaLink {
     this.scheduled = false;
     /** @type {Promise<void> | null} */
     this.flushDone = null;
+    /** @type {Promise<void> | null} */
+    this.followed = null;
+    /** @type {(() => void) | null} */
+    this.removeJoinListener = null;
     this.kafka = new Kafka({
       clientId: config.clientId,
       brokers: config.brokers,
@@ -105,7 +109,15 @@ export class KafkaLink {
     if (this.running) return;
     this.running = true;
     this.started = true;
-    this.#follow().catch((error) => this.logger.warn(`tally: follower stopped: ${error}`));
+    // kafkajs restarts a consumer after a retriable crash by itself; after any other it
+    // stays stopped, and the book would be frozen at what it last read.
+    this.consumer.on(this.consumer.events.CRASH, (event) => {
+      if (!this.running || event?.payload?.restart) return;
+      this.logger.warn(`tally: the ${this.config.topics.budgetDecisions} follower crashed: `
+                       + `${event?.payload?.error}`);
+      this.followed = this.#followUntilStopped();
+    });
+    this.followed = this.#followUntilStopped();
     this.#flushSoon();
   }
 
@@ -119,6 +131,7 @@ export class KafkaLink {
     if (!this.running) return;
     this.running = false;
     await Promise.race([this.flushDone ?? Promise.resolve(), sleep(graceMs)]);
+    await Promise.race([this.followed ?? Promise.resolve(), sleep(graceMs)]);
     const disconnected = Promise.allSettled([this.consumer.disconnect(),
                                              this.producer.disconnect()]);
     await Promise.race([disconnected, sleep(2_000)]);
@@ -164,6 +177,28 @@ export class KafkaLink {
     this.sent += batch.length;
   }
 
+  /**
+   * Follow budget.decisions until stopped. A start that fails (a topic not created yet, a
+   * leader still being elected right after creation, a broker away) is retried with
+   * backoff instead of leaving the book unfed for the gateway's lifetime.
+   */
+  async #followUntilStopped() {
+    let backoff = 250;
+    while (this.running) {
+      try {
+        await this.#follow();
+        return;
+      } catch (error) {
+        if (!this.running) return;
+        this.logger.warn(`tally: following ${this.config.topics.budgetDecisions} failed, `
+                         + `retrying in ${backoff} ms: ${error}`);
+        await this.consumer.disconnect().catch(() => {});
+        await sleep(backoff);
+        backoff = Math.min(backoff * 2, 10_000);
+      }
+    }
+  }
+
   async #follow() {
     const topic = this.config.topics.budgetDecisions;
     const targets = await this.#endOffsets(topic);
@@ -175,7 +210,8 @@ export class KafkaLink {
         this.logger.info(`tally: ${this.book.decisions.size} budget decisions loaded from ${topic}`);
       }
     };
-    this.consumer.on(this.consumer.events.GROUP_JOIN, checkReady);
+    this.removeJoinListener?.();
+    this.removeJoinListener = this.consumer.on(this.consumer.events.GROUP_JOIN, checkReady);
     await this.consumer.connect();
     await this.consumer.subscribe({ topic, fromBeginning: true });
     await this.consumer.run({
