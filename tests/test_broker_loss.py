@@ -19,6 +19,7 @@ from pathlib import Path
 import duckdb
 import orjson
 import pytest
+from aiokafka.errors import GroupCoordinatorNotAvailableError
 
 from tally import localkafka
 from tally.config.loader import load_config
@@ -124,9 +125,15 @@ async def fully_replicated(bootstrap: str) -> bool:
 
 
 async def coordinator_of(bootstrap: str, group: str) -> int:
+    """The group's coordinator, once the cluster has one: on a loaded machine the
+    __consumer_offsets partitions of a new cluster can take a while to get leaders."""
     admin = make_admin(bootstrap)
     await admin.start()
     try:
+        for _ in range(120):
+            with contextlib.suppress(GroupCoordinatorNotAvailableError):
+                return await admin.find_coordinator(group)
+            await asyncio.sleep(0.5)
         return await admin.find_coordinator(group)
     finally:
         await admin.close()
