@@ -10,6 +10,10 @@ upstream, the real broker, the pipeline in this process): every call costs 100 i
   the limit) with a 429, Retry-After until the reset and an OpenAI-style error body, and no
   call reaches the upstream; on reduced priority he is served the cheaper model.
 - eve holds a viewer key: her calls count as hers.
+- grace signs in with a JWT (ES256, auth.yaml `method: jwt`; the plugin holds the public key
+  only) whose `sub` is an identity she claims in users.yaml: her call counts under `grace`,
+  as Tally's own Authenticator resolves the same token. An expired token, one signed by
+  another key and one for another audience: 401, at the door as at Tally.
 - no key, a wrong key, or the gateway token itself: 401.
 - frank and carol measure the overshoot of 4 concurrent calls 40 tokens under the limit:
   frank through the front door (a reservation per call), carol through the core endpoint
@@ -29,9 +33,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
+from tally.auth import Authenticator, AuthError
+from tally.config.loader import load_config
 from tally.decision_cache import DecisionCache
 
 from .fake_upstream import FakeUpstream
@@ -68,6 +77,8 @@ FOOTER = "Used {tokens_used}/{tokens_limit}"
 WARNING = "Half of your daily budget is used"
 UNAVAILABLE = "Say who you are: send `user`."
 FOLDER = ARTIFACTS.parent / "openclaw-frontdoor"
+GRACE_SUB = "sso:grace@example.com"  # the identity provider's name for grace
+AUDIENCE, ISSUER = "openclaw", "https://auth.test"
 
 
 def door_budgets(reset: datetime, action: str) -> dict[str, Any]:
@@ -81,7 +92,35 @@ def door_users() -> dict[str, Any]:
     return {"user_identification": {"method": "api_key", "users": [
         {"id": "dave", "api_key": DAVE_KEY},
         {"id": "eve", "api_key": EVE_KEY, "role": "viewer"},
-        {"id": "frank", "api_key": FRANK_KEY}]}}
+        {"id": "frank", "api_key": FRANK_KEY},
+        {"id": "grace", "identities": [GRACE_SUB]}]}}
+
+
+class Issuer:
+    """An identity provider: its ES256 key, the public half published as a PEM file."""
+
+    def __init__(self, folder: Path) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.public_pem = folder / "jwt_public.pem"
+        self.public_pem.write_bytes(self.key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+    def token(self, sub: str, *, expires_in: int = 600, audience: str = AUDIENCE,
+              key: ec.EllipticCurvePrivateKey | None = None) -> str:
+        claims = {"sub": sub, "aud": audience, "iss": ISSUER,
+                  "exp": int(time.time()) + expires_in}
+        return jwt.encode(claims, key or self.key, algorithm="ES256")
+
+    def auth_yaml(self) -> dict[str, Any]:
+        """Tally's auth.yaml for these tokens; the plugin's frontDoor.jwt says the same."""
+        return {"authentication": {
+            "enabled": True, "method": "jwt", "require_auth": True, "user_id_claim": "sub",
+            "algorithms": ["ES256"], "public_key_file": str(self.public_pem),
+            "audience": AUDIENCE, "issuer": ISSUER}}
+
+    def plugin(self) -> dict[str, Any]:
+        return {"algorithms": ["ES256"], "publicKeyFile": str(self.public_pem),
+                "audience": AUDIENCE, "issuer": ISSUER, "userIdClaim": "sub"}
 
 
 class Door:
@@ -101,7 +140,8 @@ class Door:
 
     async def view(self, key: str) -> tuple[str, int] | None:
         """The plugin's own view of the key owner's decision: (action, daily tokens used)."""
-        answer = await self.client.get("/tally/v1/budget", headers={"x-api-key": key})
+        answer = await self.client.get("/tally/v1/budget",
+                                       headers={"authorization": f"Bearer {key}"})
         if answer.status_code != 200:
             return None
         return answer.json()["decision"]["action"], answer.json()["daily_used"]
@@ -143,9 +183,11 @@ async def test_the_front_door_on_a_real_openclaw_gateway(
     pipeline = Pipeline.create(tmp_path, kafka_bootstrap, f"fd-{unique_name}",
                                door_budgets(reset, "hard_stop"), door_users(), datetime.now(UTC))
     topics, config_dir, db = pipeline.topics, pipeline.config_dir, pipeline.db
+    issuer = Issuer(tmp_path)
+    (config_dir / "auth.yaml").write_text(yaml.safe_dump(issuer.auth_yaml()))
     plugin = {"brokers": [f"127.0.0.1:{kafka_port}"], "namespace": topics.namespace,
               "httpIdentity": "refuse-anonymous", "unavailableMessage": UNAVAILABLE,
-              "frontDoor": {"defaultMaxTokens": 200}}
+              "frontDoor": {"defaultMaxTokens": 200, "jwt": issuer.plugin()}}
     home = tmp_path / "openclaw"
     figures: dict[str, Any] = {}
 
@@ -167,6 +209,7 @@ async def test_the_front_door_on_a_real_openclaw_gateway(
                 figures["gateway_start_seconds"] = round(await wait_ready(core, gateway), 1)
                 await cache.start()
                 await scenario_keys(door)
+                await scenario_jwt(door, issuer, Authenticator.build(load_config(config_dir)))
                 await scenario_under_the_limit(door, upstream)
                 figures.update(await scenario_overshoot_side_by_side(door, Chat(core), upstream,
                                                                      cache))
@@ -185,7 +228,8 @@ async def test_the_front_door_on_a_real_openclaw_gateway(
     assert by_user["dave"] == len(upstream.calls("dave-")) * PER_CALL == 10 * PER_CALL
     assert by_user["frank"] == 9 * PER_CALL
     assert by_user["eve"] == PER_CALL
-    assert not {"openai-user:mallory", "openai-user:dave", "mallory"} & by_user.keys()
+    assert by_user["grace"] == PER_CALL
+    assert not {"openai-user:mallory", "openai-user:dave", "mallory", GRACE_SUB} & by_user.keys()
     figures["frontdoor_overshoot_tokens"] = by_user["frank"] - LIMIT
     figures["core_overshoot_tokens"] = by_user["openai-user:carol"] - LIMIT
     assert figures["frontdoor_overshoot_tokens"] == PER_CALL - 40
@@ -208,6 +252,27 @@ async def scenario_keys(door: Door) -> None:
     assert (await door.client.get("/tally/v1/models")).status_code == 401
     models = await door.client.get("/tally/v1/models", headers={"x-api-key": EVE_KEY})
     assert models.status_code == 200 and "openclaw/main" in models.text
+
+
+async def scenario_jwt(door: Door, issuer: Issuer, tally: Authenticator) -> None:
+    """A JWT names its user at the door exactly as at Tally; a bad one is refused by both."""
+    token = issuer.token(GRACE_SUB)
+    principal = tally.authenticate({"authorization": f"Bearer {token}"})
+    assert principal is not None and principal.user_id == "grace"
+    await door.until(token, ("allow", 0))  # her decision, listing GRACE_SUB, has arrived
+    answer = await door.chat(token, "grace-0", user="dave")
+    assert answer.status_code == 200, answer.text
+    assert content_of(answer, False).startswith("Answer from big-model")
+    bad = {"expired": issuer.token(GRACE_SUB, expires_in=-1),
+           "another key": issuer.token(GRACE_SUB, key=ec.generate_private_key(ec.SECP256R1())),
+           "another audience": issuer.token(GRACE_SUB, audience="elsewhere")}
+    for why, token in bad.items():
+        refused = await door.chat(token, "grace-refused")
+        assert refused.status_code == 401, (why, refused.text)
+        assert refused.json()["error"]["code"] == "invalid_token", why
+        with pytest.raises(AuthError) as at_tally:
+            tally.authenticate({"authorization": f"Bearer {token}"})
+        assert at_tally.value.status == 401, why
 
 
 async def scenario_under_the_limit(door: Door, upstream: FakeUpstream) -> None:
