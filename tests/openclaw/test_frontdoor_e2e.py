@@ -15,6 +15,10 @@ upstream, the real broker, the pipeline in this process): every call costs 100 i
   as Tally's own Authenticator resolves the same token. An expired token, one signed by
   another key and one for another audience: 401, at the door as at Tally.
 - no key, a wrong key, or the gateway token itself: 401.
+- tom writes to the gateway's bot on Telegram (OpenClaw's own Telegram channel, its API
+  root a fake Bot API on loopback): users.yaml has him claim "telegram:123456". His replies
+  carry the footer, then (after calls through the door with his key: one budget for both)
+  the warning, appended by the plugin's `message_sending` hook.
 - frank and carol measure the overshoot of 4 concurrent calls 40 tokens under the limit:
   frank through the front door (a reservation per call), carol through the core endpoint
   (scenario_overshoot of test_openclaw_e2e.py).
@@ -43,6 +47,7 @@ from tally.auth import Authenticator, AuthError
 from tally.config.loader import load_config
 from tally.decision_cache import DecisionCache
 
+from .fake_telegram import BOT_TOKEN, FakeTelegram
 from .fake_upstream import FakeUpstream
 from .gateway import PORT, TOKEN, gateway_config, install, start_gateway, wait_ready
 from .netns import LoopbackNamespace
@@ -68,7 +73,7 @@ from .test_openclaw_e2e import (
     stop_gateway,
 )
 
-pytestmark = [pytest.mark.kafka, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(900)]  # 9 minutes seen at load 18
 
 DAVE_KEY = "ak_dave_5b0f8c2e9d7a4e61b3c0f9a8d2e4c6b1"
 EVE_KEY = "ak_eve_1c9e7a3f5b2d4e6a8c0b1d3f5e7a9c2b"
@@ -77,6 +82,9 @@ FOOTER = "Used {tokens_used}/{tokens_limit}"
 WARNING = "Half of your daily budget is used"
 UNAVAILABLE = "Say who you are: send `user`."
 FOLDER = ARTIFACTS.parent / "openclaw-frontdoor"
+TOM_KEY = "ak_tom_3e5a7c9b1d2f4a6c8e0b2d4f6a8c0e1f"
+TOM_TELEGRAM = 123456
+TELEGRAM_PORT = 18801
 GRACE_SUB = "sso:grace@example.com"  # the identity provider's name for grace
 AUDIENCE, ISSUER = "openclaw", "https://auth.test"
 
@@ -93,7 +101,15 @@ def door_users() -> dict[str, Any]:
         {"id": "dave", "api_key": DAVE_KEY},
         {"id": "eve", "api_key": EVE_KEY, "role": "viewer"},
         {"id": "frank", "api_key": FRANK_KEY},
-        {"id": "grace", "identities": [GRACE_SUB]}]}}
+        {"id": "grace", "identities": [GRACE_SUB]},
+        {"id": "tom", "api_key": TOM_KEY, "identities": [f"telegram:{TOM_TELEGRAM}"]}]}}
+
+
+def telegram(api_port: int) -> dict[str, Any]:
+    """openclaw.json `channels`: the Telegram bot, its Bot API the fake on `api_port`."""
+    return {"telegram": {"enabled": True, "botToken": BOT_TOKEN,
+                         "apiRoot": f"http://127.0.0.1:{api_port}",
+                         "dmPolicy": "open", "allowFrom": ["*"], "streaming": {"mode": "off"}}}
 
 
 class Issuer:
@@ -195,11 +211,13 @@ async def test_the_front_door_on_a_real_openclaw_gateway(
 
     with LoopbackNamespace() as ns:
         upstream = FakeUpstream(ns.listen_inside(UPSTREAM_PORT), IN, 20).start()
+        bot = FakeTelegram(ns.listen_inside(TELEGRAM_PORT)).start()
         await ns.relay_out(kafka_port)
         outside = f"http://127.0.0.1:{await ns.relay_in(PORT)}"
         home.mkdir()
-        gateway = start_gateway(ns, paths, home, gateway_config(
-            home, UPSTREAM_PORT, plugin, AGENTS))
+        config = gateway_config(home, UPSTREAM_PORT, plugin, AGENTS)
+        config["channels"] = telegram(TELEGRAM_PORT)
+        gateway = start_gateway(ns, paths, home, config, channels=True)
         cache = DecisionCache(kafka_bootstrap, topics)
         door = Door(outside)
         try:
@@ -211,6 +229,7 @@ async def test_the_front_door_on_a_real_openclaw_gateway(
                 await scenario_keys(door)
                 await scenario_jwt(door, issuer, Authenticator.build(load_config(config_dir)))
                 await scenario_under_the_limit(door, upstream)
+                await scenario_telegram(door, bot)
                 figures.update(await scenario_overshoot_side_by_side(door, Chat(core), upstream,
                                                                      cache))
                 await scenario_past_the_limit(door, upstream, cache, config_dir, reset)
@@ -220,6 +239,7 @@ async def test_the_front_door_on_a_real_openclaw_gateway(
             await cache.stop()
             stop_gateway(gateway)
             upstream.stop()
+            bot.stop()
             keep_logs(home, FOLDER)
 
     by_user: dict[str, int] = {}
@@ -229,7 +249,9 @@ async def test_the_front_door_on_a_real_openclaw_gateway(
     assert by_user["frank"] == 9 * PER_CALL
     assert by_user["eve"] == PER_CALL
     assert by_user["grace"] == PER_CALL
-    assert not {"openai-user:mallory", "openai-user:dave", "mallory", GRACE_SUB} & by_user.keys()
+    assert by_user["tom"] == 6 * PER_CALL  # 2 on Telegram, 4 through the door
+    assert not {"openai-user:mallory", "openai-user:dave", "mallory", GRACE_SUB,
+             f"telegram:{TOM_TELEGRAM}"} & by_user.keys()
     figures["frontdoor_overshoot_tokens"] = by_user["frank"] - LIMIT
     figures["core_overshoot_tokens"] = by_user["openai-user:carol"] - LIMIT
     assert figures["frontdoor_overshoot_tokens"] == PER_CALL - 40
@@ -297,6 +319,21 @@ async def scenario_under_the_limit(door: Door, upstream: FakeUpstream) -> None:
         f"Answer from big-model\n\n{WARNING}\n\n{footer(720)}")
     await door.until(EVE_KEY, ("allow", 120))  # the viewer's call is hers
     assert {r.model for r in upstream.calls("dave-")} == {"big-model"}
+
+
+async def scenario_telegram(door: Door, bot: FakeTelegram) -> None:
+    """A channel reply carries the footer, then the warning: message_sending on a real channel."""
+    await door.until(TOM_KEY, ("allow", 0))
+    bot.send(TOM_TELEGRAM, "tom-0")
+    await eventually(lambda: len(bot.replies_to(TOM_TELEGRAM)) == 1, "tom's first reply", 120)
+    assert bot.replies_to(TOM_TELEGRAM) == [f"Answer from big-model\n\n{footer(0, 1_000_000)}"]
+    for i in range(1, 5):  # his key spends the same budget: 600 of 1000
+        await door.text(TOM_KEY, f"tom-{i}")
+    await door.until(TOM_KEY, ("warn", 600))
+    bot.send(TOM_TELEGRAM, "tom-5")
+    await eventually(lambda: len(bot.replies_to(TOM_TELEGRAM)) == 2, "tom's second reply", 120)
+    assert bot.replies_to(TOM_TELEGRAM)[1] == (
+        f"Answer from big-model\n\n{WARNING}\n\n{footer(600)}")
 
 
 async def scenario_overshoot_side_by_side(door: Door, core: Chat, upstream: FakeUpstream,
