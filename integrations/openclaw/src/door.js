@@ -6,7 +6,7 @@
  *   GET  /tally/v1/models            the core endpoint's model list
  *   GET  /tally/v1/budget            the caller's own figures (Tally's /api/budgets/me shape)
  *
- * The caller's API key names them (frontdoor.js); whatever `user` the body says is
+ * The caller's API key or JWT names them (frontdoor.js); whatever `user` the body says is
  * replaced. A chat is admitted against the user's headroom with its worst case reserved,
  * then forwarded to the gateway's /v1/chat/completions with the gateway token and a
  * session of its own ("tally-door:<uuid>": OpenClaw runs one call at a time per session,
