@@ -14,8 +14,10 @@ import json
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from .served import Served
 
 __all__ = ["FakeTelegram"]
 
@@ -33,21 +35,14 @@ class FakeTelegram:
         self.calls: list[str] = []  # every method called, in order
         self._updates: list[dict[str, Any]] = []
         self._changed = threading.Condition()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler(),
-                                           bind_and_activate=False)
-        self._server.socket.close()
-        sock.setblocking(True)
-        self._server.socket = sock
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._served = Served(sock, self._handler())
 
     def start(self) -> FakeTelegram:
-        self._thread.start()
+        self._served.start()
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._served.stop()
 
     def send(self, user_id: int, text: str) -> None:
         """A direct message from `user_id` to the bot."""
