@@ -173,10 +173,10 @@ function checkClaims(claims, settings, now) {
     throw new JwtError("the token is not yet valid (nbf)");
   }
   if (timeClaim(claims, "exp") <= now) throw new JwtError("the token has expired");
-  if (settings.issuer !== undefined && claims.iss !== settings.issuer) {
+  if (typeof settings.issuer === "string" && claims.iss !== settings.issuer) {
     throw new JwtError("invalid issuer");
   }
-  if (settings.audience !== undefined && !audienceHolds(claims.aud, settings.audience)) {
+  if (typeof settings.audience === "string" && !audienceHolds(claims.aud, settings.audience)) {
     throw new JwtError("invalid audience");
   }
   for (const name of ["sub", "jti"]) {
