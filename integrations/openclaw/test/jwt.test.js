@@ -3,8 +3,10 @@ import { constants, createHmac, generateKeyPairSync, sign } from "node:crypto";
 import { test } from "node:test";
 import { BudgetBook } from "../src/budget.js";
 import { resolveConfig } from "../src/config.js";
+import { createFrontDoor } from "../src/door.js";
 import { callerOf, keyDigest } from "../src/frontdoor.js";
 import { JwtError, SECRET_ENV, loadKey, subjectOf, verifyJwt } from "../src/jwt.js";
+import { createTally } from "../src/plugin.js";
 
 const NOW = Date.parse("2026-05-10T12:00:00Z");
 const SECONDS = NOW / 1000;
@@ -172,4 +174,31 @@ test("the door's caller: an API key, or a JWT's claim resolved as the ingest res
   assert.equal(callerOf({}, book, jwt, NOW).code, "invalid_api_key");
   assert.equal(callerOf({ "x-api-key": signed({ email: "grace" }) }, book, jwt, NOW).code,
                "invalid_api_key"); // X-API-Key holds API keys only
+});
+
+test("a JWT key that cannot be loaded is logged; the door serves API keys and refuses tokens", async () => {
+  const config = resolveConfig({ frontDoor: { jwt: { algorithms: ["HS256"] } } }, {});
+  const quiet = { info() {}, warn() {} };
+  const tally = createTally({ config, transport: { send() {} }, logger: quiet, clock: () => NOW });
+  tally.book.applyDecision("alice", { user_id: "alice", action: "allow", period: "daily",
+                                      tokens_used: 0, tokens_limit: 1000, reset_time: "",
+                                      key_digests: [keyDigest("ak_alice_key")] });
+  const warnings = [];
+  const door = createFrontDoor({ tally, config, clock: () => NOW, env: { [SECRET_ENV]: "short" },
+                                 gateway: () => ({ host: "127.0.0.1", port: 1, token: "t" }),
+                                 logger: { ...quiet, warn: (m) => warnings.push(m) } });
+  assert.equal(warnings.length, 1);
+  assert.match(warnings[0], /JWTs are refused at the front door: .*32 bytes/);
+  const ask = async (authorization) => {
+    const res = { status: 0, body: "", headersSent: false,
+                  writeHead(status) { this.status = status; this.headersSent = true; },
+                  end(body) { this.body = body; } };
+    await door["/tally/v1/budget"]({ method: "GET", url: "/tally/v1/budget",
+                                     headers: { authorization } }, res);
+    return res;
+  };
+  const byKey = await ask("Bearer ak_alice_key");
+  assert.deepEqual([byKey.status, JSON.parse(byKey.body).user_id], [200, "alice"]);
+  const byToken = await ask(`Bearer ${token("HS256", valid(), Buffer.from("short"))}`);
+  assert.deepEqual([byToken.status, JSON.parse(byToken.body).error.code], [401, "invalid_token"]);
 });
