@@ -18,7 +18,8 @@ upstream, the real broker, the pipeline in this process): every call costs 100 i
 - tom writes to the gateway's bot on Telegram (OpenClaw's own Telegram channel, its API
   root a fake Bot API on loopback): users.yaml has him claim "telegram:123456". His replies
   carry the footer, then (after calls through the door with his key: one budget for both)
-  the warning, appended by the plugin's `message_sending` hook.
+  the warning, appended by the plugin's `message_sending` hook; past the limit, the reply
+  is the hard stop's message and the model is not called.
 - frank and carol measure the overshoot of 4 concurrent calls 40 tokens under the limit:
   frank through the front door (a reservation per call), carol through the core endpoint
   (scenario_overshoot of test_openclaw_e2e.py).
@@ -229,7 +230,7 @@ async def test_the_front_door_on_a_real_openclaw_gateway(
                 await scenario_keys(door)
                 await scenario_jwt(door, issuer, Authenticator.build(load_config(config_dir)))
                 await scenario_under_the_limit(door, upstream)
-                await scenario_telegram(door, bot)
+                await scenario_telegram(door, bot, upstream)
                 figures.update(await scenario_overshoot_side_by_side(door, Chat(core), upstream,
                                                                      cache))
                 await scenario_past_the_limit(door, upstream, cache, config_dir, reset)
@@ -249,7 +250,7 @@ async def test_the_front_door_on_a_real_openclaw_gateway(
     assert by_user["frank"] == 9 * PER_CALL
     assert by_user["eve"] == PER_CALL
     assert by_user["grace"] == PER_CALL
-    assert by_user["tom"] == 6 * PER_CALL  # 2 on Telegram, 4 through the door
+    assert by_user["tom"] == 9 * PER_CALL  # 2 on Telegram, 7 through the door
     assert not {"openai-user:mallory", "openai-user:dave", "mallory", GRACE_SUB,
              f"telegram:{TOM_TELEGRAM}"} & by_user.keys()
     figures["frontdoor_overshoot_tokens"] = by_user["frank"] - LIMIT
@@ -321,8 +322,9 @@ async def scenario_under_the_limit(door: Door, upstream: FakeUpstream) -> None:
     assert {r.model for r in upstream.calls("dave-")} == {"big-model"}
 
 
-async def scenario_telegram(door: Door, bot: FakeTelegram) -> None:
-    """A channel reply carries the footer, then the warning: message_sending on a real channel."""
+async def scenario_telegram(door: Door, bot: FakeTelegram, upstream: FakeUpstream) -> None:
+    """A channel reply carries the footer, then the warning (message_sending on a real
+    channel); past the limit the reply is the hard stop's message, with no model call."""
     await door.until(TOM_KEY, ("allow", 0))
     bot.send(TOM_TELEGRAM, "tom-0")
     await eventually(lambda: len(bot.replies_to(TOM_TELEGRAM)) == 1, "tom's first reply", 120)
@@ -334,6 +336,16 @@ async def scenario_telegram(door: Door, bot: FakeTelegram) -> None:
     await eventually(lambda: len(bot.replies_to(TOM_TELEGRAM)) == 2, "tom's second reply", 120)
     assert bot.replies_to(TOM_TELEGRAM)[1] == (
         f"Answer from big-model\n\n{WARNING}\n\n{footer(600)}")
+    for i in range(6, 9):  # from 720, 840 and 960: 1080
+        await door.text(TOM_KEY, f"tom-{i}")
+    await door.until(TOM_KEY, ("hard_stop", 1080))
+    stopped = (await door.client.get("/tally/v1/budget",
+                                     headers={"x-api-key": TOM_KEY})).json()["decision"]
+    bot.send(TOM_TELEGRAM, "tom-stopped")
+    await eventually(lambda: len(bot.replies_to(TOM_TELEGRAM)) == 3, "tom's third reply", 120)
+    assert bot.replies_to(TOM_TELEGRAM)[2] == STOP_MESSAGE.format(
+        reset_time=stopped["reset_time"])
+    assert upstream.calls("tom-stopped") == []
 
 
 async def scenario_overshoot_side_by_side(door: Door, core: Chat, upstream: FakeUpstream,
