@@ -6,7 +6,8 @@
  * - before_model_resolve: reduced priority routes to the configured cheaper model.
  * - before_agent_run: a second gate for runs that skipped before_agent_reply.
  * - message_sending: warnings and the budget footer on channel deliveries.
- * - /tally/v1/*: the per-user front door (src/door.js), each caller by their own API key.
+ * - /tally/v1/*: the per-user front door (src/door.js), each caller by their own API key
+ *   or JWT.
  *
  * OpenClaw calls register() several times per process (snapshots, reloads), so the
  * Kafka link and the budget view live once per process and settings, and register()

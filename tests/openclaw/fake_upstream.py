@@ -14,8 +14,10 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from .served import Served
 
 __all__ = ["FakeUpstream", "Request"]
 
@@ -53,21 +55,14 @@ class FakeUpstream:
         self.delay = 0.0  # seconds before answering, to make calls overlap
         self.requests: list[Request] = []
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler(),
-                                           bind_and_activate=False)
-        self._server.socket.close()
-        sock.setblocking(True)
-        self._server.socket = sock
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._served = Served(sock, self._handler())
 
     def start(self) -> FakeUpstream:
-        self._thread.start()
+        self._served.start()
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._served.stop()
 
     def calls(self, marker: str = "") -> list[Request]:
         """The requests so far whose prompt contains `marker`."""

@@ -85,10 +85,12 @@ def gateway_config(home: Path, upstream_port: int, plugin: dict[str, Any],
 
 
 def start_gateway(ns: LoopbackNamespace, paths: GatewayPaths, home: Path,
-                  config: dict[str, Any]) -> subprocess.Popen[bytes]:
+                  config: dict[str, Any], *, channels: bool = False) -> subprocess.Popen[bytes]:
+    """`channels`: start the channels `config` configures (skipped otherwise)."""
     (home / "state").mkdir(parents=True, exist_ok=True)
     (home / "openclaw.json").write_text(json.dumps(config, indent=2))
-    env = {**os.environ, **ENV, "HOME": str(home),
+    skipped = {"OPENCLAW_SKIP_CHANNELS"} if channels else set()
+    env = {**os.environ, **{k: v for k, v in ENV.items() if k not in skipped}, "HOME": str(home),
            "OPENCLAW_CONFIG_PATH": str(home / "openclaw.json"),
            "OPENCLAW_STATE_DIR": str(home / "state")}
     out = (home / "gateway.out").open("wb")

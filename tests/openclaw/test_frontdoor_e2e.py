@@ -10,7 +10,16 @@ upstream, the real broker, the pipeline in this process): every call costs 100 i
   the limit) with a 429, Retry-After until the reset and an OpenAI-style error body, and no
   call reaches the upstream; on reduced priority he is served the cheaper model.
 - eve holds a viewer key: her calls count as hers.
+- grace signs in with a JWT (ES256, auth.yaml `method: jwt`; the plugin holds the public key
+  only) whose `sub` is an identity she claims in users.yaml: her call counts under `grace`,
+  as Tally's own Authenticator resolves the same token. An expired token, one signed by
+  another key and one for another audience: 401, at the door as at Tally.
 - no key, a wrong key, or the gateway token itself: 401.
+- tom writes to the gateway's bot on Telegram (OpenClaw's own Telegram channel, its API
+  root a fake Bot API on loopback): users.yaml has him claim "telegram:123456". His replies
+  carry the footer, then (after calls through the door with his key: one budget for both)
+  the warning, appended by the plugin's `message_sending` hook; past the limit, the reply
+  is the hard stop's message and the model is not called.
 - frank and carol measure the overshoot of 4 concurrent calls 40 tokens under the limit:
   frank through the front door (a reservation per call), carol through the core endpoint
   (scenario_overshoot of test_openclaw_e2e.py).
@@ -29,11 +38,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
+from tally.auth import Authenticator, AuthError
+from tally.config.loader import load_config
 from tally.decision_cache import DecisionCache
 
+from .fake_telegram import BOT_TOKEN, FakeTelegram
 from .fake_upstream import FakeUpstream
 from .gateway import PORT, TOKEN, gateway_config, install, start_gateway, wait_ready
 from .netns import LoopbackNamespace
@@ -59,7 +74,7 @@ from .test_openclaw_e2e import (
     stop_gateway,
 )
 
-pytestmark = [pytest.mark.kafka, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(900)]  # 9 minutes seen at load 18
 
 DAVE_KEY = "ak_dave_5b0f8c2e9d7a4e61b3c0f9a8d2e4c6b1"
 EVE_KEY = "ak_eve_1c9e7a3f5b2d4e6a8c0b1d3f5e7a9c2b"
@@ -68,6 +83,11 @@ FOOTER = "Used {tokens_used}/{tokens_limit}"
 WARNING = "Half of your daily budget is used"
 UNAVAILABLE = "Say who you are: send `user`."
 FOLDER = ARTIFACTS.parent / "openclaw-frontdoor"
+TOM_KEY = "ak_tom_3e5a7c9b1d2f4a6c8e0b2d4f6a8c0e1f"
+TOM_TELEGRAM = 123456
+TELEGRAM_PORT = 18801
+GRACE_SUB = "sso:grace@example.com"  # the identity provider's name for grace
+AUDIENCE, ISSUER = "openclaw", "https://auth.test"
 
 
 def door_budgets(reset: datetime, action: str) -> dict[str, Any]:
@@ -81,7 +101,43 @@ def door_users() -> dict[str, Any]:
     return {"user_identification": {"method": "api_key", "users": [
         {"id": "dave", "api_key": DAVE_KEY},
         {"id": "eve", "api_key": EVE_KEY, "role": "viewer"},
-        {"id": "frank", "api_key": FRANK_KEY}]}}
+        {"id": "frank", "api_key": FRANK_KEY},
+        {"id": "grace", "identities": [GRACE_SUB]},
+        {"id": "tom", "api_key": TOM_KEY, "identities": [f"telegram:{TOM_TELEGRAM}"]}]}}
+
+
+def telegram(api_port: int) -> dict[str, Any]:
+    """openclaw.json `channels`: the Telegram bot, its Bot API the fake on `api_port`."""
+    return {"telegram": {"enabled": True, "botToken": BOT_TOKEN,
+                         "apiRoot": f"http://127.0.0.1:{api_port}",
+                         "dmPolicy": "open", "allowFrom": ["*"], "streaming": {"mode": "off"}}}
+
+
+class Issuer:
+    """An identity provider: its ES256 key, the public half published as a PEM file."""
+
+    def __init__(self, folder: Path) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.public_pem = folder / "jwt_public.pem"
+        self.public_pem.write_bytes(self.key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+    def token(self, sub: str, *, expires_in: int = 600, audience: str = AUDIENCE,
+              key: ec.EllipticCurvePrivateKey | None = None) -> str:
+        claims = {"sub": sub, "aud": audience, "iss": ISSUER,
+                  "exp": int(time.time()) + expires_in}
+        return jwt.encode(claims, key or self.key, algorithm="ES256")
+
+    def auth_yaml(self) -> dict[str, Any]:
+        """Tally's auth.yaml for these tokens; the plugin's frontDoor.jwt says the same."""
+        return {"authentication": {
+            "enabled": True, "method": "jwt", "require_auth": True, "user_id_claim": "sub",
+            "algorithms": ["ES256"], "public_key_file": str(self.public_pem),
+            "audience": AUDIENCE, "issuer": ISSUER}}
+
+    def plugin(self) -> dict[str, Any]:
+        return {"algorithms": ["ES256"], "publicKeyFile": str(self.public_pem),
+                "audience": AUDIENCE, "issuer": ISSUER, "userIdClaim": "sub"}
 
 
 class Door:
@@ -101,7 +157,8 @@ class Door:
 
     async def view(self, key: str) -> tuple[str, int] | None:
         """The plugin's own view of the key owner's decision: (action, daily tokens used)."""
-        answer = await self.client.get("/tally/v1/budget", headers={"x-api-key": key})
+        answer = await self.client.get("/tally/v1/budget",
+                                       headers={"authorization": f"Bearer {key}"})
         if answer.status_code != 200:
             return None
         return answer.json()["decision"]["action"], answer.json()["daily_used"]
@@ -143,9 +200,11 @@ async def test_the_front_door_on_a_real_openclaw_gateway(
     pipeline = Pipeline.create(tmp_path, kafka_bootstrap, f"fd-{unique_name}",
                                door_budgets(reset, "hard_stop"), door_users(), datetime.now(UTC))
     topics, config_dir, db = pipeline.topics, pipeline.config_dir, pipeline.db
+    issuer = Issuer(tmp_path)
+    (config_dir / "auth.yaml").write_text(yaml.safe_dump(issuer.auth_yaml()))
     plugin = {"brokers": [f"127.0.0.1:{kafka_port}"], "namespace": topics.namespace,
               "httpIdentity": "refuse-anonymous", "unavailableMessage": UNAVAILABLE,
-              "frontDoor": {"defaultMaxTokens": 200}}
+              "frontDoor": {"defaultMaxTokens": 200, "jwt": issuer.plugin()}}
     home = tmp_path / "openclaw"
     figures: dict[str, Any] = {}
 
@@ -153,11 +212,13 @@ async def test_the_front_door_on_a_real_openclaw_gateway(
 
     with LoopbackNamespace() as ns:
         upstream = FakeUpstream(ns.listen_inside(UPSTREAM_PORT), IN, 20).start()
+        bot = FakeTelegram(ns.listen_inside(TELEGRAM_PORT)).start()
         await ns.relay_out(kafka_port)
         outside = f"http://127.0.0.1:{await ns.relay_in(PORT)}"
         home.mkdir()
-        gateway = start_gateway(ns, paths, home, gateway_config(
-            home, UPSTREAM_PORT, plugin, AGENTS))
+        config = gateway_config(home, UPSTREAM_PORT, plugin, AGENTS)
+        config["channels"] = telegram(TELEGRAM_PORT)
+        gateway = start_gateway(ns, paths, home, config, channels=True)
         cache = DecisionCache(kafka_bootstrap, topics)
         door = Door(outside)
         try:
@@ -167,7 +228,9 @@ async def test_the_front_door_on_a_real_openclaw_gateway(
                 figures["gateway_start_seconds"] = round(await wait_ready(core, gateway), 1)
                 await cache.start()
                 await scenario_keys(door)
+                await scenario_jwt(door, issuer, Authenticator.build(load_config(config_dir)))
                 await scenario_under_the_limit(door, upstream)
+                await scenario_telegram(door, bot, upstream)
                 figures.update(await scenario_overshoot_side_by_side(door, Chat(core), upstream,
                                                                      cache))
                 await scenario_past_the_limit(door, upstream, cache, config_dir, reset)
@@ -177,6 +240,7 @@ async def test_the_front_door_on_a_real_openclaw_gateway(
             await cache.stop()
             stop_gateway(gateway)
             upstream.stop()
+            bot.stop()
             keep_logs(home, FOLDER)
 
     by_user: dict[str, int] = {}
@@ -185,7 +249,10 @@ async def test_the_front_door_on_a_real_openclaw_gateway(
     assert by_user["dave"] == len(upstream.calls("dave-")) * PER_CALL == 10 * PER_CALL
     assert by_user["frank"] == 9 * PER_CALL
     assert by_user["eve"] == PER_CALL
-    assert not {"openai-user:mallory", "openai-user:dave", "mallory"} & by_user.keys()
+    assert by_user["grace"] == PER_CALL
+    assert by_user["tom"] == 9 * PER_CALL  # 2 on Telegram, 7 through the door
+    assert not {"openai-user:mallory", "openai-user:dave", "mallory", GRACE_SUB,
+             f"telegram:{TOM_TELEGRAM}"} & by_user.keys()
     figures["frontdoor_overshoot_tokens"] = by_user["frank"] - LIMIT
     figures["core_overshoot_tokens"] = by_user["openai-user:carol"] - LIMIT
     assert figures["frontdoor_overshoot_tokens"] == PER_CALL - 40
@@ -210,6 +277,27 @@ async def scenario_keys(door: Door) -> None:
     assert models.status_code == 200 and "openclaw/main" in models.text
 
 
+async def scenario_jwt(door: Door, issuer: Issuer, tally: Authenticator) -> None:
+    """A JWT names its user at the door exactly as at Tally; a bad one is refused by both."""
+    token = issuer.token(GRACE_SUB)
+    principal = tally.authenticate({"authorization": f"Bearer {token}"})
+    assert principal is not None and principal.user_id == "grace"
+    await door.until(token, ("allow", 0))  # her decision, listing GRACE_SUB, has arrived
+    answer = await door.chat(token, "grace-0", user="dave")
+    assert answer.status_code == 200, answer.text
+    assert content_of(answer, False).startswith("Answer from big-model")
+    bad = {"expired": issuer.token(GRACE_SUB, expires_in=-1),
+           "another key": issuer.token(GRACE_SUB, key=ec.generate_private_key(ec.SECP256R1())),
+           "another audience": issuer.token(GRACE_SUB, audience="elsewhere")}
+    for why, token in bad.items():
+        refused = await door.chat(token, "grace-refused")
+        assert refused.status_code == 401, (why, refused.text)
+        assert refused.json()["error"]["code"] == "invalid_token", why
+        with pytest.raises(AuthError) as at_tally:
+            tally.authenticate({"authorization": f"Bearer {token}"})
+        assert at_tally.value.status == 401, why
+
+
 async def scenario_under_the_limit(door: Door, upstream: FakeUpstream) -> None:
     # The first chat of a gateway is slow: one for nobody in particular.
     assert (await door.text(EVE_KEY, "eve-0")).startswith("Answer from big-model")
@@ -232,6 +320,32 @@ async def scenario_under_the_limit(door: Door, upstream: FakeUpstream) -> None:
         f"Answer from big-model\n\n{WARNING}\n\n{footer(720)}")
     await door.until(EVE_KEY, ("allow", 120))  # the viewer's call is hers
     assert {r.model for r in upstream.calls("dave-")} == {"big-model"}
+
+
+async def scenario_telegram(door: Door, bot: FakeTelegram, upstream: FakeUpstream) -> None:
+    """A channel reply carries the footer, then the warning (message_sending on a real
+    channel); past the limit the reply is the hard stop's message, with no model call."""
+    await door.until(TOM_KEY, ("allow", 0))
+    bot.send(TOM_TELEGRAM, "tom-0")
+    await eventually(lambda: len(bot.replies_to(TOM_TELEGRAM)) == 1, "tom's first reply", 120)
+    assert bot.replies_to(TOM_TELEGRAM) == [f"Answer from big-model\n\n{footer(0, 1_000_000)}"]
+    for i in range(1, 5):  # his key spends the same budget: 600 of 1000
+        await door.text(TOM_KEY, f"tom-{i}")
+    await door.until(TOM_KEY, ("warn", 600))
+    bot.send(TOM_TELEGRAM, "tom-5")
+    await eventually(lambda: len(bot.replies_to(TOM_TELEGRAM)) == 2, "tom's second reply", 120)
+    assert bot.replies_to(TOM_TELEGRAM)[1] == (
+        f"Answer from big-model\n\n{WARNING}\n\n{footer(600)}")
+    for i in range(6, 9):  # from 720, 840 and 960: 1080
+        await door.text(TOM_KEY, f"tom-{i}")
+    await door.until(TOM_KEY, ("hard_stop", 1080))
+    stopped = (await door.client.get("/tally/v1/budget",
+                                     headers={"x-api-key": TOM_KEY})).json()["decision"]
+    bot.send(TOM_TELEGRAM, "tom-stopped")
+    await eventually(lambda: len(bot.replies_to(TOM_TELEGRAM)) == 3, "tom's third reply", 120)
+    assert bot.replies_to(TOM_TELEGRAM)[2] == STOP_MESSAGE.format(
+        reset_time=stopped["reset_time"])
+    assert upstream.calls("tom-stopped") == []
 
 
 async def scenario_overshoot_side_by_side(door: Door, core: Chat, upstream: FakeUpstream,

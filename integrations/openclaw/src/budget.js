@@ -165,6 +165,15 @@ export class BudgetBook {
   }
 
   /**
+   * The users.yaml id behind a name, as Tally's Directory.resolve: a user id (one with a
+   * decision) as it is, else the user whose decision claims it, else the name normalised.
+   * @param {string} identity
+   */
+  resolve(identity) {
+    return this.decisions.has(identity) ? identity : this.userOf(identity);
+  }
+
+  /**
    * One record of budget.decisions: a decision, or null for a tombstone.
    * @param {string} userId the record key
    * @param {Decision | null} decision

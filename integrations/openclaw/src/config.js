@@ -38,6 +38,7 @@ import { readFileSync } from "node:fs";
  * @property {number} defaultMaxTokens Reserved as a call's output when it sets no max_tokens.
  * @property {number} promptOverhead Reserved on top of the prompt estimate (system prompt, tools).
  * @property {number} reservationTimeoutSeconds A reservation not settled by then is released.
+ * @property {import("./jwt.js").JwtSettings | null} jwt JWTs accepted as auth.yaml says, or null.
  */
 
 /**
@@ -153,6 +154,24 @@ export function resolveConfig(raw, env = process.env) {
     security: resolveSecurity(given, env),
     httpIdentity: merged.httpIdentity,
     operatorIdentity: merged.operatorIdentity,
-    frontDoor: Object.freeze({ ...DEFAULTS.frontDoor, ...(given.frontDoor ?? {}) }),
+    frontDoor: Object.freeze({ ...DEFAULTS.frontDoor, ...(given.frontDoor ?? {}),
+                               jwt: jwtSettings(given.frontDoor?.jwt) }),
+  });
+}
+
+/**
+ * `frontDoor.jwt` with auth.yaml's defaults (algorithms HS256, user id claim "sub"), or
+ * null when absent. No secret here: an HS* secret comes from the environment (jwt.js).
+ * @param {Record<string, any> | undefined} given
+ * @returns {import("./jwt.js").JwtSettings | null}
+ */
+export function jwtSettings(given) {
+  if (!given) return null;
+  return Object.freeze({
+    algorithms: [...(given.algorithms ?? ["HS256"])].filter((a) => a.toLowerCase() !== "none"),
+    publicKeyFile: given.publicKeyFile,
+    audience: given.audience,
+    issuer: given.issuer,
+    userIdClaim: given.userIdClaim ?? "sub",
   });
 }

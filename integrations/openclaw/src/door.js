@@ -6,7 +6,7 @@
  *   GET  /tally/v1/models            the core endpoint's model list
  *   GET  /tally/v1/budget            the caller's own figures (Tally's /api/budgets/me shape)
  *
- * The caller's API key names them (frontdoor.js); whatever `user` the body says is
+ * The caller's API key or JWT names them (frontdoor.js); whatever `user` the body says is
  * replaced. A chat is admitted against the user's headroom with its worst case reserved,
  * then forwarded to the gateway's /v1/chat/completions with the gateway token and a
  * session of its own ("tally-door:<uuid>": OpenClaw runs one call at a time per session,
@@ -20,9 +20,10 @@ import { DOOR_SESSION } from "./identity.js";
 import { notices } from "./plugin.js";
 import { periodValues, render } from "./templates.js";
 import {
-  budgetRow, errorBody, keyDigest, presentedKey, rateHeaders, secondsUntil, streamAppender,
-  withAppended, worstCase,
+  budgetRow, callerOf, errorBody, rateHeaders, secondsUntil, streamAppender, withAppended,
+  worstCase,
 } from "./frontdoor.js";
+import { loadKey } from "./jwt.js";
 
 export const DOOR_PATHS = Object.freeze({
   chat: "/tally/v1/chat/completions",
@@ -56,9 +57,12 @@ export function agentOf(model) {
  * @param {() => GatewayLink} p.gateway
  * @param {import("./plugin.js").Logger} p.logger
  * @param {() => number} [p.clock]
+ * @param {Record<string, string | undefined>} [p.env] where an HS* JWT secret comes from
  */
-export function createFrontDoor({ tally, config, gateway, logger, clock = Date.now }) {
+export function createFrontDoor({ tally, config, gateway, logger, clock = Date.now,
+                                  env = process.env }) {
   const { book } = tally;
+  const jwt = jwtCheck(config.frontDoor.jwt, env, logger);
 
   /** @param {import("node:http").ServerResponse} res @param {number} status @param {any} body */
   function send(res, status, body, headers = {}) {
@@ -70,12 +74,9 @@ export function createFrontDoor({ tally, config, gateway, logger, clock = Date.n
   /** The caller's users.yaml id, or null after answering 401. */
   function authenticate(/** @type {import("node:http").IncomingMessage} */ req,
                         /** @type {import("node:http").ServerResponse} */ res) {
-    const key = presentedKey(req.headers);
-    const user = key ? book.userOfKey(keyDigest(key)) : null;
-    if (user) return user;
-    send(res, 401, errorBody("invalid_request_error", "invalid_api_key",
-                             key ? "Incorrect API key provided." : "No API key provided: " +
-                             "send Authorization: Bearer <your Tally API key>."),
+    const found = callerOf(req.headers, book, jwt, clock());
+    if ("user" in found) return found.user;
+    send(res, 401, errorBody("invalid_request_error", found.code, found.message),
          { "www-authenticate": "Bearer" });
     return null;
   }
@@ -263,4 +264,23 @@ export function createFrontDoor({ tally, config, gateway, logger, clock = Date.n
     [DOOR_PATHS.models]: route("GET", models),
     [DOOR_PATHS.budget]: route("GET", budget),
   };
+}
+
+/**
+ * What verifies JWTs at the door, or null when they are not configured. A key that
+ * cannot be loaded is logged and every token refused (API keys still work): the plugin's
+ * hooks must keep running whatever the door's settings.
+ * @param {import("./jwt.js").JwtSettings | null} settings
+ * @param {Record<string, string | undefined>} env
+ * @param {import("./plugin.js").Logger} logger
+ * @returns {import("./frontdoor.js").JwtCheck | null}
+ */
+function jwtCheck(settings, env, logger) {
+  if (!settings) return null;
+  try {
+    return { settings, key: loadKey(settings, env) };
+  } catch (error) {
+    logger.warn(`tally: JWTs are refused at the front door: ${String(error)}`);
+    return { settings, key: null };
+  }
 }

@@ -2,13 +2,17 @@
  * The front door's rules, pure: who the caller is, how big a call may be, and how the
  * budget is shown to an HTTP client (status, headers, error body, appended text).
  *
- * Identity comes from the caller's own API key only. The plugin never holds a key: each
- * decision on budget.decisions lists `key_digests`, SHA-256 over a fixed label and the
- * key (Tally's `api_key_digest`, src/tally/identity.py), and the door compares the digest
- * of the key it is shown. Keys are long random strings, so a digest gives nothing away.
+ * Identity comes from the caller's own credential only, checked as Tally's ingest checks
+ * it (src/tally/auth.py): an API key from users.yaml, or a JWT when `frontDoor.jwt` is
+ * configured (jwt.js). The plugin never holds a key: each decision on budget.decisions
+ * lists `key_digests`, SHA-256 over a fixed label and the key (Tally's `api_key_digest`,
+ * src/tally/identity.py), and the door compares the digest of the key it is shown. Keys
+ * are long random strings, so a digest gives nothing away.
  */
 
 import { createHash } from "node:crypto";
+import { JwtError, looksLikeJwt, subjectOf, verifyJwt } from "./jwt.js";
+
 const DIGEST_LABEL = "tally.api_key.v1\u0000";
 
 /** Tally's api_key_digest(). @param {string} key */
@@ -17,16 +21,62 @@ export function keyDigest(key) {
 }
 
 /**
- * The API key a request presents: `X-API-Key`, else `Authorization: Bearer <key>`.
+ * The credential a request presents: `X-API-Key` (an API key), else `Authorization: Bearer
+ * <token>` (a JWT or an API key), else null.
  * @param {Record<string, string | string[] | undefined>} headers lower-case names
- * @returns {string | null}
+ * @returns {{bearer: boolean, value: string} | null}
  */
-export function presentedKey(headers) {
+export function presentedCredential(headers) {
   const one = (/** @type {string | string[] | undefined} */ v) => (Array.isArray(v) ? v[0] : v);
   const apiKey = one(headers["x-api-key"])?.trim();
-  if (apiKey) return apiKey;
+  if (apiKey) return { bearer: false, value: apiKey };
   const found = /^Bearer\s+(\S+)\s*$/i.exec(one(headers.authorization) ?? "");
-  return found ? found[1] : null;
+  return found ? { bearer: true, value: found[1] } : null;
+}
+
+/**
+ * The API key or token a request presents, or null.
+ * @param {Record<string, string | string[] | undefined>} headers lower-case names
+ */
+export function presentedKey(headers) {
+  return presentedCredential(headers)?.value ?? null;
+}
+
+/**
+ * @typedef {object} JwtCheck what verifies tokens at the door
+ * @property {import("./jwt.js").JwtSettings} settings
+ * @property {import("node:crypto").KeyObject | null} key null: configured, but the key
+ *   could not be loaded (every token is refused)
+ */
+
+/**
+ * Who the request's credential names, as Tally's Authenticator does: a Bearer value with
+ * the three parts of a JWT is a token when JWTs are configured, anything else an API key.
+ * A token's user id claim is resolved as the ingest resolves a name (`book.resolve`).
+ * @param {Record<string, string | string[] | undefined>} headers
+ * @param {import("./budget.js").BudgetBook} book
+ * @param {JwtCheck | null} jwt
+ * @param {number} nowMs
+ * @returns {{user: string} | {code: string, message: string}}
+ */
+export function callerOf(headers, book, jwt, nowMs) {
+  const credential = presentedCredential(headers);
+  if (!credential) {
+    return { code: "invalid_api_key",
+             message: "No API key provided: send Authorization: Bearer <your Tally API key>." };
+  }
+  if (jwt && credential.bearer && looksLikeJwt(credential.value)) {
+    if (!jwt.key) return { code: "invalid_token", message: "JWTs cannot be checked here." };
+    try {
+      const claims = verifyJwt(credential.value, jwt.settings, jwt.key, nowMs);
+      return { user: book.resolve(subjectOf(claims, jwt.settings.userIdClaim)) };
+    } catch (error) {
+      if (!(error instanceof JwtError)) throw error;
+      return { code: "invalid_token", message: `Invalid token: ${error.message}.` };
+    }
+  }
+  const user = book.userOfKey(keyDigest(credential.value));
+  return user ? { user } : { code: "invalid_api_key", message: "Incorrect API key provided." };
 }
 
 /**
