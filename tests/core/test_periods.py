@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from tally.config.models import ResetSchedule
 from tally.core.periods import (
+    PERIODS,
     Calendar,
     Window,
     calendar_for,
@@ -234,9 +235,9 @@ def test_next_window_starts_at_end() -> None:
     assert following.end - following.start == timedelta(hours=23)
 
 
-def test_windows_at_returns_both() -> None:
+def test_windows_at_returns_one_window_per_kind() -> None:
     daily, monthly = windows_at(utc(2026, 5, 10, 8), schedule())
-    assert daily.kind == "daily" and monthly.kind == "monthly"
+    assert (daily.kind, monthly.kind) == PERIODS == ("daily", "monthly")
     assert daily.start == utc(2026, 5, 10) and monthly.start == utc(2026, 5, 1)
 
 

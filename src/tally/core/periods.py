@@ -1,9 +1,13 @@
-"""Daily and monthly windows: which periods contain an instant, under a reset schedule.
+"""The period table: which daily and monthly windows contain an instant.
+
+`PERIODS` lists the kinds, shortest first; everything that handles periods iterates over it
+(or over the windows `Calendar.windows_at` returns, one per kind) instead of naming kinds.
 
 A boundary is a local wall-clock time in the schedule's time zone, so a day lasts 23 or 25
 hours across DST. A reset time that falls in a DST gap moves to the first instant after the
-gap; one that falls in a repeated hour is the first of the two. The monthly reset day is
-clamped to the last day of shorter months.
+gap; one that falls in a repeated hour is the first of the two. Months start at a day's
+boundary on `monthly_reset_day`, clamped to the last day of shorter months. So every month
+is made of whole days.
 
 Every instant a `Window` holds is an aware UTC datetime; windows of one kind are contiguous
 and half-open: start <= t < end.
@@ -13,15 +17,19 @@ from __future__ import annotations
 
 import calendar as _calendar
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from functools import lru_cache
+from typing import get_args
 from zoneinfo import ZoneInfo
 
 from tally.config.models import ResetSchedule
 from tally.wire import PeriodName
 
 __all__ = [
+    "NOUNS",
+    "PERIODS",
     "Calendar",
     "Window",
     "calendar_for",
@@ -30,8 +38,16 @@ __all__ = [
     "next_window",
     "parse_reset_time",
     "previous_window",
+    "roll_up",
+    "window_of",
     "windows_at",
 ]
+
+# The period table: every kind, shortest first (a tie between periods goes to the longer).
+PERIODS: tuple[PeriodName, ...] = get_args(PeriodName)
+# How people name one period of each kind ("the day resets at ..."); every kind has one.
+NOUNS: Mapping[PeriodName, str] = {"daily": "day", "monthly": "month"}
+
 
 _HHMM = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])")
 _ONE_DAY = timedelta(days=1)
@@ -53,6 +69,9 @@ class Window:
 
     def __contains__(self, at: datetime) -> bool:
         return self.start <= at < self.end
+
+
+Windows = tuple[Window, ...]  # one per kind of PERIODS, in that order
 
 
 def parse_reset_time(text: str) -> time:
@@ -82,8 +101,8 @@ class Calendar:
         self.reset_time = parse_reset_time(schedule.daily_reset_time)
         self.reset_day = schedule.monthly_reset_day
         self._boundaries: dict[date, datetime] = {}
-        self._by_hour: dict[int, tuple[Window, Window]] = {}
-        self._by_minute: dict[int, tuple[Window, Window]] = {}
+        self._by_hour: dict[int, Windows] = {}
+        self._by_minute: dict[int, Windows] = {}
 
     # boundaries ---------------------------------------------------------------------------
 
@@ -123,17 +142,19 @@ class Calendar:
 
     # windows ------------------------------------------------------------------------------
 
-    def daily_window(self, at: datetime) -> Window:
+    def day_of(self, at: datetime) -> date:
+        """The local day whose boundary starts the daily period holding `at`."""
         day = at.astimezone(self.zone).date()
-        start = self.boundary(day)
-        while at < start:
+        while at < self.boundary(day):
             day -= _ONE_DAY
-            start = self.boundary(day)
-        end = self.boundary(day + _ONE_DAY)
-        while at >= end:
+        while at >= self.boundary(day + _ONE_DAY):
             day += _ONE_DAY
-            start, end = end, self.boundary(day + _ONE_DAY)
-        return Window("daily", start, end)
+        return day
+
+    def daily_window(self, at: datetime) -> Window:
+        day = self.day_of(at)
+        return Window("daily", self.boundary(day), self.boundary(day + _ONE_DAY))
+
 
     def monthly_window(self, at: datetime) -> Window:
         local = at.astimezone(self.zone)
@@ -149,7 +170,7 @@ class Calendar:
         return Window("monthly", start, end)
 
     def window(self, kind: PeriodName, at: datetime) -> Window:
-        return self.daily_window(at) if kind == "daily" else self.monthly_window(at)
+        return _WINDOW_OF[kind](self, at)
 
     def previous(self, window: Window) -> Window:
         return self.window(window.kind, window.start - _TINY)
@@ -157,8 +178,9 @@ class Calendar:
     def next(self, window: Window) -> Window:
         return self.window(window.kind, window.end)
 
-    def windows_at(self, at: datetime) -> tuple[Window, Window]:
-        """(daily, monthly) containing `at`; memoized per hour, or per minute near a reset."""
+    def windows_at(self, at: datetime) -> Windows:
+        """The window of each kind of PERIODS containing `at`, in PERIODS order; memoized per
+        hour, or per minute near a reset."""
         if at.tzinfo is None:  # timestamp() would silently read it as the host's local time
             raise ValueError(f"naive datetime {at.isoformat()}: a time zone is required")
         seconds = at.timestamp()
@@ -172,23 +194,26 @@ class Calendar:
             return found
         return self._remember(at, hour, minute)
 
-    def _remember(self, at: datetime, hour: int, minute: int) -> tuple[Window, Window]:
-        pair = (self.daily_window(at), self.monthly_window(at))
+    def _remember(self, at: datetime, hour: int, minute: int) -> Windows:
+        windows = tuple(self.window(kind, at) for kind in PERIODS)
         if len(self._by_hour) + len(self._by_minute) > _MEMO_LIMIT:
             self._by_hour.clear()
             self._by_minute.clear()
-        if _covers(pair, hour * _HOUR, _HOUR):
-            self._by_hour[hour] = pair
-        elif _covers(pair, minute * _MINUTE, _MINUTE):
-            self._by_minute[minute] = pair
+        if _covers(windows, hour * _HOUR, _HOUR):
+            self._by_hour[hour] = windows
+        elif _covers(windows, minute * _MINUTE, _MINUTE):
+            self._by_minute[minute] = windows
         # else: a boundary inside this very minute (an odd historical offset): not memoized
-        return pair
+        return windows
 
 
-def _covers(pair: tuple[Window, Window], start_seconds: int, length: int) -> bool:
+_WINDOW_OF = {"daily": Calendar.daily_window, "monthly": Calendar.monthly_window}
+
+
+def _covers(windows: Windows, start_seconds: int, length: int) -> bool:
     first = datetime.fromtimestamp(start_seconds, UTC)
     last = first + timedelta(seconds=length)
-    return all(w.start <= first and last <= w.end for w in pair)
+    return all(w.start <= first and last <= w.end for w in windows)
 
 
 def _shift_month(year: int, month: int, step: int) -> tuple[int, int]:
@@ -229,6 +254,23 @@ def last_days(calendar: Calendar, at: datetime, count: int) -> list[Window]:
     return days[::-1]
 
 
-def windows_at(at: datetime, schedule: ResetSchedule) -> tuple[Window, Window]:
-    """The (daily, monthly) windows that contain `at` (an aware datetime)."""
+def windows_at(at: datetime, schedule: ResetSchedule) -> Windows:
+    """The windows of every kind (PERIODS order) that contain `at` (an aware datetime)."""
     return calendar_for(schedule).windows_at(at)
+
+
+def window_of(windows: Windows, kind: PeriodName) -> Window:
+    """The window of `kind` among windows_at's."""
+    return windows[PERIODS.index(kind)]
+
+
+def roll_up(days: Mapping[datetime, int], kind: PeriodName, calendar: Calendar) -> dict[
+        datetime, int]:
+    """Tokens per `kind` period, summed from tokens per daily period start: every period is
+    made of whole days, so this is what folding events into `kind` would have given."""
+    index = PERIODS.index(kind)
+    found: dict[datetime, int] = {}
+    for start, tokens in days.items():
+        key = calendar.windows_at(start)[index].start  # memoized per hour: cheap
+        found[key] = found.get(key, 0) + tokens
+    return found

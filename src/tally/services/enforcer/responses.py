@@ -69,7 +69,7 @@ class BudgetsResponse(Body):
 
 
 class MyBudget(BudgetRow):
-    """GET /api/budgets/me: the caller's row, with both reset times spelled out."""
+    """GET /api/budgets/me: the caller's row, with each period's reset time spelled out."""
 
     daily_reset_time: str
     monthly_reset_time: str
@@ -96,8 +96,9 @@ class ErrorBody(Body):
 
 
 def my_budget(decision: BudgetDecided) -> dict[str, Any]:
-    return {**budget_row(decision), "daily_reset_time": decision.daily.reset_time,
-            "monthly_reset_time": decision.monthly.reset_time}
+    resets = {f"{kind}_reset_time": status.reset_time
+              for kind, status in decision.periods.items()}
+    return {**budget_row(decision), **resets}
 
 
 def dashboard_row(decision: BudgetDecided, usage: UserUsage | None) -> dict[str, Any]:
