@@ -46,7 +46,7 @@ __all__ = [
     "rejection",
 ]
 
-PeriodName = Literal["daily", "monthly"]  # the period table's kinds, shortest first
+PeriodName = Literal["daily", "weekly", "monthly"]  # the period table's kinds, shortest first
 StatusName = Literal["ok", "warning", "over_limit"]
 ActionName = Literal["allow", "warn", "soft_limit", "hard_stop", "reduced_priority"]
 AlertKind = Literal["warning", "limit", "reset"]
@@ -200,10 +200,11 @@ class BudgetDecided(Wire):
     footer: str | None = None
     force_model: str | None = None
     status_code: int | None = Field(default=None, ge=100, le=599)
-    # The user's own budget, one field per period kind (the brief's keys). Code reads
-    # them through `periods`.
+    # The user's own budget, one field per period kind (the brief's keys); weekly only
+    # where a weekly limit is configured. Code reads them through `periods`.
     daily: PeriodStatus
     monthly: PeriodStatus
+    weekly: PeriodStatus | None = None
     as_of: AwareDatetime
     # The gateway identities the user claims in users.yaml (normalised), so a gateway that
     # knows a person only as "openai-user:alice" finds the decision of user_alice.

@@ -187,8 +187,10 @@ def test_period_totals_aggregates_per_user_kind_and_start() -> None:
     totals = period_totals(events, ResetSchedule(), ALL)
     assert totals == {
         ("alice", "daily", utc(2026, 5, 10)): 3,
+        ("alice", "weekly", utc(2026, 5, 4)): 3,
         ("alice", "monthly", utc(2026, 5, 1)): 3,
         ("bob", "daily", utc(2026, 5, 10)): 4,
+        ("bob", "weekly", utc(2026, 5, 4)): 4,
         ("bob", "monthly", utc(2026, 5, 1)): 4,
     }
 

@@ -35,6 +35,7 @@ import { periodValues, render } from "./templates.js";
  * @property {string | null} [footer]
  * @property {string | null} [force_model]
  * @property {Period} [daily]
+ * @property {Period | null} [weekly] only where the user has a weekly limit
  * @property {Period} [monthly]
  * @property {string[]} [identities] gateway identities the user claims, when published
  * @property {string[]} [key_digests] digests of the user's API keys (the front door's check)
@@ -66,7 +67,7 @@ import { periodValues, render } from "./templates.js";
 
 const UNDER_LIMIT = new Set(["allow", "warn"]);
 /** Tally's period kinds (tally.core.periods.PERIODS): the decision's per-period keys. */
-export const PERIODS = ["daily", "monthly"];
+export const PERIODS = ["daily", "weekly", "monthly"];
 
 /**
  * The user's own periods the decision states, shortest first.

@@ -60,6 +60,7 @@ __all__ = [
     "UserIdentification",
     "UsersFile",
     "Warning",
+    "Weekday",
     "reference_problems",
     "user_problems",
 ]
@@ -232,10 +233,11 @@ Action = Literal["soft_limit", "hard_stop", "reduced_priority"]
 
 
 class PartialLimits(Strict):
-    """Tokens per period kind, `<kind>_tokens`; any may be left out (None): an override or
-    a role sets only some."""
+    """Tokens per period kind, `<kind>_tokens`; any may be left out (None). An override or
+    a role sets only some; where nothing sets a weekly limit, there is none."""
 
     daily_tokens: Tokens | None = None
+    weekly_tokens: Tokens | None = None  # added
     monthly_tokens: Tokens | None = None
 
     def tokens(self, kind: PeriodName) -> int | None:
@@ -245,7 +247,7 @@ class PartialLimits(Strict):
 
 
 class Limits(PartialLimits):
-    """A complete set: daily and monthly always."""
+    """A complete set: daily and monthly always, weekly where configured."""
 
     daily_tokens: Tokens
     monthly_tokens: Tokens
@@ -270,8 +272,12 @@ RoleLimit = Annotated[
 UNION_TAGS = frozenset({"<number>", "<mapping>"})
 
 
+Weekday = Literal["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
+
+
 class ResetSchedule(Strict):
     daily_reset_time: TimeOfDay = "00:00"  # HH:MM, local wall-clock time in `timezone`
+    weekly_reset_day: Weekday = "monday"  # added: weeks start at the daily reset time
     monthly_reset_day: DayOfMonth = 1  # short months reset on their last day
     timezone: TimeZoneName = "UTC"
 

@@ -1,13 +1,13 @@
-"""The period table: which daily and monthly windows contain an instant.
+"""The period table: which daily, weekly and monthly windows contain an instant.
 
 `PERIODS` lists the kinds, shortest first; everything that handles periods iterates over it
 (or over the windows `Calendar.windows_at` returns, one per kind) instead of naming kinds.
 
 A boundary is a local wall-clock time in the schedule's time zone, so a day lasts 23 or 25
 hours across DST. A reset time that falls in a DST gap moves to the first instant after the
-gap; one that falls in a repeated hour is the first of the two. Months start at a day's
-boundary on `monthly_reset_day`, clamped to the last day of shorter months. So every month
-is made of whole days.
+gap; one that falls in a repeated hour is the first of the two. Weeks and months start at a
+day's boundary: a week on `weekly_reset_day`, a month on `monthly_reset_day`, clamped to the
+last day of shorter months. So every week and month is made of whole days.
 
 Every instant a `Window` holds is an aware UTC datetime; windows of one kind are contiguous
 and half-open: start <= t < end.
@@ -24,12 +24,13 @@ from functools import lru_cache
 from typing import get_args
 from zoneinfo import ZoneInfo
 
-from tally.config.models import ResetSchedule
+from tally.config.models import ResetSchedule, Weekday
 from tally.wire import PeriodName
 
 __all__ = [
     "NOUNS",
     "PERIODS",
+    "WEEKDAYS",
     "Calendar",
     "Window",
     "calendar_for",
@@ -39,6 +40,7 @@ __all__ = [
     "parse_reset_time",
     "previous_window",
     "roll_up",
+    "weekly_window",
     "window_of",
     "windows_at",
 ]
@@ -46,11 +48,13 @@ __all__ = [
 # The period table: every kind, shortest first (a tie between periods goes to the longer).
 PERIODS: tuple[PeriodName, ...] = get_args(PeriodName)
 # How people name one period of each kind ("the day resets at ..."); every kind has one.
-NOUNS: Mapping[PeriodName, str] = {"daily": "day", "monthly": "month"}
+NOUNS: Mapping[PeriodName, str] = {"daily": "day", "weekly": "week", "monthly": "month"}
+WEEKDAYS: tuple[Weekday, ...] = get_args(Weekday)  # date.weekday() order: monday is 0
 
 
 _HHMM = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])")
 _ONE_DAY = timedelta(days=1)
+_ONE_WEEK = timedelta(days=7)
 _TINY = timedelta(microseconds=1)
 _HOUR = 3600
 _MINUTE = 60
@@ -92,6 +96,7 @@ class Calendar:
         "reset_day",
         "reset_time",
         "schedule",
+        "week_day",
         "zone",
     )
 
@@ -100,6 +105,7 @@ class Calendar:
         self.zone = ZoneInfo(schedule.timezone)
         self.reset_time = parse_reset_time(schedule.daily_reset_time)
         self.reset_day = schedule.monthly_reset_day
+        self.week_day = WEEKDAYS.index(schedule.weekly_reset_day)
         self._boundaries: dict[date, datetime] = {}
         self._by_hour: dict[int, Windows] = {}
         self._by_minute: dict[int, Windows] = {}
@@ -155,6 +161,12 @@ class Calendar:
         day = self.day_of(at)
         return Window("daily", self.boundary(day), self.boundary(day + _ONE_DAY))
 
+    def weekly_window(self, at: datetime) -> Window:
+        """Seven days from the boundary of the latest `weekly_reset_day` (168 hours, or
+        one hour less or more across a DST change)."""
+        day = self.day_of(at)
+        first = day - timedelta(days=(day.weekday() - self.week_day) % 7)
+        return Window("weekly", self.boundary(first), self.boundary(first + _ONE_WEEK))
 
     def monthly_window(self, at: datetime) -> Window:
         local = at.astimezone(self.zone)
@@ -207,7 +219,8 @@ class Calendar:
         return windows
 
 
-_WINDOW_OF = {"daily": Calendar.daily_window, "monthly": Calendar.monthly_window}
+_WINDOW_OF = {"daily": Calendar.daily_window, "weekly": Calendar.weekly_window,
+              "monthly": Calendar.monthly_window}
 
 
 def _covers(windows: Windows, start_seconds: int, length: int) -> bool:
@@ -229,6 +242,10 @@ def calendar_for(schedule: ResetSchedule) -> Calendar:
 
 def daily_window(at: datetime, schedule: ResetSchedule) -> Window:
     return calendar_for(schedule).daily_window(at)
+
+
+def weekly_window(at: datetime, schedule: ResetSchedule) -> Window:
+    return calendar_for(schedule).weekly_window(at)
 
 
 def monthly_window(at: datetime, schedule: ResetSchedule) -> Window:

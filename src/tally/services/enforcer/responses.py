@@ -58,6 +58,10 @@ class BudgetRow(Body):
     daily_remaining: int
     monthly_used: int
     monthly_limit: int
+    # added, only where the user has a weekly limit
+    weekly_used: int | None = None
+    weekly_limit: int | None = None
+    weekly_remaining: int | None = None
     status: StatusName
     decision: BudgetDecided
 
@@ -73,6 +77,7 @@ class MyBudget(BudgetRow):
 
     daily_reset_time: str
     monthly_reset_time: str
+    weekly_reset_time: str | None = None  # added, with a weekly limit
 
 
 class AlertsResponse(Body):
