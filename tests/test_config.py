@@ -191,6 +191,18 @@ def test_a_monthly_reset_day_outside_1_to_31(tmp_path: Path, day: int) -> None:
     )
 
 
+def test_a_weekly_reset_day_is_a_weekday_name(tmp_path: Path) -> None:
+    write(tmp_path, budgets=budgets_with(reset_schedule={"weekly_reset_day": "Mon"}))
+    assert_problem(tmp_path, "budgets.yaml", "per_user_budgets.reset_schedule.weekly_reset_day",
+                   "must be 'monday', 'tuesday'")
+
+
+def test_a_role_limit_as_a_mapping_is_checked_key_by_key(tmp_path: Path) -> None:
+    write(tmp_path, budgets=budgets_with(role_limits={"admin": {"weekly_tokens": -5}}))
+    assert_problem(tmp_path, "budgets.yaml", "per_user_budgets.role_limits.admin.weekly_tokens",
+                   "must not be negative")
+
+
 def test_an_override_for_a_user_that_does_not_exist(tmp_path: Path) -> None:
     overrides = {"user_alice": {"daily_tokens": 1}, "user_zed": {"daily_tokens": 1}}
     write(tmp_path, users=TWO_USERS, budgets=budgets_with(user_overrides=overrides))

@@ -8,7 +8,7 @@ import pytest
 
 from tally.config.models import Config
 from tally.core import fold_events, to_balance
-from tally.decision_cache import DecisionCache
+from tally.decision_cache import DecisionCache, DecisionTable
 from tally.kafka import ensure_topics, make_producer
 from tally.services.enforcer.state import Enforcer
 from tally.topics import Topics
@@ -86,3 +86,18 @@ def test_packed_decisions_come_back_equal_with_their_identities_and_key_digests(
     assert table.build("alice") == claimed
     assert table.build("bob") == plain
     assert not table._odd  # both packed in columns, neither kept as a model
+
+
+def test_a_weekly_period_comes_back_from_the_packed_table() -> None:
+    config = CONFIG.model_copy(update={"budgets": CONFIG.budgets.model_validate(
+        {"per_user_budgets": {"default_limits": {"daily_tokens": 1000, "weekly_tokens": 500,
+                                                 "monthly_tokens": 100000}}})})
+    usage = fold_events([event("alice", at=NOON, tokens=600)],
+                        config.budgets.per_user_budgets)["alice"]
+    weekly = Enforcer(config).on_balances([to_balance(usage, NOON)], NOON).decisions[0]
+    table = DecisionTable()
+    table.put("alice", weekly)
+    table.put("bob", decision_for("bob", 10))  # no weekly limit: none comes back
+    assert table.build("alice") == weekly and weekly.weekly is not None
+    assert table.build("bob") == decision_for("bob", 10) and table.build("bob").weekly is None
+    assert "alice" not in table._odd  # packed, not kept as its model

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tally.cli import main as tally
 from tally.settings import project_root
@@ -239,3 +241,25 @@ def test_at_needs_an_offset(capsys: pytest.CaptureFixture[str]) -> None:
 def test_read_events_skips_blank_lines() -> None:
     line = json.dumps(usage("1", "u", AT, 5))
     assert [e.event_id for e in read_events(["", line, "  "])] == ["1"]
+
+
+def test_a_weekly_limit_shows_in_the_rows_and_stops_the_week(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    config = tmp_path / "config"
+    shutil.copytree(CONFIG, config)
+    budgets = yaml.safe_load((config / "budgets.yaml").read_text())
+    budgets["per_user_budgets"]["user_overrides"]["user_bob"]["weekly_tokens"] = 60000
+    budgets["per_user_budgets"]["reset_schedule"]["weekly_reset_day"] = "monday"
+    (config / "budgets.yaml").write_text(yaml.safe_dump(budgets))
+    # 2026-05-20 is a Wednesday: Sunday's 24,000 was last week, three days of it this week
+    events = write_events(
+        tmp_path / "e.jsonl",
+        *(usage(str(day), "user_bob", f"2026-05-{day}T10:00:00Z", 24000)
+          for day in (17, 18, 19, 20)))
+    found = {row["user_id"]: row for row in report(capsys, config, events)["users"]}
+    bob = found["user_bob"]
+    assert (bob["daily_used"], bob["daily_limit"]) == (24000, 25000)
+    assert (bob["weekly_used"], bob["weekly_limit"], bob["weekly_remaining"]) == (72000, 60000, 0)
+    assert (bob["status"], bob["decision"]["period"]) == ("over_limit", "weekly")
+    assert "weekly_used" not in found["user_alice"]  # no weekly limit: the brief's row

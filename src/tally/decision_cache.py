@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from tally.core.periods import PERIODS
 from tally.kafka import Record, batches, end_offsets, make_consumer, partitions_of
 from tally.settings import KafkaSecurity
 from tally.topics import Topics
@@ -41,8 +42,12 @@ _TEXTS = ("status", "action", "period", "budget", "reset_time", "message", "foot
           "force_model")
 _PERIOD_INTS = ("tokens_used", "tokens_limit", "tokens_remaining", "percent_used")
 _PERIOD_TEXTS = ("status", "reset_time")
-_NI = len(_INTS) + 1 + 2 * (len(_PERIOD_INTS) + 1)  # + as_of, + period_start each
-_NT = len(_TEXTS) + 2 * len(_PERIOD_TEXTS) + 2  # + identities, key digests: joined by newlines
+_ABSENT = _NONE + 1  # period_start of a period kind the decision has no status for
+# Per row: the ints, as_of, then each kind of PERIODS (period_start + its ints); the texts,
+# then each kind's texts, then identities and key digests (joined by newlines).
+_PI, _PT = len(_PERIOD_INTS) + 1, len(_PERIOD_TEXTS)
+_NI = len(_INTS) + 1 + len(PERIODS) * _PI
+_NT = len(_TEXTS) + len(PERIODS) * _PT + 2
 
 
 class DecisionTable:
@@ -89,12 +94,14 @@ class DecisionTable:
         if fields["status_code"] == _NONE:
             fields["status_code"] = None
         n, m = len(_INTS) + 1, len(_TEXTS)
-        fields["daily"] = _period("daily", ints[n:n + 5], words[m:m + 2])
-        fields["monthly"] = _period("monthly", ints[n + 5:n + 10], words[m + 2:m + 4])
+        for i, kind in enumerate(PERIODS):
+            period_ints = ints[n + i * _PI:n + (i + 1) * _PI]
+            fields[kind] = None if period_ints[0] == _ABSENT else _period(
+                kind, period_ints, words[m + i * _PT:m + (i + 1) * _PT])
         fields["as_of"] = _instant(ints[len(_INTS)])
-        joined = words[m + 4]
-        fields["identities"] = _lines(joined)
-        fields["key_digests"] = _lines(words[m + 5])
+        m += len(PERIODS) * _PT
+        fields["identities"] = _lines(words[m])
+        fields["key_digests"] = _lines(words[m + 1])
         return _model(BudgetDecided, fields)
 
     def _grow(self) -> int:
@@ -108,7 +115,12 @@ class DecisionTable:
         ints[4] = _NONE if d.status_code is None else d.status_code
         ints.append(_micros(d.as_of))
         texts = [self._word(getattr(d, name)) for name in _TEXTS]
-        for p in (d.daily, d.monthly):
+        for kind in PERIODS:
+            p = d.periods.get(kind)
+            if p is None:
+                ints += [_ABSENT] + [0] * len(_PERIOD_INTS)
+                texts += [0] * _PT
+                continue
             ints += [_micros(p.period_start), *(getattr(p, name) for name in _PERIOD_INTS)]
             texts += [self._word(getattr(p, name)) for name in _PERIOD_TEXTS]
         texts.append(self._word("\n".join(d.identities) or None))

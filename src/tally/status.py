@@ -5,39 +5,59 @@ from __future__ import annotations
 import argparse
 import asyncio
 
+from tally.core.periods import NOUNS, PERIODS
 from tally.decision_cache import DecisionCache
 from tally.settings import Settings
 from tally.topics import Topics
-from tally.wire import BudgetDecided
+from tally.wire import BudgetDecided, PeriodName
 
-__all__ = ["LEGEND", "format_table", "main", "one_line", "signature"]
-
-HEADER = ("user", "status", "action", "daily used/limit", "monthly used/limit", "decided by")
-LEGEND = ("tokens used/limit this day and month; decided by: the period and budget (user, "
-          "department:NAME, project:NAME) whose status sets the action")
+__all__ = ["LEGEND", "format_table", "legend", "main", "one_line", "signature"]
 
 
-def row(d: BudgetDecided) -> tuple[str, ...]:
-    return (
-        d.user_id,
-        d.status,
-        d.action,
-        f"{d.daily.tokens_used:,}/{d.daily.tokens_limit:,}",
-        f"{d.monthly.tokens_used:,}/{d.monthly.tokens_limit:,}",
-        f"{d.period} {d.budget}",
-    )
+def legend(kinds: list[PeriodName]) -> str:
+    nouns = [NOUNS[kind] for kind in kinds]
+    listed = " and ".join([", ".join(nouns[:-1]), nouns[-1]] if len(nouns) > 1 else nouns)
+    return (f"tokens used/limit this {listed}; decided by: the period and budget (user, "
+            "department:NAME, project:NAME) whose status sets the action")
+
+
+LEGEND = legend(list(PERIODS)) + " (a period no user has a limit for is not shown)"
+
+
+def kinds_shown(decisions: list[BudgetDecided]) -> list[PeriodName]:
+    """The period kinds any user has a limit for, shortest first."""
+    return [kind for kind in PERIODS if any(kind in d.periods for d in decisions)]
+
+
+def header(kinds: list[PeriodName]) -> tuple[str, ...]:
+    return ("user", "status", "action", *(f"{kind} used/limit" for kind in kinds),
+            "decided by")
+
+
+def row(d: BudgetDecided, kinds: list[PeriodName]) -> tuple[str, ...]:
+    periods = d.periods
+    figures = (f"{p.tokens_used:,}/{p.tokens_limit:,}" if (p := periods.get(kind)) else "-"
+               for kind in kinds)
+    return (d.user_id, d.status, d.action, *figures, f"{d.period} {d.budget}")
 
 
 def resets(decisions: list[BudgetDecided]) -> list[str]:
     """When the periods end: one line when every user shares the schedule (they do, one
-    reset_schedule), else one per distinct pair."""
-    pairs = sorted({(d.daily.reset_time, d.monthly.reset_time) for d in decisions})
-    return [f"the day resets at {daily}, the month at {monthly}" for daily, monthly in pairs]
+    reset_schedule), else one per distinct set."""
+    found = sorted({tuple((kind, status.reset_time) for kind, status in d.periods.items())
+                    for d in decisions})
+    lines = []
+    for times in found:
+        (first, at), *others = times
+        rest = "".join(f", the {NOUNS[kind]} at {later}" for kind, later in others)
+        lines.append(f"the {NOUNS[first]} resets at {at}{rest}")
+    return lines
 
 
 def signature(decisions: list[BudgetDecided]) -> tuple[tuple[str, ...], ...]:
     """What the table shows, to notice a change worth printing again."""
-    return tuple(sorted(row(d) for d in decisions))
+    kinds = kinds_shown(decisions)
+    return tuple(sorted(row(d, kinds) for d in decisions))
 
 
 def one_line(text: str) -> str:
@@ -46,12 +66,13 @@ def one_line(text: str) -> str:
 
 
 def format_table(decisions: list[BudgetDecided]) -> str:
-    rows = [HEADER, *(row(d) for d in sorted(decisions, key=lambda d: d.user_id))]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
+    kinds = kinds_shown(decisions)
+    rows = [header(kinds), *(row(d, kinds) for d in sorted(decisions, key=lambda d: d.user_id))]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
              for r in rows]
     messages = [f"  {d.user_id}: {one_line(d.message)}" for d in decisions if d.message]
-    return "\n".join([f"({LEGEND})", *lines, *resets(decisions)]
+    return "\n".join([f"({legend(kinds)})", *lines, *resets(decisions)]
                      + (["", "messages:", *messages] if messages else []))
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
@@ -46,7 +46,7 @@ __all__ = [
     "rejection",
 ]
 
-PeriodName = Literal["daily", "monthly"]
+PeriodName = Literal["daily", "weekly", "monthly"]  # the period table's kinds, shortest first
 StatusName = Literal["ok", "warning", "over_limit"]
 ActionName = Literal["allow", "warn", "soft_limit", "hard_stop", "reduced_priority"]
 AlertKind = Literal["warning", "limit", "reset"]
@@ -200,8 +200,11 @@ class BudgetDecided(Wire):
     footer: str | None = None
     force_model: str | None = None
     status_code: int | None = Field(default=None, ge=100, le=599)
+    # The user's own budget, one field per period kind (the brief's keys); weekly only
+    # where a weekly limit is configured. Code reads them through `periods`.
     daily: PeriodStatus
     monthly: PeriodStatus
+    weekly: PeriodStatus | None = None
     as_of: AwareDatetime
     # The gateway identities the user claims in users.yaml (normalised), so a gateway that
     # knows a person only as "openai-user:alice" finds the decision of user_alice.
@@ -209,6 +212,13 @@ class BudgetDecided(Wire):
     # api_key_digest() of the user's users.yaml api_key, so a gateway's front door can
     # recognise the key its caller presents without holding the key itself.
     key_digests: tuple[str, ...] = ()
+
+    @property
+    def periods(self) -> dict[PeriodName, PeriodStatus]:
+        """The user's own standing per period kind, shortest first, kinds without a limit
+        left out."""
+        found = (getattr(self, kind, None) for kind in get_args(PeriodName))
+        return {status.period: status for status in found if status is not None}
 
 
 class BudgetAlerted(Wire):

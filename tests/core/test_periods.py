@@ -9,8 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tally.config.models import ResetSchedule
+from tally.config.models import ResetSchedule, Weekday
 from tally.core.periods import (
+    PERIODS,
+    WEEKDAYS,
     Calendar,
     Window,
     calendar_for,
@@ -19,6 +21,8 @@ from tally.core.periods import (
     next_window,
     parse_reset_time,
     previous_window,
+    roll_up,
+    weekly_window,
     windows_at,
 )
 
@@ -26,8 +30,10 @@ NY = "America/New_York"
 BERLIN = "Europe/Berlin"
 
 
-def schedule(tz: str = "UTC", reset: str = "00:00", day: int = 1) -> ResetSchedule:
-    return ResetSchedule(timezone=tz, daily_reset_time=reset, monthly_reset_day=day)
+def schedule(tz: str = "UTC", reset: str = "00:00", day: int = 1,
+             weekday: Weekday = "monday") -> ResetSchedule:
+    return ResetSchedule(timezone=tz, daily_reset_time=reset, monthly_reset_day=day,
+                         weekly_reset_day=weekday)
 
 
 def local(tz: str, *args: int, fold: int = 0) -> datetime:
@@ -213,6 +219,47 @@ def test_monthly_reset_on_spring_gap_day() -> None:
     assert window.start == utc(2026, 3, 8, 7)
 
 
+# weekly ------------------------------------------------------------------------------------
+
+
+def test_a_utc_week_runs_monday_to_monday() -> None:
+    window = weekly_window(utc(2026, 5, 10, 13), schedule())  # a Sunday
+    assert window == Window("weekly", utc(2026, 5, 4), utc(2026, 5, 11))
+
+
+def test_the_week_starts_on_its_reset_day_at_the_daily_reset_time() -> None:
+    sched = schedule(BERLIN, "06:00", weekday="wednesday")
+    window = weekly_window(local(BERLIN, 2026, 5, 13, 5, 59), sched)  # a Wednesday, before 6
+    assert window.start == local(BERLIN, 2026, 5, 6, 6)
+    assert window.end == local(BERLIN, 2026, 5, 13, 6)
+
+
+def test_a_week_across_the_spring_change_lasts_167_hours() -> None:
+    window = weekly_window(local(NY, 2026, 3, 8, 12), schedule(NY, weekday="sunday"))
+    assert window.start == local(NY, 2026, 3, 8)
+    assert window.end - window.start == timedelta(hours=167)
+
+
+def test_a_week_across_the_autumn_change_lasts_169_hours() -> None:
+    window = weekly_window(local(NY, 2026, 11, 3, 12), schedule(NY))
+    assert window.start == local(NY, 2026, 11, 2)
+    assert window.end - window.start == timedelta(hours=168)  # the change is on Sunday 1st
+    earlier = weekly_window(local(NY, 2026, 10, 28), schedule(NY))
+    assert earlier.end - earlier.start == timedelta(hours=169)
+
+
+def test_a_reset_in_a_gap_on_the_reset_day_moves_the_week_too() -> None:
+    sched = schedule(NY, "02:30", weekday="sunday")  # 2026-03-08 02:30 does not exist in NY
+    window = weekly_window(local(NY, 2026, 3, 9, 12), sched)
+    assert window.start == local(NY, 2026, 3, 8, 3)
+
+
+def test_roll_up_sums_days_into_their_weeks() -> None:
+    days = {utc(2026, 5, 3): 1, utc(2026, 5, 4): 2, utc(2026, 5, 10): 4, utc(2026, 5, 11): 8}
+    assert roll_up(days, "weekly", Calendar(schedule())) == {
+        utc(2026, 4, 27): 1, utc(2026, 5, 4): 6, utc(2026, 5, 11): 8}
+
+
 # previous / next / windows_at -----------------------------------------------------------------
 
 
@@ -234,10 +281,11 @@ def test_next_window_starts_at_end() -> None:
     assert following.end - following.start == timedelta(hours=23)
 
 
-def test_windows_at_returns_both() -> None:
-    daily, monthly = windows_at(utc(2026, 5, 10, 8), schedule())
-    assert daily.kind == "daily" and monthly.kind == "monthly"
+def test_windows_at_returns_one_window_per_kind() -> None:
+    daily, weekly, monthly = windows_at(utc(2026, 5, 10, 8), schedule())
+    assert (daily.kind, weekly.kind, monthly.kind) == PERIODS == ("daily", "weekly", "monthly")
     assert daily.start == utc(2026, 5, 10) and monthly.start == utc(2026, 5, 1)
+    assert weekly == Window("weekly", utc(2026, 5, 4), utc(2026, 5, 11))  # Monday to Monday
 
 
 def test_windows_at_memo_does_not_leak_across_a_reset_inside_an_hour() -> None:
@@ -279,9 +327,14 @@ instants = st.datetimes(
 )
 
 
-@given(instants, st.sampled_from(ZONES), st.sampled_from(RESETS), st.integers(1, 31))
-def test_windows_contain_the_instant_and_chain(at: datetime, tz: str, reset: str, day: int) -> None:
-    sched = schedule(tz, reset, day)
+weekdays = st.sampled_from(WEEKDAYS)
+
+
+@given(instants, st.sampled_from(ZONES), st.sampled_from(RESETS), st.integers(1, 31), weekdays)
+def test_windows_contain_the_instant_and_chain(
+    at: datetime, tz: str, reset: str, day: int, weekday: Weekday
+) -> None:
+    sched = schedule(tz, reset, day, weekday)
     for window in windows_at(at, sched):
         assert window.start <= at < window.end
         assert previous_window(window, sched).end == window.start
@@ -294,10 +347,46 @@ def test_daily_window_lasts_about_a_day(at: datetime, tz: str, reset: str) -> No
     assert timedelta(hours=22) <= window.end - window.start <= timedelta(hours=26)
 
 
-@given(instants, st.sampled_from(ZONES), st.sampled_from(RESETS), st.integers(1, 31))
-def test_memoized_windows_match_fresh_ones(at: datetime, tz: str, reset: str, day: int) -> None:
-    cal = calendar_for(schedule(tz, reset, day))
-    assert cal.windows_at(at) == (cal.daily_window(at), cal.monthly_window(at))
+@given(instants, st.sampled_from(ZONES), st.sampled_from(RESETS), st.integers(1, 31), weekdays)
+def test_memoized_windows_match_fresh_ones(
+    at: datetime, tz: str, reset: str, day: int, weekday: Weekday
+) -> None:
+    cal = calendar_for(schedule(tz, reset, day, weekday))
+    assert cal.windows_at(at) == (cal.daily_window(at), cal.weekly_window(at),
+                                  cal.monthly_window(at))
+
+
+@given(instants, st.sampled_from(ZONES), st.sampled_from(RESETS), weekdays)
+def test_a_week_is_seven_whole_days_from_its_reset_day(
+    at: datetime, tz: str, reset: str, weekday: Weekday
+) -> None:
+    cal = calendar_for(schedule(tz, reset, weekday=weekday))
+    week = cal.weekly_window(at)
+    days = [cal.daily_window(week.start)]
+    while days[-1].end < week.end:
+        days.append(cal.next(days[-1]))
+    assert days[0].start == week.start and days[-1].end == week.end and len(days) == 7
+    assert cal.day_of(week.start).weekday() == WEEKDAYS.index(weekday)
+    assert timedelta(hours=166) <= week.end - week.start <= timedelta(hours=170)
+
+
+@given(st.dictionaries(instants, st.integers(0, 10**6), max_size=30),
+       st.sampled_from(ZONES), weekdays, st.integers(1, 31))
+def test_rolled_up_days_give_what_the_periods_hold(
+    instants_used: dict[datetime, int], tz: str, weekday: Weekday, day: int
+) -> None:
+    """Summing each day's tokens into its week or month = summing each instant's."""
+    cal = calendar_for(schedule(tz, "01:30", day, weekday))
+    days: dict[datetime, int] = {}
+    direct: dict[tuple[str, datetime], int] = {}
+    for at, tokens in instants_used.items():
+        start = cal.daily_window(at).start
+        days[start] = days.get(start, 0) + tokens
+        for kind in ("weekly", "monthly"):
+            key = (kind, cal.window(kind, at).start)
+            direct[key] = direct.get(key, 0) + tokens
+    for kind in ("weekly", "monthly"):
+        assert roll_up(days, kind, cal) == {s: t for (k, s), t in direct.items() if k == kind}
 
 
 @given(st.dates(date(2020, 1, 1), date(2030, 12, 31)), st.sampled_from(ZONES))

@@ -8,8 +8,10 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
+import yaml
 
 from tally.config.loader import load_config
 from tally.ops import Metrics
@@ -19,7 +21,16 @@ from tally.services.projector.app import run_projector
 from tally.topics import Topics
 from tests.test_pipeline import running
 
-from .kit import free_port
+from .kit import BUDGETS, USERS, free_port
+
+
+def write_config(directory: Path, budgets: dict[str, Any] = BUDGETS) -> Path:
+    """The kit's team and `budgets` as config files in a new `directory`."""
+    directory.mkdir()
+    (directory / "users.yaml").write_text(yaml.safe_dump(
+        {"user_identification": {"users": USERS}}))
+    (directory / "budgets.yaml").write_text(yaml.safe_dump(budgets))
+    return directory
 
 
 @contextlib.asynccontextmanager

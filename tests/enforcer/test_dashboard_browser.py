@@ -10,25 +10,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 from playwright.async_api import Page
 
 from tally.topics import Topics
 from tests.test_pipeline import produce
 
 from .browser import chromium_page, log_in, screenshot, visible_users
-from .kit import BUDGETS, KEYS, USAGE, USERS, events
-from .pipeline import pipeline, ready, until
+from .kit import KEYS, USAGE, events
+from .pipeline import pipeline, ready, until, write_config
 
 pytestmark = pytest.mark.kafka
-
-
-def write_config(directory: Path) -> Path:
-    directory.mkdir()
-    (directory / "users.yaml").write_text(yaml.safe_dump(
-        {"user_identification": {"users": USERS}}))
-    (directory / "budgets.yaml").write_text(yaml.safe_dump(BUDGETS))
-    return directory
 
 
 async def statuses(client: httpx.AsyncClient, url: str) -> dict[str, str]:

@@ -35,6 +35,7 @@ import { periodValues, render } from "./templates.js";
  * @property {string | null} [footer]
  * @property {string | null} [force_model]
  * @property {Period} [daily]
+ * @property {Period | null} [weekly] only where the user has a weekly limit
  * @property {Period} [monthly]
  * @property {string[]} [identities] gateway identities the user claims, when published
  * @property {string[]} [key_digests] digests of the user's API keys (the front door's check)
@@ -65,6 +66,17 @@ import { periodValues, render } from "./templates.js";
  */
 
 const UNDER_LIMIT = new Set(["allow", "warn"]);
+/** Tally's period kinds (tally.core.periods.PERIODS): the decision's per-period keys. */
+export const PERIODS = ["daily", "weekly", "monthly"];
+
+/**
+ * The user's own periods the decision states, shortest first.
+ * @param {Decision} d @returns {Period[]}
+ */
+export function periodsOf(d) {
+  const found = PERIODS.map((kind) => /** @type {any} */ (d)[kind]);
+  return found.filter((p) => p);
+}
 
 /** @param {string | undefined} iso */
 function timeOf(iso) {
@@ -146,7 +158,7 @@ export class BudgetBook {
     const d = this.decisions.get(userId);
     if (!d) return null;
     const held = this.pendingTokens(userId, nowMs) + this.reservedTokens(userId, nowMs);
-    const periods = [d.daily, d.monthly].filter((p) => p) .map((p) => /** @type {Period} */ (p));
+    const periods = periodsOf(d);
     const tightest = (periods.length ? periods : [drivingPeriod(d)])
       .map((p) => ({ period: p, left: p.tokens_limit - p.tokens_used - held }))
       .reduce((a, b) => (b.left < a.left ? b : a));
@@ -288,8 +300,7 @@ export class BudgetBook {
   #localStop(d, pending) {
     if (pending <= 0 || this.options.localLimitAction !== "hard_stop") return null;
     if (!UNDER_LIMIT.has(d.action)) return null;
-    for (const period of [d.daily, d.monthly, drivingPeriod(d)]) {
-      if (!period) continue;
+    for (const period of [...periodsOf(d), drivingPeriod(d)]) {
       const used = period.tokens_used + pending;
       if (used >= period.tokens_limit) {
         return verdictOf("hard_stop", this.#localMessage({ ...period, tokens_used: used }),

@@ -201,6 +201,8 @@ export function budgetRow(d) {
     daily_remaining: /** @type {any} */ (d.daily)?.tokens_remaining,
     monthly_used: d.monthly?.tokens_used,
     monthly_limit: d.monthly?.tokens_limit,
+    ...(d.weekly ? { weekly_used: d.weekly.tokens_used, weekly_limit: d.weekly.tokens_limit,
+                     weekly_remaining: /** @type {any} */ (d.weekly).tokens_remaining } : {}),
     status: /** @type {any} */ (d).status,
     decision,
   };

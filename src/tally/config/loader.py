@@ -30,6 +30,7 @@ from tally.config.errors import ConfigError, ConfigProblem
 from tally.config.models import (
     AUTH_FILE,
     BUDGETS_FILE,
+    UNION_TAGS,
     USERS_FILE,
     AuthFile,
     BudgetsFile,
@@ -170,6 +171,8 @@ def _key_path(loc: Sequence[int | str]) -> str:
             path += f"[{part}]"
         elif part == "[key]":  # pydantic's marker for a bad mapping key (not its value)
             path += " (key)"
+        elif part in UNION_TAGS:  # which form of a value was tried: not a key of the file
+            continue
         else:
             path += f".{part}" if path else part
     return path

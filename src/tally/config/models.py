@@ -15,18 +15,28 @@ import hmac
 import re
 from collections.abc import Callable, Iterator
 from datetime import timedelta
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 from zoneinfo import ZoneInfo
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    model_validator,
+)
 
 from tally.config.errors import ConfigProblem
-from tally.wire import MAX_TEXT, PRINTABLE
+from tally.wire import MAX_TEXT, PRINTABLE, PeriodName
 
 __all__ = [
     "AUTH_FILE",
     "BUDGETS_FILE",
     "PLACEHOLDERS",
+    "UNION_TAGS",
     "USERS_FILE",
     "Action",
     "AlertWebhook",
@@ -50,6 +60,7 @@ __all__ = [
     "UserIdentification",
     "UsersFile",
     "Warning",
+    "Weekday",
     "reference_problems",
     "user_problems",
 ]
@@ -221,20 +232,52 @@ TokenField = Literal["input_tokens", "output_tokens", "cache_read_tokens", "cach
 Action = Literal["soft_limit", "hard_stop", "reduced_priority"]
 
 
-class Limits(Strict):
+class PartialLimits(Strict):
+    """Tokens per period kind, `<kind>_tokens`; any may be left out (None). An override or
+    a role sets only some; where nothing sets a weekly limit, there is none."""
+
+    daily_tokens: Tokens | None = None
+    weekly_tokens: Tokens | None = None  # added
+    monthly_tokens: Tokens | None = None
+
+    def tokens(self, kind: PeriodName) -> int | None:
+        """The limit of one period kind, or None."""
+        found: int | None = getattr(self, f"{kind}_tokens")
+        return found
+
+
+class Limits(PartialLimits):
+    """A complete set: daily and monthly always, weekly where configured."""
+
     daily_tokens: Tokens
     monthly_tokens: Tokens
 
+    def by_period(self) -> dict[PeriodName, int]:
+        """{kind: tokens} for every kind with a limit, in PERIODS order."""
+        return {kind: tokens for kind in get_args(PeriodName)
+                if (tokens := self.tokens(kind)) is not None}
 
-class PartialLimits(Strict):
-    """A user override may set only one of the two limits."""
 
-    daily_tokens: Tokens | None = None
-    monthly_tokens: Tokens | None = None
+def _role_form(value: object) -> str:
+    return "<mapping>" if isinstance(value, dict | PartialLimits) else "<number>"
+
+
+# The brief's role limit is a number of daily tokens; (added) a mapping of <kind>_tokens,
+# as in an override, sets other periods too. The tags name the two forms; error paths
+# leave them out (UNION_TAGS).
+RoleLimit = Annotated[
+    Annotated[Tokens, Tag("<number>")] | Annotated[PartialLimits, Tag("<mapping>")],
+    Discriminator(_role_form),
+]
+UNION_TAGS = frozenset({"<number>", "<mapping>"})
+
+
+Weekday = Literal["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
 
 
 class ResetSchedule(Strict):
     daily_reset_time: TimeOfDay = "00:00"  # HH:MM, local wall-clock time in `timezone`
+    weekly_reset_day: Weekday = "monday"  # added: weeks start at the daily reset time
     monthly_reset_day: DayOfMonth = 1  # short months reset on their last day
     timezone: TimeZoneName = "UTC"
 
@@ -325,7 +368,7 @@ class PerUserBudgets(Strict):
     enabled: bool = True
     default_limits: Limits
     user_overrides: dict[str, PartialLimits] = Field(default_factory=dict)
-    role_limits: dict[str, Tokens] = Field(default_factory=dict)  # daily tokens per role
+    role_limits: dict[str, RoleLimit] = Field(default_factory=dict)
     reset_schedule: ResetSchedule = ResetSchedule()
     rollover: Rollover = Rollover()
     warnings: tuple[Warning, ...] = Field(default=(), strict=False)

@@ -12,8 +12,10 @@ from tally.core.limits import (
     group_usage,
     period_limit,
     rolled_limit,
+    usage_in,
 )
 from tally.core.periods import (
+    PERIODS,
     Calendar,
     Window,
     calendar_for,
@@ -23,6 +25,8 @@ from tally.core.periods import (
     next_window,
     parse_reset_time,
     previous_window,
+    roll_up,
+    window_of,
     windows_at,
 )
 from tally.core.policy import (
@@ -50,6 +54,7 @@ from tally.core.usage import (
 )
 
 __all__ = [
+    "PERIODS",
     "PLACEHOLDERS",
     "RESET_MESSAGE",
     "SEVERITY",
@@ -87,9 +92,12 @@ __all__ = [
     "placeholders_in",
     "previous_window",
     "render",
+    "roll_up",
     "rolled_limit",
     "standings",
     "to_balance",
+    "usage_in",
+    "window_of",
     "windows_at",
     "with_labels",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Set
 
 from tally.config.models import PerUserBudgets
+from tally.core.periods import calendar_for
 from tally.core.policy import (
     action_message,
     action_notifies_admin,
@@ -54,26 +55,27 @@ def new_alerts(
 def _candidates(
     previous: BudgetDecided | None, current: BudgetDecided, budgets: PerUserBudgets
 ) -> Iterator[BudgetAlerted]:
-    for budget, status in _judged(current):
+    for budget, status in _judged(current, budgets):
         yield from _crossings(current, budget, status, budgets)
     if previous is not None:
         yield from _reset(previous, current)
 
 
-def _judged(decision: BudgetDecided) -> list[tuple[str, PeriodStatus]]:
-    """The user's own two periods, and the shared budget's period when one drove it."""
-    own = [("user", decision.daily), ("user", decision.monthly)]
+def _judged(decision: BudgetDecided, budgets: PerUserBudgets) -> list[tuple[str, PeriodStatus]]:
+    """The user's own periods, and the shared budget's period when one drove it."""
+    own = [("user", status) for status in decision.periods.values()]
     if decision.budget == "user":
         return own
-    return [*own, (decision.budget, _driving(decision))]
+    return [*own, (decision.budget, _driving(decision, budgets))]
 
 
-def _driving(decision: BudgetDecided) -> PeriodStatus:
-    # A shared budget runs on the same calendar, so its period starts with the user's.
-    same = decision.daily if decision.period == "daily" else decision.monthly
+def _driving(decision: BudgetDecided, budgets: PerUserBudgets) -> PeriodStatus:
+    # A shared budget runs on the same calendar as the user's (who may have no limit of
+    # that kind, and so no status of it in the decision).
+    window = calendar_for(budgets.reset_schedule).window(decision.period, decision.as_of)
     return PeriodStatus(
         period=decision.period,
-        period_start=same.period_start,
+        period_start=window.start,
         tokens_used=decision.tokens_used,
         tokens_limit=decision.tokens_limit,
         tokens_remaining=decision.tokens_remaining,
@@ -99,9 +101,9 @@ def _crossings(
 def _reset(previous: BudgetDecided, current: BudgetDecided) -> Iterator[BudgetAlerted]:
     if previous.status == "ok" or current.status != "ok":
         return
-    before = previous.daily if previous.period == "daily" else previous.monthly
-    now = current.daily if previous.period == "daily" else current.monthly
-    if now.period_start != before.period_start:
+    before = previous.periods.get(previous.period)
+    now = current.periods.get(previous.period)  # None: that period's limit was taken away
+    if before is not None and now is not None and now.period_start != before.period_start:
         message = render(RESET_MESSAGE, template_values(now))
         yield _alert(current, previous.budget, now, "reset", 0, message, False)
 

@@ -1,10 +1,11 @@
 """Limits: base limits per user, the rollover chain, and department/project budgets.
 
-Base limits are chosen field by field: the user's override, else (daily only) the limit of
-the user's role, else the default. With rollover enabled, a period's limit is its base
-limit plus min(max_rollover_tokens, max(0, previous limit - previous use)), where the
-previous period is the one just before, of the same kind; the chain starts at the first
-period with usage, into which nothing rolls. The chain is evaluated with today's base
+Base limits are chosen period kind by kind: the user's override, else the limit of the
+user's role (a bare number is a daily limit), else the default; a kind that none of them
+sets has no limit. With rollover enabled, a period's limit is its base limit plus
+min(max_rollover_tokens, max(0, previous limit - previous use)), where the previous period
+is the one just before, of the same kind; the chain starts at the first period with usage,
+into which nothing rolls. The chain is evaluated with today's base
 limits, so a config change re-prices the past as well.
 """
 
@@ -15,9 +16,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from tally.config.models import Limits, PerUserBudgets, Rollover
-from tally.core.periods import Calendar, Window
+from tally.config.models import Limits, PartialLimits, PerUserBudgets, Rollover
+from tally.core.periods import PERIODS, Calendar, Window, roll_up
 from tally.core.usage import PeriodUsage, UserUsage
+from tally.wire import PeriodName
 
 __all__ = [
     "GroupUsage",
@@ -26,6 +28,8 @@ __all__ = [
     "group_usage",
     "period_limit",
     "rolled_limit",
+    "usage_in",
+    "used_in",
 ]
 
 
@@ -34,22 +38,40 @@ class GroupUsage:
     """A department's or project's usage: the sum of its members' usage per period."""
 
     name: str  # "department:research", "project:atlas"
-    daily: Mapping[datetime, int] = field(default_factory=dict)
-    monthly: Mapping[datetime, int] = field(default_factory=dict)
+    periods: Mapping[PeriodName, Mapping[datetime, int]] = field(default_factory=dict)
 
 
 def base_limits(budgets: PerUserBudgets, user_id: str, role: str | None) -> Limits:
-    """Override > role (daily only) > default, each limit on its own."""
-    override = budgets.user_overrides.get(user_id)
-    daily = override.daily_tokens if override else None
-    if daily is None and role is not None:
-        daily = budgets.role_limits.get(role)
-    if daily is None:
-        daily = budgets.default_limits.daily_tokens
-    monthly = override.monthly_tokens if override else None
-    if monthly is None:
-        monthly = budgets.default_limits.monthly_tokens
-    return Limits(daily_tokens=daily, monthly_tokens=monthly)
+    """Override > role > default, each period kind on its own."""
+    layers = [budgets.user_overrides.get(user_id), _role_limits(budgets, role),
+              budgets.default_limits]
+    chosen = {f"{kind}_tokens": next((found for layer in layers if layer is not None
+                                      if (found := layer.tokens(kind)) is not None), None)
+              for kind in PERIODS}
+    return Limits.model_validate(chosen)
+
+
+def _role_limits(budgets: PerUserBudgets, role: str | None) -> PartialLimits | None:
+    found = budgets.role_limits.get(role) if role is not None else None
+    if isinstance(found, int):  # the brief's form: a role's daily limit
+        return PartialLimits(daily_tokens=found)
+    return found
+
+
+def usage_in(usage: PeriodUsage, kind: PeriodName, calendar: Calendar) -> Mapping[datetime, int]:
+    """Tokens per period start of `kind`, from the usage's days: every period is made of
+    whole days, so a changed reset day applies at once, and to every period, past ones
+    included, whatever schedule the periods were folded under."""
+    days = usage.periods.get("daily", {})
+    return days if kind == "daily" else roll_up(days, kind, calendar)
+
+
+def used_in(usage: PeriodUsage, window: Window) -> int:
+    """Tokens used in one period, from the usage's days (see usage_in)."""
+    days = usage.periods.get("daily", {})
+    if window.kind == "daily":
+        return days.get(window.start, 0)  # the one day: no need to scan them all
+    return sum(tokens for start, tokens in days.items() if start in window)
 
 
 def rolled_limit(
@@ -95,14 +117,14 @@ def group_budgets(
 
 
 def group_usage(usages: Iterable[UserUsage]) -> dict[str, GroupUsage]:
-    """Usage per department and project, summed over their members."""
-    daily: dict[str, dict[datetime, int]] = {}
-    monthly: dict[str, dict[datetime, int]] = {}
+    """Usage per department and project, summed over their members, kind by kind."""
+    totals: dict[str, dict[PeriodName, dict[datetime, int]]] = {}
     for usage in usages:
         for name in _memberships(usage):
-            _add_into(daily.setdefault(name, {}), usage.daily)
-            _add_into(monthly.setdefault(name, {}), usage.monthly)
-    return {name: GroupUsage(name, daily[name], monthly[name]) for name in daily}
+            group = totals.setdefault(name, {})
+            for kind, periods in usage.periods.items():
+                _add_into(group.setdefault(kind, {}), periods)
+    return {name: GroupUsage(name, periods) for name, periods in totals.items()}
 
 
 def _memberships(usage: UserUsage) -> list[str]:
@@ -119,5 +141,7 @@ def period_limit(
     base: int, budgets: PerUserBudgets, usage: PeriodUsage, window: Window, calendar: Calendar
 ) -> int:
     """One period's limit for a user or a group: its base limit, rolled over if enabled."""
-    used = usage.daily if window.kind == "daily" else usage.monthly
-    return rolled_limit(base, budgets.rollover, used, window, calendar)
+    if not budgets.rollover.enabled:
+        return base  # and no need to roll the days up into periods
+    return rolled_limit(base, budgets.rollover, usage_in(usage, window.kind, calendar), window,
+                        calendar)

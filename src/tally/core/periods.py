@@ -1,9 +1,13 @@
-"""Daily and monthly windows: which periods contain an instant, under a reset schedule.
+"""The period table: which daily, weekly and monthly windows contain an instant.
+
+`PERIODS` lists the kinds, shortest first; everything that handles periods iterates over it
+(or over the windows `Calendar.windows_at` returns, one per kind) instead of naming kinds.
 
 A boundary is a local wall-clock time in the schedule's time zone, so a day lasts 23 or 25
 hours across DST. A reset time that falls in a DST gap moves to the first instant after the
-gap; one that falls in a repeated hour is the first of the two. The monthly reset day is
-clamped to the last day of shorter months.
+gap; one that falls in a repeated hour is the first of the two. Weeks and months start at a
+day's boundary: a week on `weekly_reset_day`, a month on `monthly_reset_day`, clamped to the
+last day of shorter months. So every week and month is made of whole days.
 
 Every instant a `Window` holds is an aware UTC datetime; windows of one kind are contiguous
 and half-open: start <= t < end.
@@ -13,15 +17,20 @@ from __future__ import annotations
 
 import calendar as _calendar
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from functools import lru_cache
+from typing import get_args
 from zoneinfo import ZoneInfo
 
-from tally.config.models import ResetSchedule
+from tally.config.models import ResetSchedule, Weekday
 from tally.wire import PeriodName
 
 __all__ = [
+    "NOUNS",
+    "PERIODS",
+    "WEEKDAYS",
     "Calendar",
     "Window",
     "calendar_for",
@@ -30,11 +39,22 @@ __all__ = [
     "next_window",
     "parse_reset_time",
     "previous_window",
+    "roll_up",
+    "weekly_window",
+    "window_of",
     "windows_at",
 ]
 
+# The period table: every kind, shortest first (a tie between periods goes to the longer).
+PERIODS: tuple[PeriodName, ...] = get_args(PeriodName)
+# How people name one period of each kind ("the day resets at ..."); every kind has one.
+NOUNS: Mapping[PeriodName, str] = {"daily": "day", "weekly": "week", "monthly": "month"}
+WEEKDAYS: tuple[Weekday, ...] = get_args(Weekday)  # date.weekday() order: monday is 0
+
+
 _HHMM = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])")
 _ONE_DAY = timedelta(days=1)
+_ONE_WEEK = timedelta(days=7)
 _TINY = timedelta(microseconds=1)
 _HOUR = 3600
 _MINUTE = 60
@@ -55,6 +75,9 @@ class Window:
         return self.start <= at < self.end
 
 
+Windows = tuple[Window, ...]  # one per kind of PERIODS, in that order
+
+
 def parse_reset_time(text: str) -> time:
     """'HH:MM' (24-hour clock) -> time; ValueError otherwise."""
     match = _HHMM.fullmatch(text)
@@ -73,6 +96,7 @@ class Calendar:
         "reset_day",
         "reset_time",
         "schedule",
+        "week_day",
         "zone",
     )
 
@@ -81,9 +105,10 @@ class Calendar:
         self.zone = ZoneInfo(schedule.timezone)
         self.reset_time = parse_reset_time(schedule.daily_reset_time)
         self.reset_day = schedule.monthly_reset_day
+        self.week_day = WEEKDAYS.index(schedule.weekly_reset_day)
         self._boundaries: dict[date, datetime] = {}
-        self._by_hour: dict[int, tuple[Window, Window]] = {}
-        self._by_minute: dict[int, tuple[Window, Window]] = {}
+        self._by_hour: dict[int, Windows] = {}
+        self._by_minute: dict[int, Windows] = {}
 
     # boundaries ---------------------------------------------------------------------------
 
@@ -123,17 +148,25 @@ class Calendar:
 
     # windows ------------------------------------------------------------------------------
 
-    def daily_window(self, at: datetime) -> Window:
+    def day_of(self, at: datetime) -> date:
+        """The local day whose boundary starts the daily period holding `at`."""
         day = at.astimezone(self.zone).date()
-        start = self.boundary(day)
-        while at < start:
+        while at < self.boundary(day):
             day -= _ONE_DAY
-            start = self.boundary(day)
-        end = self.boundary(day + _ONE_DAY)
-        while at >= end:
+        while at >= self.boundary(day + _ONE_DAY):
             day += _ONE_DAY
-            start, end = end, self.boundary(day + _ONE_DAY)
-        return Window("daily", start, end)
+        return day
+
+    def daily_window(self, at: datetime) -> Window:
+        day = self.day_of(at)
+        return Window("daily", self.boundary(day), self.boundary(day + _ONE_DAY))
+
+    def weekly_window(self, at: datetime) -> Window:
+        """Seven days from the boundary of the latest `weekly_reset_day` (168 hours, or
+        one hour less or more across a DST change)."""
+        day = self.day_of(at)
+        first = day - timedelta(days=(day.weekday() - self.week_day) % 7)
+        return Window("weekly", self.boundary(first), self.boundary(first + _ONE_WEEK))
 
     def monthly_window(self, at: datetime) -> Window:
         local = at.astimezone(self.zone)
@@ -149,7 +182,7 @@ class Calendar:
         return Window("monthly", start, end)
 
     def window(self, kind: PeriodName, at: datetime) -> Window:
-        return self.daily_window(at) if kind == "daily" else self.monthly_window(at)
+        return _WINDOW_OF[kind](self, at)
 
     def previous(self, window: Window) -> Window:
         return self.window(window.kind, window.start - _TINY)
@@ -157,8 +190,9 @@ class Calendar:
     def next(self, window: Window) -> Window:
         return self.window(window.kind, window.end)
 
-    def windows_at(self, at: datetime) -> tuple[Window, Window]:
-        """(daily, monthly) containing `at`; memoized per hour, or per minute near a reset."""
+    def windows_at(self, at: datetime) -> Windows:
+        """The window of each kind of PERIODS containing `at`, in PERIODS order; memoized per
+        hour, or per minute near a reset."""
         if at.tzinfo is None:  # timestamp() would silently read it as the host's local time
             raise ValueError(f"naive datetime {at.isoformat()}: a time zone is required")
         seconds = at.timestamp()
@@ -172,23 +206,27 @@ class Calendar:
             return found
         return self._remember(at, hour, minute)
 
-    def _remember(self, at: datetime, hour: int, minute: int) -> tuple[Window, Window]:
-        pair = (self.daily_window(at), self.monthly_window(at))
+    def _remember(self, at: datetime, hour: int, minute: int) -> Windows:
+        windows = tuple(self.window(kind, at) for kind in PERIODS)
         if len(self._by_hour) + len(self._by_minute) > _MEMO_LIMIT:
             self._by_hour.clear()
             self._by_minute.clear()
-        if _covers(pair, hour * _HOUR, _HOUR):
-            self._by_hour[hour] = pair
-        elif _covers(pair, minute * _MINUTE, _MINUTE):
-            self._by_minute[minute] = pair
+        if _covers(windows, hour * _HOUR, _HOUR):
+            self._by_hour[hour] = windows
+        elif _covers(windows, minute * _MINUTE, _MINUTE):
+            self._by_minute[minute] = windows
         # else: a boundary inside this very minute (an odd historical offset): not memoized
-        return pair
+        return windows
 
 
-def _covers(pair: tuple[Window, Window], start_seconds: int, length: int) -> bool:
+_WINDOW_OF = {"daily": Calendar.daily_window, "weekly": Calendar.weekly_window,
+              "monthly": Calendar.monthly_window}
+
+
+def _covers(windows: Windows, start_seconds: int, length: int) -> bool:
     first = datetime.fromtimestamp(start_seconds, UTC)
     last = first + timedelta(seconds=length)
-    return all(w.start <= first and last <= w.end for w in pair)
+    return all(w.start <= first and last <= w.end for w in windows)
 
 
 def _shift_month(year: int, month: int, step: int) -> tuple[int, int]:
@@ -204,6 +242,10 @@ def calendar_for(schedule: ResetSchedule) -> Calendar:
 
 def daily_window(at: datetime, schedule: ResetSchedule) -> Window:
     return calendar_for(schedule).daily_window(at)
+
+
+def weekly_window(at: datetime, schedule: ResetSchedule) -> Window:
+    return calendar_for(schedule).weekly_window(at)
 
 
 def monthly_window(at: datetime, schedule: ResetSchedule) -> Window:
@@ -229,6 +271,23 @@ def last_days(calendar: Calendar, at: datetime, count: int) -> list[Window]:
     return days[::-1]
 
 
-def windows_at(at: datetime, schedule: ResetSchedule) -> tuple[Window, Window]:
-    """The (daily, monthly) windows that contain `at` (an aware datetime)."""
+def windows_at(at: datetime, schedule: ResetSchedule) -> Windows:
+    """The windows of every kind (PERIODS order) that contain `at` (an aware datetime)."""
     return calendar_for(schedule).windows_at(at)
+
+
+def window_of(windows: Windows, kind: PeriodName) -> Window:
+    """The window of `kind` among windows_at's."""
+    return windows[PERIODS.index(kind)]
+
+
+def roll_up(days: Mapping[datetime, int], kind: PeriodName, calendar: Calendar) -> dict[
+        datetime, int]:
+    """Tokens per `kind` period, summed from tokens per daily period start: every period is
+    made of whole days, so this is what folding events into `kind` would have given."""
+    index = PERIODS.index(kind)
+    found: dict[datetime, int] = {}
+    for start, tokens in days.items():
+        key = calendar.windows_at(start)[index].start  # memoized per hour: cheap
+        found[key] = found.get(key, 0) + tokens
+    return found

@@ -1,10 +1,11 @@
 """The policy: usage + limits + now -> BudgetDecided.
 
 A period is over_limit when used >= limit (so a zero limit is over at once), warning when
-percent_used reaches the lowest warning threshold, else ok. A budget's status is the worse
-of its two periods; on a tie the period with the higher percent_used drives it, then
-monthly. Department and project budgets are judged the same way and the most restrictive
-budget wins (worse status, then higher percent_used, then the user's own budget).
+percent_used reaches the lowest warning threshold, else ok. A budget's status is the worst
+of its periods (every kind it has a limit for); on a tie the period with the higher
+percent_used drives it, then the longer period. Department and project budgets are judged
+the same way and the most restrictive budget wins (worse status, then higher percent_used,
+then the user's own budget).
 """
 
 from __future__ import annotations
@@ -12,14 +13,22 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from tally.config.models import Limits, PerUserBudgets, Warning
-from tally.core.limits import GroupUsage, base_limits, group_budgets, period_limit
-from tally.core.periods import Calendar, Window, calendar_for
+from tally.core.limits import GroupUsage, base_limits, group_budgets, period_limit, used_in
+from tally.core.periods import PERIODS, Calendar, Window, Windows, calendar_for
 from tally.core.templates import render
 from tally.core.usage import PeriodUsage, UserUsage
-from tally.wire import MAX_AMOUNT, ActionName, BudgetDecided, PeriodStatus, StatusName
+from tally.wire import (
+    MAX_AMOUNT,
+    ActionName,
+    BudgetDecided,
+    PeriodName,
+    PeriodStatus,
+    StatusName,
+)
 
 __all__ = [
     "SEVERITY",
@@ -41,19 +50,19 @@ SEVERITY: Mapping[StatusName, int] = {"ok": 0, "warning": 1, "over_limit": 2}
 
 @dataclass(frozen=True, slots=True)
 class Standing:
-    """One budget (the user's own, or a group's) against both of its periods."""
+    """One budget (the user's own, or a group's) against each period kind it has a limit
+    for, shortest first."""
 
     budget: str
-    daily: PeriodStatus
-    monthly: PeriodStatus
+    periods: Mapping[PeriodName, PeriodStatus]
 
     @property
     def driving(self) -> PeriodStatus:
-        return max((self.daily, self.monthly), key=_period_rank)
+        return max(self.periods.values(), key=_period_rank)
 
 
-def _period_rank(status: PeriodStatus) -> tuple[int, int, bool]:
-    return SEVERITY[status.status], status.percent_used, status.period == "monthly"
+def _period_rank(status: PeriodStatus) -> tuple[int, int, int]:
+    return SEVERITY[status.status], status.percent_used, PERIODS.index(status.period)
 
 
 def _standing_rank(standing: Standing) -> tuple[int, int]:
@@ -101,16 +110,19 @@ def standing(
     usage: PeriodUsage,
     limits: Limits,
     budgets: PerUserBudgets,
-    windows: tuple[Window, Window],
+    windows: Windows,
     calendar: Calendar,
 ) -> Standing:
-    """How one budget stands in the periods `windows` (daily, monthly)."""
-    statuses = []
-    for window, base in zip(windows, (limits.daily_tokens, limits.monthly_tokens), strict=True):
-        used = (usage.daily if window.kind == "daily" else usage.monthly).get(window.start, 0)
-        limit = period_limit(base, budgets, usage, window, calendar)
-        statuses.append(period_status(window, used, limit, budgets.warnings, calendar.zone))
-    return Standing(budget, statuses[0], statuses[1])
+    """How one budget stands in `windows` (windows_at's), in each kind it has a limit for."""
+    bases = limits.by_period()
+    statuses = {}
+    for window in windows:
+        if window.kind in bases:
+            limit = period_limit(bases[window.kind], budgets, usage, window, calendar)
+            used = used_in(usage, window)
+            statuses[window.kind] = period_status(window, used, limit, budgets.warnings,
+                                                  calendar.zone)
+    return Standing(budget, statuses)
 
 
 def standings(
@@ -152,6 +164,8 @@ def decide(
     status: StatusName = driving.status if budgets.enabled else "ok"
     action = _action(status, budgets)
     footer = render(budgets.budget_footer, values) if budgets.include_budget_in_response else None
+    # one keyword per period kind with a limit: daily=, monthly=, ...
+    own: dict[str, Any] = {kind: status for kind, status in found[0].periods.items()}
     return BudgetDecided(
         user_id=usage.user_id,
         status=status,
@@ -167,8 +181,7 @@ def decide(
         footer=footer if budgets.enabled else None,
         force_model=_force_model(action, budgets),
         status_code=_status_code(action, budgets),
-        daily=found[0].daily,
-        monthly=found[0].monthly,
+        **own,
         as_of=now,
     )
 

@@ -16,9 +16,10 @@ from tally.core.limits import group_usage
 from tally.core.policy import decide
 from tally.core.usage import UserUsage, with_labels
 from tally.identity import api_key_digest, normalise_identity
-from tally.wire import BudgetDecided
+from tally.wire import BudgetDecided, PeriodName
 
-__all__ = ["budget_row", "budgets_report", "known_usages", "shown_decision", "with_identities"]
+__all__ = ["FIGURES", "ROW_FIGURES", "budget_row", "budgets_report", "known_usages",
+           "shown_decision", "with_identities"]
 
 
 def known_usages(usages: Mapping[str, UserUsage], config: Config) -> dict[str, UserUsage]:
@@ -60,15 +61,17 @@ def shown_decision(decision: BudgetDecided) -> dict[str, Any]:
     return decision.model_dump(mode="json", exclude={"key_digests"})
 
 
+# The figures a row shows per period kind, named <kind>_<figure>: used, limit and remaining,
+# but the brief's row has no monthly_remaining.
+FIGURES = ("used", "limit", "remaining")
+ROW_FIGURES: Mapping[PeriodName, tuple[str, ...]] = {"monthly": ("used", "limit")}
+
+
 def budget_row(decision: BudgetDecided) -> dict[str, Any]:
-    """One user's line, in the brief's shape, with the decision appended."""
-    return {
-        "user_id": decision.user_id,
-        "daily_used": decision.daily.tokens_used,
-        "daily_limit": decision.daily.tokens_limit,
-        "daily_remaining": decision.daily.tokens_remaining,
-        "monthly_used": decision.monthly.tokens_used,
-        "monthly_limit": decision.monthly.tokens_limit,
-        "status": decision.status,
-        "decision": shown_decision(decision),
-    }
+    """One user's line, in the brief's shape, with the decision appended: the figures of
+    every period kind the user has a limit of."""
+    figures = {f"{kind}_{name}": getattr(status, f"tokens_{name}")
+               for kind, status in decision.periods.items()
+               for name in ROW_FIGURES.get(kind, FIGURES)}
+    return {"user_id": decision.user_id, **figures, "status": decision.status,
+            "decision": shown_decision(decision)}

@@ -39,13 +39,11 @@ PeriodKey = tuple[str, PeriodName, datetime]  # (user_id, kind, window start in 
 
 
 class PeriodUsage(Protocol):
-    """Anything with tokens used per daily and monthly period start: a user or a group."""
+    """Anything with tokens used per period start, per period kind: a user or a group. A
+    kind it holds nothing of is rolled up from its days (tally.core.limits.usage_in)."""
 
     @property
-    def daily(self) -> Mapping[datetime, int]: ...
-
-    @property
-    def monthly(self) -> Mapping[datetime, int]: ...
+    def periods(self) -> Mapping[PeriodName, Mapping[datetime, int]]: ...
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -83,8 +81,13 @@ class UserUsage:
         stamped = self.labels.get(name)
         return None if stamped is None else stamped.value
 
+    @property
+    def periods(self) -> Mapping[PeriodName, Mapping[datetime, int]]:
+        """The kinds this fold keeps (the limits read every kind from the days: usage_in)."""
+        return {"daily": self.daily, "monthly": self.monthly}
+
     def used(self, kind: PeriodName, start: datetime) -> int:
-        return (self.daily if kind == "daily" else self.monthly).get(start, 0)
+        return self.periods.get(kind, {}).get(start, 0)
 
 
 def counted_tokens(event: UsageRecorded, fields: Iterable[TokenField]) -> int:
@@ -141,14 +144,17 @@ class _Builder:
         self.user_id = usage.user_id
         self.daily = dict(usage.daily)
         self.monthly = dict(usage.monthly)
+        self.kept: dict[PeriodName, dict[datetime, int]] = {
+            "daily": self.daily, "monthly": self.monthly}
         self.last_event_at = usage.last_event_at
         self.labels = dict(usage.labels)
 
     def add(self, event: UsageRecorded, calendar: Calendar, fields: Iterable[TokenField]) -> None:
         tokens = counted_tokens(event, fields)
-        daily, monthly = calendar.windows_at(event.occurred_at)
-        self.daily[daily.start] = self.daily.get(daily.start, 0) + tokens
-        self.monthly[monthly.start] = self.monthly.get(monthly.start, 0) + tokens
+        for window in calendar.windows_at(event.occurred_at):
+            totals = self.kept.get(window.kind)
+            if totals is not None:  # a kind not kept here is rolled up from days when read
+                totals[window.start] = totals.get(window.start, 0) + tokens
         at = event.occurred_at.astimezone(UTC)
         if self.last_event_at is None or at > self.last_event_at:
             self.last_event_at = at
@@ -180,11 +186,9 @@ def period_totals(
     totals: dict[PeriodKey, int] = {}
     for event in events:
         tokens = tokens_of(event)
-        daily, monthly = windows_at(event.occurred_at)
-        day: PeriodKey = (event.user_id, "daily", daily.start)
-        month: PeriodKey = (event.user_id, "monthly", monthly.start)
-        totals[day] = totals.get(day, 0) + tokens
-        totals[month] = totals.get(month, 0) + tokens
+        for window in windows_at(event.occurred_at):
+            key: PeriodKey = (event.user_id, window.kind, window.start)
+            totals[key] = totals.get(key, 0) + tokens
     return totals
 
 

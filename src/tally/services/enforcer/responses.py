@@ -58,6 +58,10 @@ class BudgetRow(Body):
     daily_remaining: int
     monthly_used: int
     monthly_limit: int
+    # added, only where the user has a weekly limit
+    weekly_used: int | None = None
+    weekly_limit: int | None = None
+    weekly_remaining: int | None = None
     status: StatusName
     decision: BudgetDecided
 
@@ -69,10 +73,11 @@ class BudgetsResponse(Body):
 
 
 class MyBudget(BudgetRow):
-    """GET /api/budgets/me: the caller's row, with both reset times spelled out."""
+    """GET /api/budgets/me: the caller's row, with each period's reset time spelled out."""
 
     daily_reset_time: str
     monthly_reset_time: str
+    weekly_reset_time: str | None = None  # added, with a weekly limit
 
 
 class AlertsResponse(Body):
@@ -96,8 +101,9 @@ class ErrorBody(Body):
 
 
 def my_budget(decision: BudgetDecided) -> dict[str, Any]:
-    return {**budget_row(decision), "daily_reset_time": decision.daily.reset_time,
-            "monthly_reset_time": decision.monthly.reset_time}
+    resets = {f"{kind}_reset_time": status.reset_time
+              for kind, status in decision.periods.items()}
+    return {**budget_row(decision), **resets}
 
 
 def dashboard_row(decision: BudgetDecided, usage: UserUsage | None) -> dict[str, Any]:

@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pj
 
 from tally.config.models import PerUserBudgets, TokenField
-from tally.core.periods import Calendar, Window, calendar_for
+from tally.core.periods import Calendar, Window, Windows, calendar_for, window_of
 from tally.core.usage import counted_tokens
 from tally.kafka import Record
 from tally.service import error_text
@@ -116,9 +116,9 @@ class Decoder:
         windows = _windows_touched(self.calendar, at)
         if windows is None:
             return None
-        daily = _start_in(at, [d for d, _ in windows])
-        monthly = _start_in(at, list({m.start: m for _, m in windows}.values()))
-        return daily, monthly
+        days = [window_of(w, "daily") for w in windows]
+        months = {m.start: m for m in (window_of(w, "monthly") for w in windows)}
+        return _start_in(at, days), _start_in(at, list(months.values()))
 
     def one_by_one(self, records: Iterable[Record]) -> tuple[pa.Table, Skipped]:
         """The per-record path: a record that fails to decode is logged and skipped."""
@@ -143,12 +143,12 @@ class Decoder:
             raise TypeError(f"expected a JSON object, got {type(data).__name__}")
         event = UsageRecorded.model_validate({k: data[k] for k in _FIELDS if k in data})
         at = event.occurred_at.astimezone(UTC)
-        daily, monthly = self.calendar.windows_at(at)
+        windows = self.calendar.windows_at(at)
         return (
             event.event_id, event.user_id, at, event.model, event.provider,
             event.input_tokens, event.output_tokens, event.cache_read_tokens,
             event.cache_write_tokens, counted_tokens(event, self.counted),
-            daily.start, monthly.start,
+            window_of(windows, "daily").start, window_of(windows, "monthly").start,
             *(getattr(event, name) for name in _OPTIONAL[1:]),
             record.partition, record.offset,
         )
@@ -202,17 +202,17 @@ def _within(column: pa.ChunkedArray, low: Any, high: Any) -> bool:
     return bool(bounds["min"].as_py() >= low and bounds["max"].as_py() <= high)
 
 
-def _windows_touched(calendar: Calendar, at: pa.ChunkedArray) -> list[tuple[Window, Window]] | None:
-    """The (daily, monthly) windows holding some instant of `at`, in time order; None past
+def _windows_touched(calendar: Calendar, at: pa.ChunkedArray) -> list[Windows] | None:
+    """The windows (of every kind) holding some instant of `at`, in time order; None past
     _MAX_WINDOWS. Walks from the earliest instant, jumping over days without events."""
-    found: list[tuple[Window, Window]] = []
+    found: list[Windows] = []
     earliest = pc.min(at).as_py()
     while earliest is not None:
         if len(found) == _MAX_WINDOWS:
             return None
-        pair = calendar.windows_at(earliest)
-        found.append(pair)
-        later = pc.greater_equal(at, pa.scalar(pair[0].end, _TS))
+        windows = calendar.windows_at(earliest)
+        found.append(windows)
+        later = pc.greater_equal(at, pa.scalar(window_of(windows, "daily").end, _TS))
         earliest = pc.min(pc.filter(at, later)).as_py()
     return found
 
