@@ -20,22 +20,26 @@ from aiokafka.conn import create_conn
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 from aiokafka.helpers import create_ssl_context
 
+from tally.errors import ClusterError
 from tally.settings import KafkaSecurity
 from tally.topiccheck import Difference, FoundTopic, TopicsMisconfigured, compare
 from tally.topics import Topics
 
 __all__ = [
+    "CatchUp",
     "KafkaUnreachable",
     "Record",
     "apply_topics",
     "batches",
     "check_topics",
+    "commit_offsets",
     "end_offsets",
     "ensure_topics",
     "fetch",
     "make_admin",
     "make_consumer",
     "make_producer",
+    "next_offsets",
     "partitions_of",
     "read_to_end",
     "security_options",
@@ -118,7 +122,7 @@ async def apply_topics(bootstrap: str, topics: Topics, partitions: int) -> list[
         return differences
 
 
-class KafkaUnreachable(RuntimeError):
+class KafkaUnreachable(ClusterError):
     """No connection to the cluster: down, wrong address, or refused credentials."""
 
 
@@ -338,6 +342,46 @@ async def fetch(consumer: AIOKafkaConsumer, max_records: int, timeout_ms: int) -
             for messages in fetched.values() for m in messages]
 
 
+class CatchUp:
+    """Where a reader has seen everything written before a moment: the end offsets of its
+    partitions, taken once at that moment. Read a topic "up to its end" against these, not
+    the current ends, or a busy topic never lets the reader be done."""
+
+    def __init__(self, ends: dict[TopicPartition, int]) -> None:
+        self.ends = ends
+
+    @classmethod
+    async def taken(cls, consumer: AIOKafkaConsumer, parts: Iterable[TopicPartition]) -> CatchUp:
+        return cls(await end_offsets(consumer, parts))
+
+    def by_key(self) -> dict[tuple[str, int], int]:
+        """The ends keyed by (topic, partition), as stored offsets are."""
+        return {(tp.topic, tp.partition): end for tp, end in self.ends.items()}
+
+    async def behind(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:
+        """The partitions whose position is still short of its end."""
+        return [tp for tp, end in self.ends.items() if await consumer.position(tp) < end]
+
+    async def reached(self, consumer: AIOKafkaConsumer) -> bool:
+        return not await self.behind(consumer)
+
+
+def next_offsets(records: Iterable[Record]) -> dict[tuple[str, int], int]:
+    """Per (topic, partition), the offset after the last record: what to commit or store
+    after `records`, where a restart resumes."""
+    offsets: dict[tuple[str, int], int] = {}
+    for r in records:
+        key = (r.topic, r.partition)
+        offsets[key] = max(offsets.get(key, 0), r.offset + 1)
+    return offsets
+
+
+def commit_offsets(records: Iterable[Record]) -> dict[TopicPartition, int]:
+    """`next_offsets` as a consumer group's commit takes them."""
+    return {TopicPartition(topic, partition): offset
+            for (topic, partition), offset in next_offsets(records).items()}
+
+
 async def read_to_end(bootstrap: str, topic: str, last: int | None = None) -> list[Record]:
     """Every record of a topic from the beginning (or only the `last` records of each
     partition) up to its end offsets at call time."""
@@ -347,14 +391,13 @@ async def read_to_end(bootstrap: str, topic: str, last: int | None = None) -> li
         parts = await partitions_of(consumer, topic)
         consumer.assign(parts)
         await consumer.seek_to_beginning(*parts)
-        targets = await end_offsets(consumer, parts)
+        catch_up = await CatchUp.taken(consumer, parts)
         if last is not None:
-            for tp, end in targets.items():
+            for tp, end in catch_up.ends.items():
                 consumer.seek(tp, max(await consumer.position(tp), end - last))
         found: list[Record] = []
-        while any([await consumer.position(tp) < end for tp, end in targets.items()]):
+        while not await catch_up.reached(consumer):
             found.extend(await fetch(consumer, 10_000, 100))
         return found
     finally:
         await consumer.stop()
-

@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from tally.errors import ClusterError
 from tally.settings import project_root
 from tally.topics import min_insync_replicas
 
@@ -77,7 +78,7 @@ logger.controller.level = INFO
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}  # brokers this process spawned
 
 
-class KafkaStartError(RuntimeError):
+class KafkaStartError(ClusterError):
     """The broker could not be started (or did not answer in time)."""
 
 

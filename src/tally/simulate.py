@@ -23,12 +23,13 @@ from tally.config.errors import ConfigError
 from tally.config.loader import load_config
 from tally.core.report import budgets_report
 from tally.core.usage import fold_events
+from tally.errors import InputError
 from tally.wire import UsageRecorded
 
 __all__ = ["EventFileError", "main", "read_events", "simulate"]
 
 
-class EventFileError(Exception):
+class EventFileError(InputError):
     """A line of the events file is not a valid UsageRecorded."""
 
 

@@ -29,10 +29,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import httpx
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
 from tally.config.models import AlertWebhook
-from tally.kafka import Record, fetch, make_consumer
+from tally.kafka import Record, commit_offsets, fetch, make_consumer
 from tally.ops import Metrics, observe_lag
 from tally.service import decimal
 from tally.topics import Topics
@@ -155,8 +155,7 @@ async def _consume(consumer: AIOKafkaConsumer, notifier: Notifier,
             notifier.metrics.count_in([record])
             if not await _handle(record, notifier, webhook):
                 return  # stopping: this alert stays uncommitted, for the next run
-            await consumer.commit({TopicPartition(record.topic, record.partition):
-                                   record.offset + 1})
+            await consumer.commit(commit_offsets([record]))
         await observe_lag(notifier.metrics, consumer)
 
 

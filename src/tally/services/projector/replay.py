@@ -24,7 +24,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from tally.config.errors import ConfigError
 from tally.config.loader import load_config
 from tally.config.models import Config
-from tally.kafka import Record, end_offsets, ensure_topics, make_consumer
+from tally.errors import InputError
+from tally.kafka import CatchUp, Record, ensure_topics, make_consumer
 from tally.services.projector import store
 from tally.services.projector.app import Decoded, assign_from, base_parser
 from tally.services.projector.decode import Decoder, Skipped, rejected
@@ -82,13 +83,14 @@ async def replay(config: Config, bootstrap: str, topics: Topics, db_path: Path,
     await consumer.start()
     try:
         parts = await assign_from(consumer, (topics.usage_events, topics.usage_dlq), {})
-        ends = await end_offsets(consumer, parts)
+        catch_up = await CatchUp.taken(consumer, parts)
+        ends = catch_up.ends
         starts = await consumer.beginning_offsets(parts)
         progress = Progress(sum(ends[tp] - starts[tp] for tp in parts), out)
         with store.connect(db_path) as con:
             con.execute(f"SET memory_limit = '{REPLAY_DUCKDB_MEMORY}'")
             await _fold(consumer, con, Decoder.of(config.budgets.per_user_budgets), topics,
-                        ends, progress)
+                        catch_up, progress)
         progress.draw(time.monotonic())
         out.write("\n")
         return progress
@@ -97,14 +99,14 @@ async def replay(config: Config, bootstrap: str, topics: Topics, db_path: Path,
 
 
 async def _fold(consumer: AIOKafkaConsumer, con: duckdb.DuckDBPyConnection, decoder: Decoder,
-                topics: Topics, ends: dict[TopicPartition, int], progress: Progress) -> None:
+                topics: Topics, catch_up: CatchUp, progress: Progress) -> None:
     """A three-stage pipeline: batch n+2 is fetched (Python, holding the GIL) while batch
     n+1 is decoded (mostly in Arrow's C++, GIL released) and DuckDB writes batch n (GIL
     released); each stage runs in order, so commits stay in offset order."""
-    pending = {tp for tp, end in ends.items() if await consumer.position(tp) < end}
+    pending = set(await catch_up.behind(consumer))
     decoding: asyncio.Future[Decoded] | None = None
     writing: asyncio.Future[store.Applied] | None = None
-    async for fetched in _until_ends(consumer, pending, ends):
+    async for fetched in _until_ends(consumer, pending, catch_up.ends):
         if decoding is not None:
             writing = await _write_next(con, await decoding, writing)
         decoding = asyncio.ensure_future(asyncio.to_thread(decode, decoder, topics, fetched))
@@ -203,7 +205,7 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-class ReplayRefused(Exception):
+class ReplayRefused(InputError):
     """The target exists without --force, or another process has it open."""
 
 
