@@ -20,7 +20,6 @@ import duckdb
 import orjson
 import pytest
 
-from tally import localkafka
 from tally.config.loader import load_config
 from tally.kafka import (
     ensure_topics,
@@ -36,6 +35,7 @@ from tally.services.ingest.app import run_ingest
 from tally.services.projector.app import run_projector
 from tally.topics import Topics
 from tally.wire import BudgetAlerted, BudgetDecided
+from tally_dev import localkafka
 from tests.test_pipeline import NOON, eventually, running
 
 pytestmark = pytest.mark.kafka

@@ -16,8 +16,8 @@ from tally.settings import Settings
 __all__ = ["main"]
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("tally.run", "start Kafka, the three services and a sample history (the demo)"),
-    "kafka": ("tally.localkafka", "start|stop|status the local single-node Kafka"),
+    "run": ("tally_dev.run", "start Kafka, the three services and a sample history (the demo)"),
+    "kafka": ("tally_dev.localkafka", "start|stop|status the local single-node Kafka"),
     "topics": ("tally.topicadmin", "check|apply: compare the Kafka topics with the topic table"),
     "config": ("tally.config.loader", "check DIR: validate auth.yaml, users.yaml, budgets.yaml"),
     "simulate": ("tally.simulate", "fold a JSONL file of events offline, print the budgets"),

@@ -20,7 +20,7 @@ from tally.settings import Settings
 
 __all__ = ["UserError", "guarded", "kafka_down", "require_kafka"]
 
-DEFAULT_BOOTSTRAP = Settings().bootstrap_servers
+DEFAULT_BOOTSTRAP: str = Settings.model_fields["bootstrap_servers"].default
 
 
 class UserError(InputError):

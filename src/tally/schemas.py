@@ -1,4 +1,5 @@
-"""`tally schemas write|check`: the JSON Schema files in schemas/, generated from tally.wire."""
+"""`tally schemas write|check [--dir DIR]`: the JSON Schema files, generated from tally.wire
+(default DIR: `schemas` in the working directory, the checkout's own when run there)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import json
 import sys
 from pathlib import Path
 
-from tally.settings import project_root
 from tally.wire import WIRE_MODELS
 
 __all__ = ["main", "render_all", "stale_files"]
@@ -41,8 +41,10 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="tally schemas", description=__doc__)
     parser.add_argument("action", choices=("write", "check"),
                         help="write: regenerate the files; check: exit 1 naming stale files")
-    argv = [parser.parse_args(argv).action]
-    directory = project_root() / "schemas"
+    parser.add_argument("--dir", type=Path, default=Path("schemas"),
+                        help="the schema directory (default: ./schemas)")
+    args = parser.parse_args(argv)
+    argv, directory = [args.action], args.dir
     if argv == ["write"]:
         write_all(directory)
         print(f"wrote {len(WIRE_MODELS)} schemas to {directory}")
@@ -50,7 +52,7 @@ def main(argv: list[str]) -> int:
     if argv == ["check"]:
         stale = stale_files(directory)
         for name in stale:
-            print(f"stale: schemas/{name} (run `tally schemas write`)", file=sys.stderr)
+            print(f"stale: {directory / name} (run `tally schemas write`)", file=sys.stderr)
         return 1 if stale else 0
     print("usage: tally schemas write|check", file=sys.stderr)
     return 2

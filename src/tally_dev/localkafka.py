@@ -1,12 +1,14 @@
 """A single-node Apache Kafka broker (KRaft, broker+controller) that the project runs itself.
 
-No Docker: the broker jars come from Maven Central through kafka/pom.xml, and the broker is
+No Docker: the broker jars come from Maven Central through pom.xml (beside this file, in
+the package), and the broker is
 `java -cp '.local/kafka/libs/*' kafka.Kafka server.properties`, started detached so it
 outlives the caller. `tally kafka start|stop|status` is `main()` below; the tests reach it
 through the `kafka_bootstrap` fixture in tests/conftest.py.
 
-Layout: the jars are shared in <project>/.local/kafka/libs; each data dir (default
-<project>/.local/kafka) holds config/, data/ (log.dirs), logs/kafka.log and kafka.pid.
+Layout: the jars are shared in ./.local/kafka/libs; each data dir (default ./.local/kafka,
+both in the working directory) holds config/, data/ (log.dirs), logs/kafka.log and
+kafka.pid.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tally.errors import ClusterError
-from tally.settings import project_root
 from tally.topics import min_insync_replicas
 
 __all__ = [
@@ -118,15 +120,17 @@ def say(message: str) -> None:
 
 
 def default_data_dir() -> Path:
-    return project_root() / ".local" / "kafka"
+    """`.local/kafka` in the working directory (absolute: the broker runs in its own)."""
+    return Path.cwd() / ".local" / "kafka"
 
 
 def libs_dir() -> Path:
-    return project_root() / ".local" / "kafka" / "libs"
+    return default_data_dir() / "libs"
 
 
 def pom_file() -> Path:
-    return project_root() / "kafka" / "pom.xml"
+    """The Maven file naming the broker's jars, shipped in this package."""
+    return Path(__file__).with_name("pom.xml")
 
 
 # ---------------------------------------------------------------- pure helpers
@@ -339,9 +343,12 @@ def ensure_jars() -> Path:
 
 def _copy_dependencies(target: Path) -> None:
     mvn = _tool("mvn", "install Maven 3.8+ (apt-get install maven)")
-    command = [mvn, "-q", "-B", "-f", str(pom_file()), "dependency:copy-dependencies"]
-    command.append(f"-DoutputDirectory={target}")
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as build:  # Maven's files, not in site-packages
+        pom = Path(shutil.copy(pom_file(), build))
+        command = [mvn, "-q", "-B", "-f", str(pom), "dependency:copy-dependencies",
+                   f"-DoutputDirectory={target}"]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0 or not any(target.glob("kafka_2.13-*.jar")):
         output = (result.stdout + result.stderr).strip()[-3000:]
         raise KafkaStartError(f"Maven could not fetch the Kafka jars:\n{output}")

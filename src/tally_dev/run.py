@@ -27,15 +27,15 @@ from pathlib import Path
 import httpx
 import orjson
 
-from tally import localkafka
 from tally.clierrors import require_kafka
 from tally.config.loader import load_config
 from tally.decision_cache import DecisionCache
-from tally.demo import sample_history
 from tally.kafka import ensure_topics, make_producer, read_to_end
 from tally.settings import Settings
 from tally.status import format_table, one_line, signature
 from tally.wire import BudgetAlerted
+from tally_dev import localkafka
+from tally_dev.demo import sample_history
 
 __all__ = ["main"]
 
