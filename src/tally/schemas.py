@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from tally.cli import command_main
 from tally.wire import WIRE_MODELS
 
 __all__ = ["main", "render_all", "stale_files"]
@@ -37,22 +38,16 @@ def write_all(directory: Path) -> None:
         (directory / name).write_text(text)
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="tally schemas", description=__doc__)
-    parser.add_argument("action", choices=("write", "check"),
-                        help="write: regenerate the files; check: exit 1 naming stale files")
-    parser.add_argument("--dir", type=Path, default=Path("schemas"),
-                        help="the schema directory (default: ./schemas)")
-    args = parser.parse_args(argv)
-    argv, directory = [args.action], args.dir
-    if argv == ["write"]:
+def run(args: argparse.Namespace) -> int:
+    directory = args.dir
+    if args.action == "write":
         write_all(directory)
         print(f"wrote {len(WIRE_MODELS)} schemas to {directory}")
         return 0
-    if argv == ["check"]:
-        stale = stale_files(directory)
-        for name in stale:
-            print(f"stale: {directory / name} (run `tally schemas write`)", file=sys.stderr)
-        return 1 if stale else 0
-    print("usage: tally schemas write|check", file=sys.stderr)
-    return 2
+    stale = stale_files(directory)
+    for name in stale:
+        print(f"stale: {directory / name} (run `tally schemas write`)", file=sys.stderr)
+    return 1 if stale else 0
+
+
+main = command_main("schemas")

@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from tally.cli import command_main
 from tally.errors import ClusterError
 from tally.topics import min_insync_replicas
 
@@ -730,26 +731,8 @@ def _sasl_user() -> SaslUser:
     return user
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tally kafka", description="the local Kafka broker")
-    parser.add_argument("action", choices=["start", "stop", "status"],
-                        help="start (returns once it answers), stop, or status")
-    parser.add_argument("--port", type=int, default=9092,
-                        help="the broker's port on 127.0.0.1 (default: 9092)")
-    parser.add_argument("--controller-port", type=int, default=9093,
-                        help="the KRaft controller's port (default: 9093)")
-    parser.add_argument("--data-dir", type=Path, default=None,
-                        help="where its logs and data live (default: .local/kafka)")
-    parser.add_argument("--sasl", action="store_true",
-                        help="a SASL_PLAINTEXT SCRAM listener; the user is KAFKA_SASL_USERNAME "
-                             "and KAFKA_SASL_PASSWORD (default tally / tally-secret)")
-    parser.add_argument("--brokers", type=int, default=1,
-                        help="nodes (broker+controller each); ports step by 2 from --port")
-    return parser
-
-
-def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """`tally kafka start|stop|status` (options: tally.cli)."""
     data_dir: Path | None = args.data_dir
     if args.action == "status":
         return _status(_layout(data_dir))
@@ -768,5 +751,4 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+main = command_main("kafka")

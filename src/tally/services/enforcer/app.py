@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from pydantic import BaseModel
 
+from tally.cli import command_main
 from tally.config.errors import ConfigError
 from tally.config.loader import load_config
 from tally.config.models import AlertWebhook, Config
@@ -274,15 +275,9 @@ def _tick(enforcer: Enforcer, watcher: ConfigWatcher, now: datetime) -> Outcome:
     return enforcer.on_config(config, now) if config else enforcer.on_tick(now)
 
 
-def main(argv: list[str]) -> int:
+def run(args: argparse.Namespace) -> int:
+    """`tally enforcer` (options: tally.cli)."""
     settings = Settings.from_env()
-    parser = argparse.ArgumentParser(prog="tally enforcer", description=__doc__)
-    parser.add_argument("--config", type=Path, default=settings.config_dir,
-                        help="directory of auth.yaml, users.yaml, budgets.yaml")
-    parser.add_argument("--port", type=int, default=settings.enforcer_port,
-                        help="API and dashboard port (default: TALLY_ENFORCER_PORT); 0: none")
-    parser.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
-    args = parser.parse_args(argv)
     config = load_config(args.config)
     port: int | None = args.port or None
 
@@ -295,3 +290,6 @@ def main(argv: list[str]) -> int:
                            config=config)
 
     return run_service("tally enforcer", service)
+
+
+main = command_main("enforcer")

@@ -25,6 +25,7 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import CommitFailedError
 
+from tally.cli import command_main
 from tally.config.loader import load_config
 from tally.config.models import Config, EventTimeWindow
 from tally.identity import Directory
@@ -34,6 +35,7 @@ from tally.service import Part, bind, http_part, run_parts, run_service, started
 from tally.services.ingest.http import count_rejected, create_app
 from tally.services.ingest.identify import identify
 from tally.services.ingest.validate import admit, parse_event, rejection
+from tally.settings import Settings
 from tally.topics import Topics
 from tally.wire import RejectedEvent, UsageRecorded
 
@@ -173,23 +175,11 @@ async def run_ingest(
         await run_parts(stop, parts)
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="tally ingest", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", type=Path, help="config directory (default: settings)")
-    parser.add_argument("--port", type=int, help="HTTP port (default: TALLY_INGEST_PORT)")
-    parser.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
-    parser.add_argument("--no-http", action="store_true", help="consume usage.raw only")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str]) -> int:
-    from tally.settings import Settings
-
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """`tally ingest` (options: tally.cli)."""
     settings = Settings.from_env()
-    args.config = args.config or settings.config_dir
     config = load_config(args.config)
-    port = None if args.no_http else (settings.ingest_port if args.port is None else args.port)
+    port = None if args.no_http or not args.port else args.port
 
     async def service(stop: asyncio.Event) -> None:
         log.info("ingest: %s -> %s, %s (Kafka %s; %d users in %s)", settings.topics.usage_raw,
@@ -200,3 +190,6 @@ def main(argv: list[str]) -> int:
                          host=args.host, partitions=settings.partitions, config_dir=args.config)
 
     return run_service("tally ingest", service)
+
+
+main = command_main("ingest")

@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,6 +23,7 @@ import pyarrow as pa
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from tally.access import Access
+from tally.cli import command_main
 from tally.config.loader import load_config
 from tally.config.models import Config
 from tally.core.usage import UserUsage, to_balance
@@ -43,12 +43,12 @@ from tally.services.projector import store
 from tally.services.projector.audit import audit_app
 from tally.services.projector.decode import Decoder, Skipped, rejected
 from tally.services.projector.history import history_routes
-from tally.services.projector.sandbox import AuditLimits, Auditor, add_limit_options, lock_down
+from tally.services.projector.sandbox import AuditLimits, Auditor, lock_down
 from tally.settings import Settings
 from tally.topics import Topics
 from tally.wire import rejection
 
-__all__ = ["BATCH_SIZE", "Decoded", "assign_from", "base_parser", "main", "run_projector"]
+__all__ = ["BATCH_SIZE", "Decoded", "assign_from", "main", "run", "run_projector"]
 
 log = logging.getLogger(__name__)
 
@@ -343,29 +343,9 @@ async def _fold_until_stopped(projector: Projector, consumer: AIOKafkaConsumer) 
 # the command -------------------------------------------------------------------------------
 
 
-def base_parser(prog: str, settings: Settings) -> argparse.ArgumentParser:
-    """The options the projector and replay share; the caller adds its own and parses."""
-    parser = argparse.ArgumentParser(prog=prog)
-    parser.add_argument("--config", type=Path, default=settings.config_dir,
-                        help="directory of auth.yaml, users.yaml, budgets.yaml")
-    parser.add_argument("--db", type=Path, default=store.default_db_path(settings.data_dir),
-                        help="the projector's DuckDB file")
-    parser.add_argument("--namespace", default=settings.topic_namespace,
-                        help="topic name prefix (default: TALLY_TOPIC_NAMESPACE)")
-    return parser
-
-
-def main(argv: list[str]) -> int:
+def run(args: argparse.Namespace) -> int:
+    """`tally projector` (options: tally.cli)."""
     settings = Settings.from_env()
-    parser = base_parser("tally projector", settings)
-    parser.add_argument("--port", type=int, default=settings.projector_port,
-                        help="audit endpoint port; 0 serves none")
-    parser.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
-    parser.add_argument("--publish-after-commit", action="store_true",
-                        help="send balances only once their batch has committed "
-                             "(slower; the default sends them just before the commit)")
-    add_limit_options(parser)
-    args = parser.parse_args(argv)
     config = load_config(args.config)
     topics = Topics(args.namespace, settings.replication_factor)
     return run_service("tally projector", lambda stop: run_projector(
@@ -374,5 +354,4 @@ def main(argv: list[str]) -> int:
         host=args.host, audit_limits=AuditLimits.of(args), config_dir=args.config))
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+main = command_main("projector")

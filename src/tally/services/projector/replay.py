@@ -8,6 +8,7 @@ the old file as it was. Stop the projector first; it holds the file open.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import sys
@@ -21,13 +22,13 @@ from typing import Any, TextIO
 import duckdb
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from tally.config.errors import ConfigError
+from tally.cli import command_main
 from tally.config.loader import load_config
 from tally.config.models import Config
 from tally.errors import InputError
 from tally.kafka import CatchUp, Record, ensure_topics, make_consumer
 from tally.services.projector import store
-from tally.services.projector.app import Decoded, assign_from, base_parser
+from tally.services.projector.app import Decoded, assign_from
 from tally.services.projector.decode import Decoder, Skipped, rejected
 from tally.settings import Settings
 from tally.topics import Topics
@@ -181,17 +182,11 @@ def _cut(batch: Fetched, size: int) -> tuple[Fetched, Fetched]:
 # the command -------------------------------------------------------------------------------
 
 
-def main(argv: list[str]) -> int:
+def run(args: argparse.Namespace) -> int:
+    """`tally replay` (options: tally.cli)."""
     settings = Settings.from_env()
-    parser = base_parser("tally replay", settings)
-    parser.add_argument("--force", action="store_true", help="replace an existing file")
-    args = parser.parse_args(argv)
-    try:
-        _check_target(args.db, args.force)
-        config = load_config(args.config)
-    except (ConfigError, ReplayRefused) as e:
-        print(f"tally replay: {e}", file=sys.stderr)
-        return 1
+    _check_target(args.db, args.force)
+    config = load_config(args.config)
     building = args.db.with_name(args.db.name + ".replay")
     _remove(building)
     topics = Topics(args.namespace, settings.replication_factor)
@@ -227,5 +222,4 @@ def _remove(db: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+main = command_main("replay")
