@@ -32,7 +32,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "topics": ("tally.topicadmin", "check|apply: compare the Kafka topics with the topic table"),
     "config": ("tally.config.loader", "check DIR: validate auth.yaml, users.yaml, budgets.yaml"),
     "simulate": ("tally.simulate", "fold a JSONL file of events offline, print the budgets"),
-    "schemas": ("tally.schemas", "write|check the JSON Schema files in schemas/"),
+    "schemas": ("tally.schemas", "write|check the JSON Schemas and asyncapi.json in schemas/"),
     "ingest": ("tally.services.ingest.app", "run the ingest service"),
     "projector": ("tally.services.projector.app", "run the projector service"),
     "enforcer": ("tally.services.enforcer.app", "run the enforcer service"),

@@ -1,5 +1,6 @@
-"""`tally schemas write|check [--dir DIR]`: the JSON Schema files, generated from tally.wire
-(default DIR: `schemas` in the working directory, the checkout's own when run there)."""
+"""`tally schemas write|check [--dir DIR]`: the JSON Schema files, generated from tally.wire,
+and the AsyncAPI document of every topic (asyncapi.json, from tally.asyncapi). DIR:
+`schemas` in the working directory by default, the checkout's own when run there."""
 
 from __future__ import annotations
 
@@ -15,12 +16,16 @@ __all__ = ["main", "render_all", "stale_files"]
 
 
 def render_all() -> dict[str, str]:
-    """File name -> JSON Schema text, for every wire model."""
-    return {
+    """File name -> text: the JSON Schema of every wire model, and the AsyncAPI document
+    of every topic and message (asyncapi.json, tally.asyncapi)."""
+    from tally.asyncapi import render  # FastStream's import only for this command
+
+    schemas = {
         f"{name}.schema.json": json.dumps(model.model_json_schema(), indent=2, sort_keys=True)
         + "\n"
         for name, model in WIRE_MODELS.items()
     }
+    return schemas | {"asyncapi.json": render()}
 
 
 def stale_files(directory: Path) -> list[str]:
@@ -42,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     directory = args.dir
     if args.action == "write":
         write_all(directory)
-        print(f"wrote {len(WIRE_MODELS)} schemas to {directory}")
+        print(f"wrote {len(WIRE_MODELS)} schemas and asyncapi.json to {directory}")
         return 0
     stale = stale_files(directory)
     for name in stale:
