@@ -1,7 +1,15 @@
 """The narrow Kafka seam every service shares: topic setup, producers, batch reads.
 
-Built on aiokafka because the projector must seek to offsets it keeps in DuckDB and every
-consumer reads in batches (`getmany`): both are outside FastStream's per-message model.
+Built on aiokafka, not FastStream, where a service reads in bulk or keeps its own offsets.
+Reading 200,000 records of usage.events and doing nothing with them
+(`python -m bench.faststream_fit`, bench/RESULTS.md, 2 cores under load 11): aiokafka's
+`getmany` of 10,000 (`batches` below) 212,000 records/s; FastStream's batch subscriber
+75,000/s (2.8x slower: its per-message wrapping, acks and middlewares); its per-message
+subscriber 1,400/s (150x slower). The ingest, the projector, replay and the enforcer read
+in batches of up to 10,000, and the projector also assigns every partition itself and
+seeks to the offsets stored in DuckDB with its results (exactly-once): a consumer group's
+commits cannot hold them. Only the notifier, one alert at a time in a consumer group with
+a commit after each, fits FastStream, and uses it (enforcer/notifier.py).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.conn import create_conn
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 from aiokafka.helpers import create_ssl_context
+from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
 
 from tally.errors import ClusterError
 from tally.settings import KafkaSecurity
@@ -35,6 +44,7 @@ __all__ = [
     "commit_offsets",
     "end_offsets",
     "ensure_topics",
+    "faststream_security",
     "fetch",
     "make_admin",
     "make_consumer",
@@ -81,6 +91,21 @@ def security_options(security: KafkaSecurity | None = None) -> dict[str, Any]:
             cafile=security.ssl_ca_file, certfile=security.ssl_cert_file,
             keyfile=security.ssl_key_file, password=security.ssl_key_password)
     return options
+
+
+def faststream_security(security: KafkaSecurity | None = None) -> BaseSecurity | None:
+    """The same settings for a FastStream KafkaBroker (the notifier's)."""
+    security = security or KafkaSecurity.from_env()
+    context = (create_ssl_context(cafile=security.ssl_ca_file, certfile=security.ssl_cert_file,
+                                  keyfile=security.ssl_key_file,
+                                  password=security.ssl_key_password)
+               if security.tls else None)
+    if not security.sasl:
+        return BaseSecurity(ssl_context=context) if context else None
+    sasl = {"PLAIN": SASLPlaintext, "SCRAM-SHA-256": SASLScram256,
+            "SCRAM-SHA-512": SASLScram512}[security.sasl_mechanism]
+    return sasl(str(security.sasl_username), str(security.sasl_password),
+                ssl_context=context, use_ssl=security.tls)
 
 
 def make_admin(bootstrap: str, security: KafkaSecurity | None = None) -> AIOKafkaAdminClient:
