@@ -20,7 +20,6 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from tally.cli import command_main
-from tally.config.errors import ConfigError
 from tally.config.loader import load_config
 from tally.core.report import budgets_report
 from tally.core.usage import fold_events
@@ -66,14 +65,8 @@ def simulate(config_dir: Path, events_file: Path, at: datetime) -> dict[str, obj
 
 def run(args: argparse.Namespace) -> int:
     at: datetime = args.at or datetime.now(UTC)
-    try:
+    try:  # a bad config or events file is a TallyError: the CLI says it in its words
         report = simulate(args.config, args.events, at)
-    except ConfigError as error:
-        print(f"tally simulate: bad config:\n{error}", file=sys.stderr)
-        return 1
-    except EventFileError as error:
-        print(f"tally simulate: {error}", file=sys.stderr)
-        return 1
     except OSError as error:
         print(f"tally simulate: {error}", file=sys.stderr)
         return 1

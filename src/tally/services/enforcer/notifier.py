@@ -40,7 +40,8 @@ from tally.service import decimal
 from tally.topics import Topics
 from tally.wire import BudgetAlerted
 
-__all__ = ["MAX_BACKOFF", "Notifier", "backoff", "group_id", "run_notifier", "slack_text"]
+__all__ = ["MAX_BACKOFF", "Notifier", "alert_broker", "backoff", "group_id", "run_notifier",
+           "slack_text"]
 
 log = logging.getLogger(__name__)
 
@@ -146,26 +147,33 @@ async def run_notifier(bootstrap: str, topics: Topics, webhook: Callable[[], Ale
     while webhook() is None:  # no consumer group at all until there is somewhere to deliver
         if await sleep(poll_seconds):
             return
-    # Its line per message at DEBUG; a handler's error at ERROR, in the service's log.
-    broker = KafkaBroker(bootstrap, security=faststream_security(), logger=log,
-                         log_level=logging.DEBUG, graceful_timeout=None)
     async with httpx.AsyncClient() as client:
-        notifier = Notifier(client, metrics, sleep)
-
-        async def on_alert(message: KafkaMessage) -> None:
-            record = _record(message.raw_message)
-            metrics.count_in([record])
-            if await _handle(record, notifier, webhook):
-                await message.ack()
-            else:
-                await message.nack()  # stopping: this alert stays uncommitted, for next run
-
-        broker.subscriber(topics.budget_alerts, group_id=group_id(topics),
-                          auto_offset_reset="earliest", ack_policy=AckPolicy.MANUAL,
-                          isolation_level="read_committed")(on_alert)
+        broker = alert_broker(bootstrap, topics, Notifier(client, metrics, sleep), webhook)
         async with broker:
             await broker.start()
             await stop.wait()
+
+
+def alert_broker(bootstrap: str, topics: Topics, notifier: Notifier,
+                 webhook: Callable[[], AlertWebhook | None]) -> KafkaBroker:
+    """The notifier's FastStream broker, not started: one subscriber on budget.alerts that
+    delivers each alert (tests run it in memory with TestKafkaBroker, and on Kafka)."""
+    # Its line per message at DEBUG; a handler's error at ERROR, in the service's log.
+    broker = KafkaBroker(bootstrap, security=faststream_security(), logger=log,
+                         log_level=logging.DEBUG, graceful_timeout=None)
+
+    async def on_alert(message: KafkaMessage) -> None:
+        record = _record(message.raw_message)
+        notifier.metrics.count_in([record])
+        if await _handle(record, notifier, webhook):
+            await message.ack()
+        else:
+            await message.nack()  # stopping: this alert stays uncommitted, for the next run
+
+    broker.subscriber(topics.budget_alerts, group_id=group_id(topics),
+                      auto_offset_reset="earliest", ack_policy=AckPolicy.MANUAL,
+                      isolation_level="read_committed")(on_alert)
+    return broker
 
 
 def _record(message: Any) -> Record:
