@@ -2,7 +2,7 @@
 
     TallyError
      ├── InputError      the caller's input: a config directory, an events file, a
-     │                   replay target, a command's argument (exit 1)
+     │                   replay target, a port taken (exit 1)
      ├── ClusterError    the Kafka cluster: unreachable, refused credentials, topics
      │                   that would lose data, a local broker that will not start (exit 1)
      └── RequestRefused  one HTTP request refused (auth, audit, admin API, body size):
@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-__all__ = ["ClusterError", "ExitCode", "InputError", "RequestRefused", "TallyError"]
+__all__ = ["ClusterError", "ExitCode", "InputError", "PortUnavailable", "RequestRefused",
+           "TallyError"]
 
 
 class ExitCode(IntEnum):
@@ -39,6 +40,10 @@ class TallyError(Exception):
 
 class InputError(TallyError):
     """Something the caller gave is unusable; the message says what and where."""
+
+
+class PortUnavailable(InputError, OSError):
+    """A service's HTTP port is taken (or not the caller's to bind)."""
 
 
 class ClusterError(TallyError):

@@ -22,7 +22,7 @@ from typing import Any, Protocol, TypeVar
 import uvicorn
 from starlette.types import ASGIApp
 
-from tally.errors import ExitCode, TallyError
+from tally.errors import ExitCode, PortUnavailable, TallyError
 
 __all__ = ["EscapingFormatter", "Part", "QuietServer", "bind", "configure_logging", "decimal",
            "error_text", "escape_controls", "http_part", "run_parts", "run_service",
@@ -65,7 +65,7 @@ async def run_parts(stop: asyncio.Event, parts: Sequence[Part]) -> None:
     try:
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(supervised(part), name=part.name) for part in parts]
-            await _until_set(stop)  # a failing part cancels this wait (the TaskGroup does)
+            await stop.wait()  # a failing part cancels this wait (the TaskGroup does)
             for part, task in zip(parts, tasks, strict=True):
                 if part.stop is None:
                     task.cancel()
@@ -73,10 +73,6 @@ async def run_parts(stop: asyncio.Event, parts: Sequence[Part]) -> None:
                     await part.stop()
     except BaseExceptionGroup as failed:
         raise _first(failed) from None
-
-
-async def _until_set(stop: asyncio.Event) -> None:
-    await stop.wait()
 
 
 def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -177,8 +173,13 @@ class QuietServer(uvicorn.Server):
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """Bound here, not by uvicorn, so a busy port raises OSError instead of sys.exit."""
-    sock = socket.create_server((host, port))
+    """Bound here, not by uvicorn, so a busy port raises (PortUnavailable, an OSError and
+    an InputError: the CLI says it in one line) instead of sys.exit."""
+    try:
+        sock = socket.create_server((host, port))
+    except OSError as error:
+        raise PortUnavailable(f"cannot listen on {host}:{port}: {error.strerror or error} "
+                              "(pass --port, or set the service's TALLY_*_PORT)") from error
     sock.setblocking(False)
     return sock
 
