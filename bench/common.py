@@ -20,9 +20,9 @@ from pathlib import Path
 
 import orjson
 
-from tally import localkafka
 from tally.kafka import end_offsets, ensure_topics, make_consumer, make_producer, partitions_of
 from tally.topics import Topics
+from tally_dev import localkafka
 
 __all__ = [
     "BENCH_DATA",

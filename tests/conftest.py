@@ -3,7 +3,7 @@
 Where the broker comes from, first match wins:
 1. KAFKA_BOOTSTRAP_SERVERS, when set (a broker someone else runs);
 2. an apache/kafka container through testcontainers, when a Docker engine answers;
-3. the project's own local broker (tally.localkafka) on 127.0.0.1:19092, data in
+3. the project's own local broker (tally_dev.localkafka) on 127.0.0.1:19092, data in
    .local/kafka-test, so a developer's broker on 9092 is left alone. Several pytest sessions
    may share it at once (each holds a lease in .local/kafka-test.sessions); the last session
    out stops it, and only if a session started it.
@@ -24,15 +24,15 @@ from typing import Any
 
 import pytest
 
-from tally import localkafka
-from tally.settings import project_root
+from tally_dev import localkafka
+from tests.paths import project_root
 
 # TALLY_TEST_KAFKA_PORT moves the test broker, e.g. for a second checkout beside this one.
 TEST_PORT = int(os.environ.get("TALLY_TEST_KAFKA_PORT", "19092"))
 TEST_CONTROLLER_PORT = TEST_PORT + 1
 TEST_DATA_DIR = project_root() / ".local" / "kafka-test"
 LEASES = project_root() / ".local" / "kafka-test.sessions"
-KAFKA_IMAGE = os.environ.get("TALLY_KAFKA_IMAGE", "apache/kafka:4.3.1")  # = kafka/pom.xml
+KAFKA_IMAGE = os.environ.get("TALLY_KAFKA_IMAGE", "apache/kafka:4.3.1")  # = src/tally_dev/pom.xml
 
 
 def docker_answers() -> bool:
@@ -152,7 +152,7 @@ def local_broker_args() -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def local_kafka() -> Iterator[str]:
-    """The project's own test broker (tally.localkafka), whatever kafka_bootstrap uses."""
+    """The project's own test broker (tally_dev.localkafka), whatever kafka_bootstrap uses."""
     yield from local_broker()
 
 
@@ -184,7 +184,7 @@ CLUSTER_DATA_DIR = project_root() / ".local" / "kafka-cluster-test"
 
 @pytest.fixture(scope="session")
 def kafka_cluster() -> Iterator[tuple[str, list[localkafka.Node]]]:
-    """A three-node KRaft cluster on loopback (tally.localkafka), stopped at session end."""
+    """A three-node KRaft cluster on loopback (tally_dev.localkafka), stopped at session end."""
     bootstrap = localkafka.start_cluster(3, CLUSTER_PORT, CLUSTER_PORT + 1, CLUSTER_DATA_DIR)
     try:
         yield bootstrap, localkafka.cluster_nodes(3, CLUSTER_PORT, CLUSTER_PORT + 1,

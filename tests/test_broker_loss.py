@@ -21,7 +21,6 @@ import orjson
 import pytest
 from aiokafka.errors import GroupCoordinatorNotAvailableError
 
-from tally import localkafka
 from tally.config.loader import load_config
 from tally.kafka import (
     ensure_topics,
@@ -37,6 +36,7 @@ from tally.services.ingest.app import run_ingest
 from tally.services.projector.app import run_projector
 from tally.topics import Topics
 from tally.wire import BudgetAlerted, BudgetDecided
+from tally_dev import localkafka
 from tests.test_pipeline import NOON, eventually, running
 
 pytestmark = pytest.mark.kafka

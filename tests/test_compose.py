@@ -12,8 +12,9 @@ from typing import Any
 import jsonschema
 import yaml
 
-from tally.settings import Settings, project_root
+from tally.settings import Settings
 from tally.topics import min_insync_replicas
+from tests.paths import project_root
 
 ROOT = project_root()
 
@@ -59,7 +60,7 @@ def test_three_brokers_replicate_as_the_topic_table_wants() -> None:
 
 
 def test_the_kafka_image_is_the_version_the_tests_run() -> None:
-    pom = (ROOT / "kafka" / "pom.xml").read_text()
+    pom = (ROOT / "src" / "tally_dev" / "pom.xml").read_text()
     version = re.search(r"<kafka\.version>([^<]+)</kafka\.version>", pom)
     assert version is not None
     assert {node["image"] for node in brokers().values()} == {f"apache/kafka:{version[1]}"}

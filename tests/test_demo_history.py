@@ -12,9 +12,9 @@ import pytest
 from tally.config.loader import load_config
 from tally.core.report import budgets_report
 from tally.core.usage import fold_events
-from tally.demo import GUEST, HISTORY_DAYS, PLAN, sample_history
-from tally.settings import project_root
 from tally.wire import UsageRecorded
+from tally_dev.demo import GUEST, HISTORY_DAYS, PLAN, sample_history
+from tests.paths import project_root
 
 CONFIG = load_config(project_root() / "config")
 # identity -> users.yaml id, as the ingest resolves them (the claimed identities)

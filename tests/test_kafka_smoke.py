@@ -9,7 +9,7 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from faststream.kafka import KafkaBroker
 
-from tally import localkafka
+from tally_dev import localkafka
 
 pytestmark = pytest.mark.kafka
 

@@ -1,4 +1,4 @@
-"""Pure helpers of tally.localkafka, and its handling of pid files (no broker needed)."""
+"""Pure helpers of tally_dev.localkafka, and its handling of pid files (no broker needed)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import socket
 import struct
 from pathlib import Path
 
-from tally import localkafka
+from tally_dev import localkafka
 
 
 def properties(text: str) -> dict[str, str]:

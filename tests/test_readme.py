@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from tally.settings import project_root
+from tests.paths import project_root
 
 pytestmark = pytest.mark.kafka
 

@@ -14,15 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from tally import localkafka, topicadmin
+from tally import topicadmin
 from tally.config.loader import load_config
 from tally.decision_cache import DecisionCache
 from tally.kafka import KafkaUnreachable, ensure_topics, read_to_end
 from tally.services.enforcer.app import run_enforcer
 from tally.services.ingest.app import run_ingest
 from tally.services.projector.app import run_projector
-from tally.settings import project_root
 from tally.topics import Topics
+from tally_dev import localkafka
+from tests.paths import project_root
 from tests.test_pipeline import BUDGETS, NOON, eventually, produce, raw, running, write_config
 
 pytestmark = pytest.mark.kafka

@@ -1,5 +1,5 @@
 from tally.schemas import stale_files
-from tally.settings import project_root
+from tests.paths import project_root
 
 
 def test_generated_schema_files_are_up_to_date() -> None:

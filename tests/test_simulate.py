@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from tally.cli import main as tally
-from tally.settings import project_root
 from tally.simulate import main, read_events
 from tally.wire import BudgetDecided
+from tests.paths import project_root
 
 CONFIG = project_root() / "config"
 BRIEF_EVENTS = project_root() / "tests" / "data" / "brief_example_events.jsonl"

@@ -9,7 +9,7 @@ that the projector's balances equal an independent recount (nothing lost, nothin
 twice), that usage.dlq holds exactly the malformed messages, that every user's decision
 equals `tally simulate`'s over the same events, and that no alert was sent twice.
 
-The broker is a dedicated local one (tally.localkafka, data in .local/kafka-faults), never
+The broker is a dedicated local one (tally_dev.localkafka, data in .local/kafka-faults), never
 the developer's on 9092 nor the test session's on 19092.
 """
 

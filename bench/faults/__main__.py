@@ -13,8 +13,8 @@ from pathlib import Path
 
 from bench.faults import Broker, Plan, render, run_faults
 from bench.faults.run import delete_topics
-from tally.settings import project_root
 from tally.topics import Topics
+from tests.paths import project_root
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

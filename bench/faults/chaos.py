@@ -1,6 +1,6 @@
 """The faults: SIGKILLs of the services at random moments, and one restart of the broker.
 
-The broker is the project's own single-node Kafka (tally.localkafka) in a data dir of its
+The broker is the project's own single-node Kafka (tally_dev.localkafka) in a data dir of its
 own, never the developer's or the test session's: it is stopped (SIGTERM) and started
 again while producers and services keep running.
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.faults.services import Service
-from tally import localkafka
+from tally_dev import localkafka
 
 __all__ = ["Broker", "Kill", "kill_on_schedule", "kill_plan", "low_free_port",
            "restart_broker_at"]

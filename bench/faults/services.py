@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tally.settings import project_root
+from tests.paths import project_root
 
 __all__ = ["Service", "ServiceStats", "service_env"]
 

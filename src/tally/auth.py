@@ -29,6 +29,7 @@ from pathlib import Path
 import jwt
 
 from tally.config.models import Authentication, Config
+from tally.errors import RequestRefused
 from tally.identity import Directory, Principal
 
 __all__ = ["AuthError", "Authenticator", "Principal"]
@@ -36,7 +37,7 @@ __all__ = ["AuthError", "Authenticator", "Principal"]
 JWT_METHODS = frozenset({"jwt", "oauth"})
 
 
-class AuthError(Exception):
+class AuthError(RequestRefused):
     """The request cannot go ahead as this caller; `status` is the HTTP answer."""
 
     def __init__(self, status: int, reason: str) -> None:

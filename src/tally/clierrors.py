@@ -15,14 +15,15 @@ import sys
 from collections.abc import Callable
 
 from tally.config.errors import ConfigError
+from tally.errors import ClusterError, ExitCode, InputError
 from tally.settings import Settings
 
 __all__ = ["UserError", "guarded", "kafka_down", "require_kafka"]
 
-DEFAULT_BOOTSTRAP = Settings().bootstrap_servers
+DEFAULT_BOOTSTRAP: str = Settings.model_fields["bootstrap_servers"].default
 
 
-class UserError(Exception):
+class UserError(InputError):
     """Something the user can fix, said in one line."""
 
 
@@ -47,7 +48,8 @@ def require_kafka(bootstrap: str, timeout: float = 2.0) -> None:
 
 
 def guarded(prog: str, run: Callable[[], int]) -> int:
-    """`run()`'s exit code; the errors above as one line (exit 1), Ctrl-C as 130."""
+    """`run()`'s exit code; a TallyError of the caller's input or of the cluster as one
+    line (its group's exit code, see tally.errors), Ctrl-C as 130."""
     try:
         code = run()
         sys.stdout.flush()  # a closed pipe shows up here, inside the guard
@@ -57,17 +59,19 @@ def guarded(prog: str, run: Callable[[], int]) -> int:
         # stdout at /dev/null so the interpreter's last flush does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except UserError as error:
-        print(f"{prog}: {error}", file=sys.stderr)
-    except ConfigError as error:
+    except ConfigError as error:  # one line per problem, under a line that says what it is
         print(f"{prog}: the config is invalid:\n{error}", file=sys.stderr)
+        return error.exit_code
+    except (InputError, ClusterError) as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        return error.exit_code
     except KeyboardInterrupt:
-        return 130
+        return ExitCode.INTERRUPTED
     except Exception as error:
         if not _kafka_unreachable(error):
             raise
         print(f"{prog}: {kafka_down(Settings.from_env().bootstrap_servers)}", file=sys.stderr)
-    return 1
+    return ExitCode.REFUSED
 
 
 def _kafka_unreachable(error: Exception) -> bool:

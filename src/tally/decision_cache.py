@@ -19,10 +19,10 @@ from array import array
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
 from tally.core.periods import PERIODS
-from tally.kafka import Record, batches, end_offsets, make_consumer, partitions_of
+from tally.kafka import CatchUp, Record, batches, make_consumer, partitions_of
 from tally.settings import KafkaSecurity
 from tally.topics import Topics
 from tally.wire import BudgetDecided, PeriodName, PeriodStatus
@@ -219,8 +219,8 @@ class DecisionCache:
         parts = await partitions_of(self._consumer, self._topic)
         self._consumer.assign(parts)
         await self._consumer.seek_to_beginning(*parts)
-        targets = await end_offsets(self._consumer, parts)
-        self._follower = asyncio.create_task(self._follow(targets))
+        catch_up = await CatchUp.taken(self._consumer, parts)
+        self._follower = asyncio.create_task(self._follow(catch_up))
         await asyncio.wait_for(self._caught_up.wait(), timeout)
 
     async def stop(self) -> None:
@@ -231,19 +231,16 @@ class DecisionCache:
         if self._consumer is not None:
             await self._consumer.stop()
 
-    async def _follow(self, targets: dict[TopicPartition, int]) -> None:
+    async def _follow(self, catch_up: CatchUp) -> None:
         assert self._consumer is not None
-        await self._mark_if_caught_up(targets)
+        await self._mark_if_caught_up(catch_up)
         async for batch in batches(self._consumer, timeout_ms=20):
             self._apply(batch)
-            await self._mark_if_caught_up(targets)
+            await self._mark_if_caught_up(catch_up)
 
-    async def _mark_if_caught_up(self, targets: dict[TopicPartition, int]) -> None:
+    async def _mark_if_caught_up(self, catch_up: CatchUp) -> None:
         assert self._consumer is not None
-        if self._caught_up.is_set():
-            return
-        positions = [await self._consumer.position(tp) for tp in targets]
-        if all(pos >= end for pos, end in zip(positions, targets.values(), strict=True)):
+        if not self._caught_up.is_set() and await catch_up.reached(self._consumer):
             self._caught_up.set()
 
     def _apply(self, batch: list[Record]) -> None:

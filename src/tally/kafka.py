@@ -1,7 +1,15 @@
 """The narrow Kafka seam every service shares: topic setup, producers, batch reads.
 
-Built on aiokafka because the projector must seek to offsets it keeps in DuckDB and every
-consumer reads in batches (`getmany`): both are outside FastStream's per-message model.
+Built on aiokafka, not FastStream, where a service reads in bulk or keeps its own offsets.
+Reading 200,000 records of usage.events and doing nothing with them
+(`python -m bench.faststream_fit`, bench/RESULTS.md, 2 cores under load 11): aiokafka's
+`getmany` of 10,000 (`batches` below) 212,000 records/s; FastStream's batch subscriber
+75,000/s (2.8x slower: its per-message wrapping, acks and middlewares); its per-message
+subscriber 1,400/s (150x slower). The ingest, the projector, replay and the enforcer read
+in batches of up to 10,000, and the projector also assigns every partition itself and
+seeks to the offsets stored in DuckDB with its results (exactly-once): a consumer group's
+commits cannot hold them. Only the notifier, one alert at a time in a consumer group with
+a commit after each, fits FastStream, and uses it (enforcer/notifier.py).
 """
 
 from __future__ import annotations
@@ -19,23 +27,29 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.conn import create_conn
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 from aiokafka.helpers import create_ssl_context
+from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
 
+from tally.errors import ClusterError
 from tally.settings import KafkaSecurity
 from tally.topiccheck import Difference, FoundTopic, TopicsMisconfigured, compare
 from tally.topics import Topics
 
 __all__ = [
+    "CatchUp",
     "KafkaUnreachable",
     "Record",
     "apply_topics",
     "batches",
     "check_topics",
+    "commit_offsets",
     "end_offsets",
     "ensure_topics",
+    "faststream_security",
     "fetch",
     "make_admin",
     "make_consumer",
     "make_producer",
+    "next_offsets",
     "partitions_of",
     "read_to_end",
     "security_options",
@@ -79,6 +93,21 @@ def security_options(security: KafkaSecurity | None = None) -> dict[str, Any]:
     return options
 
 
+def faststream_security(security: KafkaSecurity | None = None) -> BaseSecurity | None:
+    """The same settings for a FastStream KafkaBroker (the notifier's)."""
+    security = security or KafkaSecurity.from_env()
+    context = (create_ssl_context(cafile=security.ssl_ca_file, certfile=security.ssl_cert_file,
+                                  keyfile=security.ssl_key_file,
+                                  password=security.ssl_key_password)
+               if security.tls else None)
+    if not security.sasl:
+        return BaseSecurity(ssl_context=context) if context else None
+    sasl = {"PLAIN": SASLPlaintext, "SCRAM-SHA-256": SASLScram256,
+            "SCRAM-SHA-512": SASLScram512}[security.sasl_mechanism]
+    return sasl(str(security.sasl_username), str(security.sasl_password),
+                ssl_context=context, use_ssl=security.tls)
+
+
 def make_admin(bootstrap: str, security: KafkaSecurity | None = None) -> AIOKafkaAdminClient:
     return AIOKafkaAdminClient(bootstrap_servers=bootstrap, **security_options(security))
 
@@ -118,7 +147,7 @@ async def apply_topics(bootstrap: str, topics: Topics, partitions: int) -> list[
         return differences
 
 
-class KafkaUnreachable(RuntimeError):
+class KafkaUnreachable(ClusterError):
     """No connection to the cluster: down, wrong address, or refused credentials."""
 
 
@@ -338,6 +367,46 @@ async def fetch(consumer: AIOKafkaConsumer, max_records: int, timeout_ms: int) -
             for messages in fetched.values() for m in messages]
 
 
+class CatchUp:
+    """Where a reader has seen everything written before a moment: the end offsets of its
+    partitions, taken once at that moment. Read a topic "up to its end" against these, not
+    the current ends, or a busy topic never lets the reader be done."""
+
+    def __init__(self, ends: dict[TopicPartition, int]) -> None:
+        self.ends = ends
+
+    @classmethod
+    async def taken(cls, consumer: AIOKafkaConsumer, parts: Iterable[TopicPartition]) -> CatchUp:
+        return cls(await end_offsets(consumer, parts))
+
+    def by_key(self) -> dict[tuple[str, int], int]:
+        """The ends keyed by (topic, partition), as stored offsets are."""
+        return {(tp.topic, tp.partition): end for tp, end in self.ends.items()}
+
+    async def behind(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:
+        """The partitions whose position is still short of its end."""
+        return [tp for tp, end in self.ends.items() if await consumer.position(tp) < end]
+
+    async def reached(self, consumer: AIOKafkaConsumer) -> bool:
+        return not await self.behind(consumer)
+
+
+def next_offsets(records: Iterable[Record]) -> dict[tuple[str, int], int]:
+    """Per (topic, partition), the offset after the last record: what to commit or store
+    after `records`, where a restart resumes."""
+    offsets: dict[tuple[str, int], int] = {}
+    for r in records:
+        key = (r.topic, r.partition)
+        offsets[key] = max(offsets.get(key, 0), r.offset + 1)
+    return offsets
+
+
+def commit_offsets(records: Iterable[Record]) -> dict[TopicPartition, int]:
+    """`next_offsets` as a consumer group's commit takes them."""
+    return {TopicPartition(topic, partition): offset
+            for (topic, partition), offset in next_offsets(records).items()}
+
+
 async def read_to_end(bootstrap: str, topic: str, last: int | None = None) -> list[Record]:
     """Every record of a topic from the beginning (or only the `last` records of each
     partition) up to its end offsets at call time."""
@@ -347,14 +416,13 @@ async def read_to_end(bootstrap: str, topic: str, last: int | None = None) -> li
         parts = await partitions_of(consumer, topic)
         consumer.assign(parts)
         await consumer.seek_to_beginning(*parts)
-        targets = await end_offsets(consumer, parts)
+        catch_up = await CatchUp.taken(consumer, parts)
         if last is not None:
-            for tp, end in targets.items():
+            for tp, end in catch_up.ends.items():
                 consumer.seek(tp, max(await consumer.position(tp), end - last))
         found: list[Record] = []
-        while any([await consumer.position(tp) < end for tp, end in targets.items()]):
+        while not await catch_up.reached(consumer):
             found.extend(await fetch(consumer, 10_000, 100))
         return found
     finally:
         await consumer.stop()
-

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -31,9 +31,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tally.kafka import Record
+from tally.kafka import CatchUp, Record
 
-__all__ = ["Metrics", "Readiness", "observe_lag", "ops_routes", "watching"]
+__all__ = ["Metrics", "Readiness", "observe_lag", "ops_routes", "watch"]
 
 # Every counter would also get a `_created` timestamp series: twice the lines, and nothing
 # here reads them. (A process-wide switch; only Tally's own registries live in it.)
@@ -99,7 +99,7 @@ class Readiness:
     def __init__(self) -> None:
         self.ready = False
         self.detail = "starting"
-        self._targets: dict[TopicPartition, int] = {}
+        self._targets = CatchUp({})
 
     async def check(self, consumer: AIOKafkaConsumer) -> bool:
         if self.ready:
@@ -109,37 +109,25 @@ class Readiness:
             self.detail = "waiting for partitions"
             return False
         try:
-            if set(self._targets) != assigned:
-                self._targets = await consumer.end_offsets(list(assigned))
-            behind = [tp for tp, end in self._targets.items()
-                      if await consumer.position(tp) < end]
+            if set(self._targets.ends) != assigned:
+                self._targets = await CatchUp.taken(consumer, assigned)
+            behind = await self._targets.behind(consumer)
         except KafkaError:  # a partition revoked meanwhile, or the broker away: next time
             return False
         self.ready = not behind
-        self.detail = (f"catching up on {len(behind)} of {len(self._targets)} partitions"
+        self.detail = (f"catching up on {len(behind)} of {len(self._targets.ends)} partitions"
                        if behind else "caught up")
         return self.ready
 
 
-@contextlib.asynccontextmanager
-async def watching(consumer: AIOKafkaConsumer, metrics: Metrics, readiness: Readiness,
-                   every: float = 0.5) -> AsyncIterator[None]:
+async def watch(consumer: AIOKafkaConsumer, metrics: Metrics, readiness: Readiness,
+                every: float = 0.5) -> None:
     """Look at `consumer`'s lag and readiness every `every` seconds, beside a loop that
-    does not (the projector's)."""
-
-    async def watch() -> None:
-        while True:
-            await observe_lag(metrics, consumer)
-            await readiness.check(consumer)
-            await asyncio.sleep(every)
-
-    task = asyncio.create_task(watch(), name="ops-watch")
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    does not (the projector's), until cancelled."""
+    while True:
+        await observe_lag(metrics, consumer)
+        await readiness.check(consumer)
+        await asyncio.sleep(every)
 
 
 def ops_routes(metrics: Metrics, readiness: Readiness) -> list[Route]:

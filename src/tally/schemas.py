@@ -1,4 +1,6 @@
-"""`tally schemas write|check`: the JSON Schema files in schemas/, generated from tally.wire."""
+"""`tally schemas write|check [--dir DIR]`: the JSON Schema files, generated from tally.wire,
+and the AsyncAPI document of every topic (asyncapi.json, from tally.asyncapi). DIR:
+`schemas` in the working directory by default, the checkout's own when run there."""
 
 from __future__ import annotations
 
@@ -7,19 +9,23 @@ import json
 import sys
 from pathlib import Path
 
-from tally.settings import project_root
+from tally.cli import command_main
 from tally.wire import WIRE_MODELS
 
 __all__ = ["main", "render_all", "stale_files"]
 
 
 def render_all() -> dict[str, str]:
-    """File name -> JSON Schema text, for every wire model."""
-    return {
+    """File name -> text: the JSON Schema of every wire model, and the AsyncAPI document
+    of every topic and message (asyncapi.json, tally.asyncapi)."""
+    from tally.asyncapi import render  # FastStream's import only for this command
+
+    schemas = {
         f"{name}.schema.json": json.dumps(model.model_json_schema(), indent=2, sort_keys=True)
         + "\n"
         for name, model in WIRE_MODELS.items()
     }
+    return schemas | {"asyncapi.json": render()}
 
 
 def stale_files(directory: Path) -> list[str]:
@@ -37,20 +43,16 @@ def write_all(directory: Path) -> None:
         (directory / name).write_text(text)
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="tally schemas", description=__doc__)
-    parser.add_argument("action", choices=("write", "check"),
-                        help="write: regenerate the files; check: exit 1 naming stale files")
-    argv = [parser.parse_args(argv).action]
-    directory = project_root() / "schemas"
-    if argv == ["write"]:
+def run(args: argparse.Namespace) -> int:
+    directory = args.dir
+    if args.action == "write":
         write_all(directory)
-        print(f"wrote {len(WIRE_MODELS)} schemas to {directory}")
+        print(f"wrote {len(WIRE_MODELS)} schemas and asyncapi.json to {directory}")
         return 0
-    if argv == ["check"]:
-        stale = stale_files(directory)
-        for name in stale:
-            print(f"stale: schemas/{name} (run `tally schemas write`)", file=sys.stderr)
-        return 1 if stale else 0
-    print("usage: tally schemas write|check", file=sys.stderr)
-    return 2
+    stale = stale_files(directory)
+    for name in stale:
+        print(f"stale: {directory / name} (run `tally schemas write`)", file=sys.stderr)
+    return 1 if stale else 0
+
+
+main = command_main("schemas")

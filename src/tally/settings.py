@@ -1,51 +1,80 @@
 """Infrastructure settings from the environment: the only place that reads it.
 
 Budget rules never come from here (they live in config/*.yaml); only where things run.
+Each field names its environment variable once (`env(...)`); pydantic-settings reads them,
+and an explicit mapping (`from_env(env)`) is read the same way, by the same names.
+Relative paths (the defaults `config` and `data`) are relative to the working directory.
 """
 
 from __future__ import annotations
 
-import os
+from collections.abc import Mapping
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from tally.topics import Topics
 
-__all__ = ["KafkaSecurity", "Settings", "project_root"]
-
-SECURITY_ENV = {  # KafkaSecurity field -> the environment variable it comes from
-    "protocol": "KAFKA_SECURITY_PROTOCOL",
-    "sasl_mechanism": "KAFKA_SASL_MECHANISM",
-    "sasl_username": "KAFKA_SASL_USERNAME",
-    "sasl_password": "KAFKA_SASL_PASSWORD",
-    "ssl_ca_file": "KAFKA_SSL_CA_FILE",
-    "ssl_cert_file": "KAFKA_SSL_CERT_FILE",
-    "ssl_key_file": "KAFKA_SSL_KEY_FILE",
-    "ssl_key_password": "KAFKA_SSL_KEY_PASSWORD",
-}
+__all__ = ["KafkaSecurity", "Settings"]
 
 
-def project_root() -> Path:
-    """The checkout this package was installed from (editable install)."""
-    return Path(__file__).resolve().parents[2]
+def env(name: str, default: Any) -> Any:
+    """A field read from the environment variable `name` (or given by its own name)."""
+    return Field(default, validation_alias=AliasChoices(name, _field_name(name)))
 
 
-class KafkaSecurity(BaseModel):
+def _field_name(variable: str) -> str:
+    return variable.removeprefix("TALLY_").removeprefix("KAFKA_").lower()
+
+
+class _FromEnv(BaseSettings):
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", env_ignore_empty=True,
+                                      case_sensitive=True, populate_by_name=True)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:
+        """From the process environment, or from `environ` instead (by the same names)."""
+        if environ is None:
+            return cls()
+        names = {choice for field in cls.model_fields.values()
+                 for choice in getattr(field.validation_alias, "choices", ())}
+        token = _ONLY_GIVEN.set(True)
+        try:
+            given: dict[str, Any] = {k: v for k, v in environ.items() if k in names and v}
+            return cls(**given)
+        finally:
+            _ONLY_GIVEN.reset(token)
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """The environment only, no .env file; under `from_env(environ)`, not even that."""
+        return (init_settings,) if _ONLY_GIVEN.get() else (init_settings, env_settings)
+
+
+_ONLY_GIVEN: ContextVar[bool] = ContextVar("only_given", default=False)
+
+
+class KafkaSecurity(_FromEnv):
     """How every Kafka client authenticates and encrypts: SASL (PLAIN, SCRAM-SHA-256/512)
     and TLS (a CA file, optionally a client certificate and key)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
-    sasl_username: str | None = None
-    sasl_password: str | None = None
-    ssl_ca_file: Path | None = None
-    ssl_cert_file: Path | None = None
-    ssl_key_file: Path | None = None
-    ssl_key_password: str | None = None
+    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", validation_alias=AliasChoices("KAFKA_SECURITY_PROTOCOL", "protocol"))
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = env(
+        "KAFKA_SASL_MECHANISM", "PLAIN")
+    sasl_username: str | None = env("KAFKA_SASL_USERNAME", None)
+    sasl_password: str | None = env("KAFKA_SASL_PASSWORD", None)
+    ssl_ca_file: Path | None = env("KAFKA_SSL_CA_FILE", None)
+    ssl_cert_file: Path | None = env("KAFKA_SSL_CERT_FILE", None)
+    ssl_key_file: Path | None = env("KAFKA_SSL_KEY_FILE", None)
+    ssl_key_password: str | None = env("KAFKA_SSL_KEY_PASSWORD", None)
 
     @property
     def sasl(self) -> bool:
@@ -70,50 +99,26 @@ class KafkaSecurity(BaseModel):
                 raise ValueError(f"{name}: no such file: {path}")
         return self
 
-    @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> KafkaSecurity:
-        env = dict(os.environ) if env is None else env
-        fields = {name: env.get(var) for name, var in SECURITY_ENV.items()}
-        return cls.model_validate({k: v for k, v in fields.items() if v})
 
-
-class Settings(BaseModel):
+class Settings(_FromEnv):
     """Where Kafka is, where data lives, which ports the services listen on (and the
     caller's credential, for a command that asks a service)."""
 
-    model_config = ConfigDict(frozen=True)
-
-    bootstrap_servers: str = "127.0.0.1:9092"
-    data_dir: Path = project_root() / "data"
-    config_dir: Path = project_root() / "config"
-    topic_namespace: str = ""  # prefixes every topic name: isolated demos and tests
-    partitions: int = 3
-    replication_factor: int | None = None  # None: the broker's default.replication.factor
-    ingest_port: int = 8081
-    projector_port: int = 8082
-    enforcer_port: int = 8083
+    bootstrap_servers: str = env("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+    data_dir: Path = env("TALLY_DATA_DIR", Path("data"))
+    config_dir: Path = env("TALLY_CONFIG_DIR", Path("config"))
+    # Prefixes every topic name: isolated demos and tests.
+    topic_namespace: str = env("TALLY_TOPIC_NAMESPACE", "")
+    partitions: int = env("TALLY_PARTITIONS", 3)
+    # None: the broker's default.replication.factor.
+    replication_factor: int | None = env("TALLY_REPLICATION_FACTOR", None)
+    ingest_port: int = env("TALLY_INGEST_PORT", 8081)
+    projector_port: int = env("TALLY_PROJECTOR_PORT", 8082)
+    enforcer_port: int = env("TALLY_ENFORCER_PORT", 8083)
     # The caller's own credential, for commands that ask a service (tally audit).
-    api_key: str | None = None
-    token: str | None = None
+    api_key: str | None = env("TALLY_API_KEY", None)
+    token: str | None = env("TALLY_TOKEN", None)
 
     @property
     def topics(self) -> Topics:
         return Topics(self.topic_namespace, self.replication_factor)
-
-    @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
-        env = dict(os.environ) if env is None else env
-        fields = {
-            "bootstrap_servers": env.get("KAFKA_BOOTSTRAP_SERVERS"),
-            "data_dir": env.get("TALLY_DATA_DIR"),
-            "config_dir": env.get("TALLY_CONFIG_DIR"),
-            "topic_namespace": env.get("TALLY_TOPIC_NAMESPACE"),
-            "partitions": env.get("TALLY_PARTITIONS"),
-            "replication_factor": env.get("TALLY_REPLICATION_FACTOR"),
-            "ingest_port": env.get("TALLY_INGEST_PORT"),
-            "projector_port": env.get("TALLY_PROJECTOR_PORT"),
-            "enforcer_port": env.get("TALLY_ENFORCER_PORT"),
-            "api_key": env.get("TALLY_API_KEY") or None,
-            "token": env.get("TALLY_TOKEN") or None,
-        }
-        return cls.model_validate({k: v for k, v in fields.items() if v is not None})

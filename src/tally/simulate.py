@@ -19,35 +19,18 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from tally.config.errors import ConfigError
+from tally.cli import command_main
 from tally.config.loader import load_config
 from tally.core.report import budgets_report
 from tally.core.usage import fold_events
+from tally.errors import InputError
 from tally.wire import UsageRecorded
 
 __all__ = ["EventFileError", "main", "read_events", "simulate"]
 
 
-class EventFileError(Exception):
+class EventFileError(InputError):
     """A line of the events file is not a valid UsageRecorded."""
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="tally simulate", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, type=Path, help="config directory")
-    parser.add_argument("--events", required=True, type=Path, help="JSONL file of usage events")
-    parser.add_argument("--at", type=parse_at, help="ISO 8601 time with an offset (default: now)")
-    return parser.parse_args(argv)
-
-
-def parse_at(text: str) -> datetime:
-    try:
-        at = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an ISO 8601 timestamp: {text!r}") from None
-    if at.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"needs a UTC offset (e.g. Z or +02:00): {text!r}")
-    return at
 
 
 def read_events(lines: Iterable[bytes | str], name: str = "<events>") -> Iterator[UsageRecorded]:
@@ -80,19 +63,15 @@ def simulate(config_dir: Path, events_file: Path, at: datetime) -> dict[str, obj
     return dict(budgets_report(usages, config, at))
 
 
-def main(argv: list[str]) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     at: datetime = args.at or datetime.now(UTC)
-    try:
+    try:  # a bad config or events file is a TallyError: the CLI says it in its words
         report = simulate(args.config, args.events, at)
-    except ConfigError as error:
-        print(f"tally simulate: bad config:\n{error}", file=sys.stderr)
-        return 1
-    except EventFileError as error:
-        print(f"tally simulate: {error}", file=sys.stderr)
-        return 1
     except OSError as error:
         print(f"tally simulate: {error}", file=sys.stderr)
         return 1
     print(json.dumps(report, indent=2))
     return 0
+
+
+main = command_main("simulate")

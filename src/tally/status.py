@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
+from tally.cli import command_main
 from tally.core.periods import NOUNS, PERIODS
 from tally.decision_cache import DecisionCache
 from tally.settings import Settings
@@ -85,11 +86,12 @@ async def read_decisions(bootstrap: str, topics: Topics) -> list[BudgetDecided]:
         await cache.stop()
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="tally status", description=__doc__,
-                                     epilog=LEGEND)
-    parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """`tally status`: the table, from budget.decisions."""
     settings = Settings.from_env()
     decisions = asyncio.run(read_decisions(settings.bootstrap_servers, settings.topics))
     print(format_table(decisions) if decisions else "no decisions yet")
     return 0
+
+
+main = command_main("status")

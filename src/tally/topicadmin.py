@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 
+from tally.cli import command_main
 from tally.kafka import apply_topics, check_topics
 from tally.settings import Settings
 from tally.topiccheck import Difference, describe_ms
 from tally.topics import TABLE, TopicSpec
 
-__all__ = ["main", "markdown_table"]
+__all__ = ["main", "markdown_table", "run"]
 
 
 def markdown_table() -> str:
@@ -49,13 +49,7 @@ def report(differences: list[Difference], settings: Settings) -> int:
     return 1 if any(d.refuses for d in differences) else 0
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="tally topics", description=__doc__)
-    parser.add_argument("action", choices=["check", "apply", "table"],
-                        help="check: compare the cluster's topics with the table (exit 1 where "
-                             "a service would refuse to start); apply: create missing topics "
-                             "and make the safe changes; table: print the table")
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     if args.action == "table":
         print(markdown_table())
         return 0
@@ -68,5 +62,4 @@ def main(argv: list[str]) -> int:
     return report(differences, settings)
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+main = command_main("topics")

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from tally.errors import ClusterError
 from tally.topics import FOREVER, TopicSpec, min_insync_replicas
 
 __all__ = ["Difference", "FoundTopic", "TopicsMisconfigured", "compare", "describe_ms"]
@@ -49,7 +50,7 @@ class Difference:
                 f"{self.wanted}\n      fix: {how}")
 
 
-class TopicsMisconfigured(RuntimeError):
+class TopicsMisconfigured(ClusterError):
     """Existing topics differ from the table in a way that loses data or repeats alerts."""
 
     def __init__(self, differences: list[Difference]) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from playwright.async_api import Page, async_playwright
 
-from tally.settings import project_root
+from tests.paths import project_root
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

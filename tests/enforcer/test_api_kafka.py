@@ -16,10 +16,10 @@ import pytest
 import yaml
 
 from tally.ops import Metrics
-from tally.settings import project_root
 from tally.simulate import simulate
 from tally.topics import Topics
 from tally.wire import UsageRecorded
+from tests.paths import project_root
 from tests.test_pipeline import produce
 
 from .pipeline import pipeline, ready, until

@@ -16,10 +16,10 @@ import pytest
 from playwright.async_api import Page
 
 from tally.config.loader import load_config
-from tally.demo import HISTORY_DAYS, PLAN, sample_history
 from tally.services.enforcer.responses import UsageHistory
-from tally.settings import project_root
 from tally.topics import Topics
+from tally_dev.demo import HISTORY_DAYS, PLAN, sample_history
+from tests.paths import project_root
 from tests.test_pipeline import produce
 
 from .browser import chromium_page, log_in, screenshot

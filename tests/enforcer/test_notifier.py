@@ -1,7 +1,8 @@
 """Alert delivery to a webhook: a local HTTP receiver on 127.0.0.1 stands in for Slack.
 
 Retries with backoff, no retry of a refused request, failures counted in /metrics, and,
-on a real broker, no duplicate delivery after a restart.
+on a real broker, no duplicate delivery after a restart. The notifier's FastStream handler
+runs one test body twice: in memory (TestKafkaBroker) and on the real broker.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import httpx
 import orjson
 import pytest
 import yaml
+from faststream.kafka import KafkaBroker, TestKafkaBroker
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -28,7 +30,13 @@ from tally.config.models import AlertWebhook
 from tally.kafka import ensure_topics, make_producer
 from tally.ops import Metrics
 from tally.service import serving
-from tally.services.enforcer.notifier import Notifier, backoff, run_notifier, slack_text
+from tally.services.enforcer.notifier import (
+    Notifier,
+    alert_broker,
+    backoff,
+    run_notifier,
+    slack_text,
+)
 from tally.topics import Topics
 from tally.wire import AlertKind, BudgetAlerted
 
@@ -201,3 +209,49 @@ async def notify_until(bootstrap: str, topics: Topics, webhook: AlertWebhook,
     await asyncio.wait_for(task, 30)
     assert len(receiver.texts) == posts
     return metrics
+
+
+@contextlib.asynccontextmanager
+async def in_memory(broker: KafkaBroker, bootstrap: str | None) -> AsyncIterator[KafkaBroker]:
+    async with TestKafkaBroker(broker) as running:
+        yield running
+
+
+@contextlib.asynccontextmanager
+async def on_kafka(broker: KafkaBroker, bootstrap: str | None) -> AsyncIterator[KafkaBroker]:
+    assert bootstrap is not None
+    async with broker:
+        await broker.start()
+        yield broker
+
+
+@pytest.mark.parametrize("run_broker", [
+    pytest.param(in_memory, id="TestKafkaBroker"),
+    pytest.param(on_kafka, id="kafka", marks=pytest.mark.kafka),
+])
+async def test_the_notifier_handler_delivers_each_alert_for_the_admin_once(
+        run_broker: Any, request: pytest.FixtureRequest, unique_name: str) -> None:
+    """The same body in memory (FastStream's TestKafkaBroker: the handler alone, fast)
+    and on the real broker (consumer group, acks)."""
+    bootstrap = (request.getfixturevalue("kafka_bootstrap")
+                 if run_broker is on_kafka else "127.0.0.1:1")
+    topics = Topics(f"notify-fs-{unique_name}")
+    if run_broker is on_kafka:
+        await ensure_topics(bootstrap, topics, 3)
+    receiver, metrics = Receiver(), Metrics()
+    async with receiving(receiver) as url, httpx.AsyncClient() as client:
+        webhook = AlertWebhook(url=url, backoff_seconds=0.01)
+        broker = alert_broker(bootstrap, topics, Notifier(client, metrics, Sleeps()),
+                              lambda: webhook)
+        async with run_broker(broker, bootstrap) as running:
+            for item in [alert("bob", n=1), alert("amy", notify=False), alert("bob", n=1),
+                         alert("dave", n=2)]:
+                await running.publish(item.model_dump_json().encode(), topics.budget_alerts,
+                                      key=item.user_id.encode())
+            async with asyncio.timeout(60):  # the records are in three partitions
+                while len(receiver.texts) < 2 or sample(
+                        metrics, "tally_events_in_total", source=topics.budget_alerts) < 4:
+                    await asyncio.sleep(0.05)
+    # amy's alert is not for the admin; bob's, seen twice, is delivered once.
+    assert sorted(text.split(" ")[1] for text in receiver.texts) == ["bob", "dave"]
+    assert sample(metrics, "tally_events_in_total", source=topics.budget_alerts) == 4

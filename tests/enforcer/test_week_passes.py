@@ -102,7 +102,7 @@ async def test_a_week_passes_and_a_restart_repeats_no_alert(
         kafka_bootstrap: str, unique_name: str, tmp_path: Path) -> None:
     assert await retention_checked_within_seconds(kafka_bootstrap), (
         "the test broker enforces retention every 5 minutes: restart it with the current "
-        "tally.localkafka settings (tally kafka stop --data-dir .local/kafka-test)")
+        "tally_dev.localkafka settings (tally kafka stop --data-dir .local/kafka-test)")
     topics, config_dir, db = Topics(f"week-{unique_name}"), tmp_path / "config", tmp_path / "p.db"
     write_config(config_dir, BUDGETS)
     config, clock = load_config(config_dir), Clock(NOON)

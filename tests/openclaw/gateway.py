@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from tally.settings import project_root
+from tests.paths import project_root
 
 from .netns import LoopbackNamespace
 

@@ -54,9 +54,9 @@ from tally.kafka import read_to_end
 from tally.services.enforcer.app import run_enforcer
 from tally.services.ingest.app import run_ingest
 from tally.services.projector.app import run_projector
-from tally.settings import project_root
 from tally.topics import Topics
 from tally.wire import BudgetAlerted, BudgetDecided
+from tests.paths import project_root
 
 from .fake_upstream import FakeUpstream
 from .gateway import PORT, TOKEN, gateway_config, install, start_gateway, wait_ready

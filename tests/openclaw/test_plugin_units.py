@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from tally.settings import project_root
+from tests.paths import project_root
 
 PLUGIN_DIR = project_root() / "integrations" / "openclaw"
 

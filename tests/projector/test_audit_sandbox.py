@@ -17,10 +17,10 @@ import pytest
 from tally.services.projector import store
 from tally.services.projector.app import run_projector
 from tally.services.projector.sandbox import AuditLimits
-from tally.settings import project_root
 from tally.topics import Topics
 from tests.enforcer.kit import KEYS, bearer, config, free_port, token
 from tests.enforcer.pipeline import ready, until
+from tests.paths import project_root
 from tests.projector.test_projector_kafka import run_tally
 from tests.test_pipeline import produce
 

@@ -14,7 +14,7 @@ from starlette.applications import Starlette
 from tally.config.loader import load_config
 from tally.services.projector import store
 from tally.services.projector.history import history, history_routes
-from tally.settings import project_root
+from tests.paths import project_root
 
 CONFIG = load_config(project_root() / "config")  # UTC, days start at 00:00
 NOW = datetime(2026, 12, 1, 0, 30, tzinfo=UTC)  # half an hour into a month

@@ -2,7 +2,7 @@
 
 Exception hierarchy::
 
-    Exception
+    InputError (tally.errors)
      └── ConfigError        the config directory is unusable; `.problems` lists every
                             ConfigProblem found in all three files, not just the first
 
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from tally.errors import InputError
 
 __all__ = ["ConfigError", "ConfigProblem"]
 
@@ -32,7 +34,7 @@ class ConfigProblem:
         return f"{self.file}: {self.key_path}: {self.reason}"
 
 
-class ConfigError(Exception):
+class ConfigError(InputError):
     """The config cannot be used; `problems` holds every mistake found, in file order."""
 
     def __init__(self, problems: Iterable[ConfigProblem]) -> None:

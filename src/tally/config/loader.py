@@ -223,14 +223,16 @@ def _reason(detail: ErrorDetails) -> str:
 
 def main(argv: list[str]) -> int:
     """`tally config check DIR`: 0 and "ok", 1 and the problems on stderr, 2 on bad usage."""
-    parser = argparse.ArgumentParser(prog="tally config", usage=USAGE.removeprefix("usage: "),
-                                     description="Validate auth.yaml, users.yaml, budgets.yaml.")
-    parser.add_argument("action", choices=("check",), help="check: print ok, or every problem")
-    parser.add_argument("dir", type=Path, help="the config directory, e.g. config")
+    from tally.cli import parse
+
     try:
-        args = parser.parse_args(argv)
+        args = parse(["config", *argv])
     except SystemExit as done:  # --help (0) or bad usage (2): argparse printed why
         return int(done.code or 0)
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
     try:
         load_config(args.dir)
     except ConfigError as error:

@@ -30,6 +30,7 @@ from starlette.routing import Route
 from tally.access import Access
 from tally.auth import AuthError
 from tally.config.models import Config
+from tally.errors import RequestRefused
 from tally.identity import Principal
 from tally.ops import Readiness, ops_routes
 from tally.service import decimal
@@ -50,7 +51,7 @@ DASHBOARD_HEADERS = {
 Handler = Callable[[Request, Principal], Awaitable[Response]]
 
 
-class ApiError(Exception):
+class ApiError(RequestRefused):
     def __init__(self, status: int, error: str, details: list[str] | None = None) -> None:
         super().__init__(error)
         self.status, self.error, self.details = status, error, details or []

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -22,6 +21,7 @@ from typing import Any, TypeVar
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from pydantic import BaseModel
 
+from tally.cli import command_main
 from tally.config.errors import ConfigError
 from tally.config.loader import load_config
 from tally.config.models import AlertWebhook, Config
@@ -36,12 +36,14 @@ from tally.kafka import (
 )
 from tally.ops import Metrics, Readiness, observe_lag
 from tally.service import (
-    configure_logging,
+    Part,
+    bind,
     error_text,
-    load_config_or_report,
-    run_or_report,
-    serving,
-    stop_on_signals,
+    http_part,
+    run_parts,
+    run_service,
+    started,
+    watches_stop,
 )
 from tally.services.enforcer.api import create_app
 from tally.services.enforcer.board import MAX_ALERTS, Board
@@ -158,43 +160,41 @@ async def run_enforcer(
     host: str = "127.0.0.1",
     metrics: Metrics | None = None,
     projector_url: str | None = None,
+    config: Config | None = None,
 ) -> None:
     """Run until `stop` is set. `clock` is injectable so tests can cross a reset; with a
     `port`, serve the API and dashboard (api.py) on host:port, the usage history relayed
-    from the projector at `projector_url`."""
-    board = Board(Enforcer(load_config(config_dir)), metrics)
+    from the projector at `projector_url`. `config`: the one loaded from `config_dir`
+    already (else it is loaded here)."""
+    board = Board(Enforcer(config or load_config(config_dir)), metrics)
     readiness = Readiness()
-    async with contextlib.AsyncExitStack() as stack:
-        if port is not None:  # first: /healthz answers while the state is rebuilt
-            app = create_app(board, readiness, config_dir=config_dir, clock=clock,
-                             projector_url=projector_url)
-            await stack.enter_async_context(serving(app, port, host))
-            stack.callback(board.hub.close)  # open streams end, or the server waits on them
-        await ensure_topics(bootstrap, topics, partitions)
-        await restore(board, bootstrap, topics)
-        # Its own stop: it ends after the loop, whether the loop stopped or failed.
-        notifier_stop = asyncio.Event()
-        notifier = asyncio.create_task(run_notifier(
-            bootstrap, topics, lambda: webhook_of(board), notifier_stop, board.metrics))
-        notifier.add_done_callback(_report_failure)
-        stack.push_async_callback(_finish, notifier, notifier_stop)
-        loop = Loop(board, ConfigWatcher(config_dir), readiness, topics, clock)
-        await loop.run(bootstrap, stop, tick_seconds)
+    await ensure_topics(bootstrap, topics, partitions)
+    loop = Loop(board, ConfigWatcher(config_dir), readiness, topics, clock)
+    # The loop and the notifier watch their stop Events: each ends its work under way.
+    notifier_stop = asyncio.Event()
+
+    async def stop_notifier() -> None:
+        notifier_stop.set()
+
+    parts = [
+        Part("enforcer-loop", lambda: loop.run(bootstrap, stop, tick_seconds), watches_stop),
+        Part("enforcer-notifier", lambda: run_notifier(
+            bootstrap, topics, lambda: webhook_of(board), notifier_stop, board.metrics),
+            stop_notifier),
+    ]
+    if port is not None:  # /healthz answers while the loop rebuilds the state
+        app = create_app(board, readiness, config_dir=config_dir, clock=clock,
+                         projector_url=projector_url)
+
+        async def end_streams() -> None:  # open streams end, or the server waits on them
+            board.hub.close()
+
+        parts.append(http_part("enforcer-http", app, bind(host, port), end_streams))
+    await run_parts(stop, parts)
 
 
 def webhook_of(board: Board) -> AlertWebhook | None:
     return board.enforcer.config.budgets.per_user_budgets.alert_webhook
-
-
-async def _finish(task: asyncio.Task[None], stop: asyncio.Event) -> None:
-    stop.set()
-    await task
-
-
-def _report_failure(task: asyncio.Task[None]) -> None:
-    # Said when it happens; the error is raised again when the enforcer stops.
-    if not task.cancelled() and task.exception() is not None:
-        log.error("alert delivery stopped", exc_info=task.exception())
 
 
 class Loop:
@@ -206,20 +206,16 @@ class Loop:
         self.topics, self.clock = topics, clock
 
     async def run(self, bootstrap: str, stop: asyncio.Event, tick_seconds: float) -> None:
-        producer, consumer = make_producer(bootstrap), make_consumer(bootstrap)
-        await producer.start()
-        await consumer.start()
-        try:
+        """What earlier runs said, then budget.balances to its end, then follow it."""
+        await restore(self.board, bootstrap, self.topics)
+        async with (started(make_producer(bootstrap)) as producer,
+                    started(make_consumer(bootstrap)) as consumer):
             parts = await partitions_of(consumer, self.topics.budget_balances)
             consumer.assign(parts)
             await consumer.seek_to_beginning(*parts)
             if await self._caught_up(consumer, stop):
                 await self.publish(producer, self.board.enforcer.on_tick(self.clock()))
                 await self._follow(consumer, producer, stop, tick_seconds)
-        finally:
-            with contextlib.suppress(Exception):
-                await producer.stop()
-            await consumer.stop()
 
     async def _caught_up(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> bool:
         """Read budget.balances to its end before judging anyone: judged on no usage (or
@@ -279,27 +275,21 @@ def _tick(enforcer: Enforcer, watcher: ConfigWatcher, now: datetime) -> Outcome:
     return enforcer.on_config(config, now) if config else enforcer.on_tick(now)
 
 
-def main(argv: list[str]) -> int:
+def run(args: argparse.Namespace) -> int:
+    """`tally enforcer` (options: tally.cli)."""
     settings = Settings.from_env()
-    parser = argparse.ArgumentParser(prog="tally enforcer", description=__doc__)
-    parser.add_argument("--config", type=Path, default=settings.config_dir,
-                        help="directory of auth.yaml, users.yaml, budgets.yaml")
-    parser.add_argument("--port", type=int, default=settings.enforcer_port,
-                        help="API and dashboard port (default: TALLY_ENFORCER_PORT); 0: none")
-    parser.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
-    args = parser.parse_args(argv)
-    if load_config_or_report(args.config, "tally enforcer") is None:
-        return 1
-    configure_logging()
-    return run_or_report(_main(args.config, settings, args.port or None, args.host),
-                         "tally enforcer")
+    config = load_config(args.config)
+    port: int | None = args.port or None
+
+    async def service(stop: asyncio.Event) -> None:
+        if port is not None:
+            log.info("enforcer API on http://%s:%d (dashboard: /admin)", args.host, port)
+        await run_enforcer(args.config, settings.bootstrap_servers, settings.topics, stop,
+                           partitions=settings.partitions, port=port, host=args.host,
+                           projector_url=f"http://127.0.0.1:{settings.projector_port}",
+                           config=config)
+
+    return run_service("tally enforcer", service)
 
 
-async def _main(config_dir: Path, settings: Settings, port: int | None, host: str) -> None:
-    stop = asyncio.Event()
-    stop_on_signals(stop)
-    if port is not None:
-        log.info("enforcer API on http://%s:%d (dashboard: /admin)", host, port)
-    await run_enforcer(config_dir, settings.bootstrap_servers, settings.topics, stop,
-                       partitions=settings.partitions, port=port, host=host,
-                       projector_url=f"http://127.0.0.1:{settings.projector_port}")
+main = command_main("enforcer")

@@ -27,18 +27,21 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from faststream import AckPolicy
+from faststream.kafka import KafkaBroker, KafkaMessage
 
 from tally.config.models import AlertWebhook
-from tally.kafka import Record, fetch, make_consumer
-from tally.ops import Metrics, observe_lag
+from tally.kafka import Record, faststream_security
+from tally.ops import Metrics
 from tally.service import decimal
 from tally.topics import Topics
 from tally.wire import BudgetAlerted
 
-__all__ = ["MAX_BACKOFF", "Notifier", "backoff", "group_id", "run_notifier", "slack_text"]
+__all__ = ["MAX_BACKOFF", "Notifier", "alert_broker", "backoff", "group_id", "run_notifier",
+           "slack_text"]
 
 log = logging.getLogger(__name__)
 
@@ -133,31 +136,50 @@ def stop_aware_sleep(stop: asyncio.Event) -> Sleep:
 async def run_notifier(bootstrap: str, topics: Topics, webhook: Callable[[], AlertWebhook | None],
                        stop: asyncio.Event, metrics: Metrics, *, poll_seconds: float = 1.0,
                        sleep: Sleep | None = None) -> None:
-    """Deliver alerts until `stop`; `webhook` is read per alert, so a reload applies."""
+    """Deliver alerts until `stop`; `webhook` is read per alert, so a reload applies.
+
+    The one consumer on FastStream's KafkaBroker: one alert at a time in a consumer group,
+    committed by hand once handled (AckPolicy.MANUAL: `ack` commits the position after
+    it; `nack` on a stop seeks back, so the alert waits for the next run). It fits: no
+    batches, no stored offsets, no end offsets to catch up to. The other consumers keep
+    aiokafka (see tally.kafka's docstring for why, with the measurement)."""
     sleep = sleep or stop_aware_sleep(stop)
     while webhook() is None:  # no consumer group at all until there is somewhere to deliver
         if await sleep(poll_seconds):
             return
-    consumer = make_consumer(bootstrap, group_id=group_id(topics))
-    await consumer.start()
-    try:
-        consumer.subscribe([topics.budget_alerts])
-        async with httpx.AsyncClient() as client:
-            await _consume(consumer, Notifier(client, metrics, sleep), webhook, stop)
-    finally:
-        await consumer.stop()
+    async with httpx.AsyncClient() as client:
+        broker = alert_broker(bootstrap, topics, Notifier(client, metrics, sleep), webhook)
+        async with broker:
+            await broker.start()
+            await stop.wait()
 
 
-async def _consume(consumer: AIOKafkaConsumer, notifier: Notifier,
-                   webhook: Callable[[], AlertWebhook | None], stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        for record in await fetch(consumer, 100, 200):
-            notifier.metrics.count_in([record])
-            if not await _handle(record, notifier, webhook):
-                return  # stopping: this alert stays uncommitted, for the next run
-            await consumer.commit({TopicPartition(record.topic, record.partition):
-                                   record.offset + 1})
-        await observe_lag(notifier.metrics, consumer)
+def alert_broker(bootstrap: str, topics: Topics, notifier: Notifier,
+                 webhook: Callable[[], AlertWebhook | None]) -> KafkaBroker:
+    """The notifier's FastStream broker, not started: one subscriber on budget.alerts that
+    delivers each alert (tests run it in memory with TestKafkaBroker, and on Kafka)."""
+    # Its line per message at DEBUG; a handler's error at ERROR, in the service's log.
+    broker = KafkaBroker(bootstrap, security=faststream_security(), logger=log,
+                         log_level=logging.DEBUG, graceful_timeout=None)
+
+    async def on_alert(message: KafkaMessage) -> None:
+        record = _record(message.raw_message)
+        notifier.metrics.count_in([record])
+        if await _handle(record, notifier, webhook):
+            await message.ack()
+        else:
+            await message.nack()  # stopping: this alert stays uncommitted, for the next run
+
+    broker.subscriber(topics.budget_alerts, group_id=group_id(topics),
+                      auto_offset_reset="earliest", ack_policy=AckPolicy.MANUAL,
+                      isolation_level="read_committed")(on_alert)
+    return broker
+
+
+def _record(message: Any) -> Record:
+    """An aiokafka ConsumerRecord as the services' Record."""
+    return Record(message.topic, message.partition, message.offset, message.key,
+                  message.value, message.timestamp)
 
 
 async def _handle(record: Record, notifier: Notifier,

@@ -17,31 +17,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import uvicorn
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import CommitFailedError
 
+from tally.cli import command_main
+from tally.config.loader import load_config
 from tally.config.models import Config, EventTimeWindow
 from tally.identity import Directory
-from tally.kafka import Record, ensure_topics, fetch, make_consumer, make_producer
+from tally.kafka import Record, commit_offsets, ensure_topics, fetch, make_consumer, make_producer
 from tally.ops import Metrics, Readiness, observe_lag
-from tally.service import (
-    QuietServer,
-    bind,
-    configure_logging,
-    load_config_or_report,
-    run_or_report,
-    stop_on_signals,
-)
+from tally.service import Part, bind, http_part, run_parts, run_service, started
 from tally.services.ingest.http import count_rejected, create_app
 from tally.services.ingest.identify import identify
 from tally.services.ingest.validate import admit, parse_event, rejection
+from tally.settings import Settings
 from tally.topics import Topics
 from tally.wire import RejectedEvent, UsageRecorded
 
@@ -112,15 +106,6 @@ def triage_records(
     return accepted, rejected
 
 
-def next_offsets(records: Sequence[Record]) -> dict[TopicPartition, int]:
-    """What to commit after `records`: one past the last offset seen per partition."""
-    offsets: dict[TopicPartition, int] = {}
-    for r in records:
-        tp = TopicPartition(r.topic, r.partition)
-        offsets[tp] = max(offsets.get(tp, 0), r.offset + 1)
-    return offsets
-
-
 async def consume(
     consumer: AIOKafkaConsumer, publisher: KafkaPublisher, intake: Intake,
     metrics: Metrics, readiness: Readiness,
@@ -149,24 +134,10 @@ async def commit(consumer: AIOKafkaConsumer, batch: Sequence[Record]) -> None:
     """Commit a published batch. A group rebalance meanwhile refuses the commit; the batch
     is then read again from the last commit, by us or the partitions' new owner."""
     try:
-        await consumer.commit(next_offsets(batch))
+        await consumer.commit(commit_offsets(batch))
     except CommitFailedError:
         log.warning("group rebalanced before the commit: %d records will be read again",
                     len(batch))
-
-
-async def serve_http(server: QuietServer, sock: socket.socket) -> None:
-    try:
-        await server.serve(sockets=[sock])
-    finally:
-        sock.close()
-
-
-def http_server(config: Config, publisher: KafkaPublisher, config_dir: Path | None,
-                metrics: Metrics, readiness: Readiness) -> QuietServer:
-    app = create_app(config, publisher, config_dir=config_dir, metrics=metrics,
-                     readiness=readiness)
-    return QuietServer(uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False))
 
 
 async def run_ingest(
@@ -184,93 +155,41 @@ async def run_ingest(
     """Run until `stop` is set (or a part fails, which is re-raised). The HTTP port also
     serves /metrics (into `metrics`, when given), /healthz and /readyz."""
     await ensure_topics(bootstrap, topics, partitions)
-    producer = make_producer(bootstrap)
-    consumer = make_consumer(bootstrap, group_id=f"tally-ingest:{topics.usage_raw}")
-    await producer.start()
-    try:
-        await consumer.start()
+    group = f"tally-ingest:{topics.usage_raw}"
+    # The producer stops last: it flushes whatever the cancelled loop had buffered.
+    async with (started(make_producer(bootstrap)) as producer,
+                started(make_consumer(bootstrap, group_id=group)) as consumer):
         consumer.subscribe([topics.usage_raw])
         publisher = KafkaPublisher(producer, topics)
         ops = (metrics or Metrics(), Readiness())
-        await _run_parts(consumer, publisher, config, port, stop, host, config_dir, ops)
-    finally:
-        await consumer.stop()
-        await producer.stop()  # flushes whatever the cancelled loop had buffered
+        # Bound before the parts start: a busy port fails the start.
+        sock = bind(host, port) if port is not None else None
+        # Cancelled on stop: uncommitted work is redone after a restart (at-least-once).
+        parts = [Part("ingest-kafka", lambda: consume(consumer, publisher, Intake.of(config),
+                                                      *ops))]
+        if sock is not None:
+            app = create_app(config, publisher, config_dir=config_dir, metrics=ops[0],
+                             readiness=ops[1])
+            log.info("ingest HTTP on http://%s:%d/v1/usage", host, sock.getsockname()[1])
+            parts.append(http_part("ingest-http", app, sock))
+        await run_parts(stop, parts)
 
 
-async def _run_parts(
-    consumer: AIOKafkaConsumer, publisher: KafkaPublisher, config: Config, port: int | None,
-    stop: asyncio.Event, host: str, config_dir: Path | None, ops: tuple[Metrics, Readiness],
-) -> None:
-    # Bind first: a busy port fails the start before anything else is running.
-    sock = bind(host, port) if port is not None else None
-    loop = asyncio.create_task(consume(consumer, publisher, Intake.of(config), *ops),
-                               name="ingest-kafka")
-    server: QuietServer | None = None
-    parts = [loop]
-    if sock is not None:
-        server = http_server(config, publisher, config_dir, *ops)
-        log.info("ingest HTTP on http://%s:%d/v1/usage", host, sock.getsockname()[1])
-        parts.append(asyncio.create_task(serve_http(server, sock), name="ingest-http"))
-    try:
-        await _until_stop_or_failure(stop, parts)
-    finally:
-        await _shut_down(loop, server, parts)
-
-
-async def _until_stop_or_failure(stop: asyncio.Event, parts: list[asyncio.Task[None]]) -> None:
-    stopper = asyncio.create_task(stop.wait())
-    try:
-        done, _ = await asyncio.wait([stopper, *parts], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopper.cancel()
-    for task in done - {stopper}:
-        task.result()  # re-raise a part's failure
-        raise RuntimeError(f"{task.get_name()} ended unexpectedly")
-
-
-async def _shut_down(
-    loop: asyncio.Task[None], server: QuietServer | None, parts: list[asyncio.Task[None]]
-) -> None:
-    loop.cancel()  # uncommitted work is redone after a restart: at-least-once
-    if server is not None:
-        server.should_exit = True  # graceful: finish in-flight requests first
-    # A part that already failed was re-raised by _until_stop_or_failure; not again here.
-    await asyncio.gather(*parts, return_exceptions=True)
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="tally ingest", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", type=Path, help="config directory (default: settings)")
-    parser.add_argument("--port", type=int, help="HTTP port (default: TALLY_INGEST_PORT)")
-    parser.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
-    parser.add_argument("--no-http", action="store_true", help="consume usage.raw only")
-    return parser.parse_args(argv)
-
-
-async def _main(config: Config, bootstrap: str, topics: Topics, args: argparse.Namespace,
-                port: int | None, partitions: int) -> None:
-    stop = asyncio.Event()
-    stop_on_signals(stop)
-    log.info("ingest: %s -> %s, %s (Kafka %s; %d users in %s)", topics.usage_raw,
-             topics.usage_events, topics.usage_dlq, bootstrap,
-             len(config.users.user_identification.users), args.config)
-    await run_ingest(config, bootstrap, topics, port, stop, host=args.host,
-                     partitions=partitions, config_dir=args.config)
-    log.info("ingest stopped")
-
-
-def main(argv: list[str]) -> int:
-    from tally.settings import Settings
-
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """`tally ingest` (options: tally.cli)."""
     settings = Settings.from_env()
-    args.config = args.config or settings.config_dir
-    config = load_config_or_report(args.config, "tally ingest")
-    if config is None:
-        return 1
-    configure_logging()
-    logging.getLogger("aiokafka").setLevel(logging.WARNING)  # group chatter at INFO
-    port = None if args.no_http else (settings.ingest_port if args.port is None else args.port)
-    return run_or_report(_main(config, settings.bootstrap_servers, settings.topics, args, port,
-                               settings.partitions), "tally ingest")
+    config = load_config(args.config)
+    port = None if args.no_http or not args.port else args.port
+
+    async def service(stop: asyncio.Event) -> None:
+        log.info("ingest: %s -> %s, %s (Kafka %s; %d users in %s)", settings.topics.usage_raw,
+                 settings.topics.usage_events, settings.topics.usage_dlq,
+                 settings.bootstrap_servers, len(config.users.user_identification.users),
+                 args.config)
+        await run_ingest(config, settings.bootstrap_servers, settings.topics, port, stop,
+                         host=args.host, partitions=settings.partitions, config_dir=args.config)
+
+    return run_service("tally ingest", service)
+
+
+main = command_main("ingest")

@@ -36,6 +36,7 @@ from starlette.routing import Route
 
 from tally.auth import Authenticator, AuthError
 from tally.config.models import Config, EventTimeWindow
+from tally.errors import RequestRefused
 from tally.identity import Directory, Principal
 from tally.ops import Metrics, Readiness, ops_routes
 from tally.service import decimal
@@ -65,8 +66,8 @@ class Publisher(Protocol):
     ) -> None: ...
 
 
-class BodyTooLarge(Exception):
-    pass
+class BodyTooLarge(RequestRefused):
+    status = 413
 
 
 @dataclass

@@ -12,44 +12,43 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import signal
-import sys
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import duckdb
 import pyarrow as pa
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from tally.access import Access
-from tally.config.errors import ConfigError
+from tally.cli import command_main
 from tally.config.loader import load_config
 from tally.config.models import Config
 from tally.core.usage import UserUsage, to_balance
 from tally.kafka import (
+    CatchUp,
     Record,
     batches,
-    end_offsets,
     ensure_topics,
     make_consumer,
     make_producer,
+    next_offsets,
     partitions_of,
 )
-from tally.ops import Metrics, Readiness, ops_routes, watching
-from tally.service import configure_logging, error_text, run_or_report, serving
+from tally.ops import Metrics, Readiness, ops_routes, watch
+from tally.service import Part, bind, error_text, http_part, run_parts, run_service, started
 from tally.services.projector import store
 from tally.services.projector.audit import audit_app
 from tally.services.projector.decode import Decoder, Skipped, rejected
 from tally.services.projector.history import history_routes
-from tally.services.projector.sandbox import AuditLimits, Auditor, add_limit_options, lock_down
+from tally.services.projector.sandbox import AuditLimits, Auditor, lock_down
 from tally.settings import Settings
 from tally.topics import Topics
 from tally.wire import rejection
 
-__all__ = ["BATCH_SIZE", "Decoded", "assign_from", "base_parser", "main", "run_projector"]
+__all__ = ["BATCH_SIZE", "Decoded", "assign_from", "main", "run", "run_projector"]
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,6 @@ BATCH_SIZE = 10_000
 RECORD_FAULTS = (duckdb.Error, pa.ArrowException, ValueError, TypeError, KeyError,
                  ArithmeticError)
 READ_AHEAD = 8  # fetched batches held while one is handled
-K = TypeVar("K", AIOKafkaConsumer, AIOKafkaProducer)
 
 
 @dataclass(frozen=True)
@@ -82,15 +80,6 @@ class Decoded:
     def apply(self, con: duckdb.DuckDBPyConnection) -> store.Applied:
         """One transaction: the same write path for the live projector and replay."""
         return store.apply_batch(con, self.events, self.offsets, self.rejected)
-
-
-def next_offsets(records: Iterable[Record]) -> dict[tuple[str, int], int]:
-    """Per partition, the offset after the last record: where a restart resumes."""
-    offsets: dict[tuple[str, int], int] = {}
-    for r in records:
-        key = (r.topic, r.partition)
-        offsets[key] = max(offsets.get(key, 0), r.offset + 1)
-    return offsets
 
 
 async def assign_from(consumer: AIOKafkaConsumer, names: Iterable[str],
@@ -313,19 +302,20 @@ async def run_projector(config: Config, bootstrap: str, topics: Topics, db_path:
     db_path.parent.mkdir(parents=True, exist_ok=True)
     async with contextlib.AsyncExitStack() as stack:
         con = stack.enter_context(store.connect(db_path))
-        consumer = await stack.enter_async_context(_started(make_consumer(bootstrap)))
-        producer = await stack.enter_async_context(_started(make_producer(bootstrap)))
+        consumer = await stack.enter_async_context(started(make_consumer(bootstrap)))
+        producer = await stack.enter_async_context(started(make_producer(bootstrap)))
         projector = Projector(con, config, topics, producer, publish_before_commit)
         stored = store.load_offsets(projector.writer)
         parts = await assign_from(consumer, (topics.usage_events, topics.usage_dlq), stored)
         if publish_before_commit:
-            ends = await end_offsets(consumer, parts)
-            projector.hold_until(stored, {(tp.topic, tp.partition): n for tp, n in ends.items()})
+            projector.hold_until(stored, (await CatchUp.taken(consumer, parts)).by_key())
         # Heals a crash between a commit and its publish: every balance, once (when held
         # back, once caught up).
         await projector.publish(projector.mirror)
         readiness = Readiness()
-        await stack.enter_async_context(watching(consumer, projector.metrics, readiness))
+        services = [Part("projector-fold", lambda: _fold_until_stopped(projector, consumer)),
+                    Part("projector-watch", lambda: watch(consumer, projector.metrics,
+                                                          readiness))]
         if port is not None:
             limits = audit_limits or AuditLimits()
             lock_down(con, limits)
@@ -333,84 +323,35 @@ async def run_projector(config: Config, bootstrap: str, topics: Topics, db_path:
             access = Access.build(config, config_dir)
             routes = [*ops_routes(projector.metrics, readiness),
                       *history_routes(con, config, lambda: datetime.now(UTC), access)]
-            app = audit_app(auditor, access, routes)
-            await stack.enter_async_context(serving(app, port, host))
-            # Unwound first: running audits are interrupted, so the server stops promptly.
-            stack.push_async_callback(auditor.stop)
+            # Running audits are interrupted first, so the server stops promptly.
+            services.append(http_part("projector-http", audit_app(auditor, access, routes),
+                                      bind(host, port), before_stop=auditor.stop))
         log.info("projector: %d users, reading %s", len(projector.mirror), topics.usage_events)
-        await _until(stop, projector, consumer)
+        await run_parts(stop, services)
 
 
-async def _until(stop: asyncio.Event, projector: Projector, consumer: AIOKafkaConsumer) -> None:
-    """Consume until stopped; a failure of the loop ends the projector with its error."""
-    loop = asyncio.ensure_future(projector.consume(consumer))
-    waiter = asyncio.ensure_future(stop.wait())
-    done, _ = await asyncio.wait({loop, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    waiter.cancel()
-    if loop in done:
-        loop.result()
-        return
-    loop.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await loop
-    await projector.finish()
-
-
-@contextlib.asynccontextmanager
-async def _started(client: K) -> AsyncIterator[K]:
-    await client.start()
+async def _fold_until_stopped(projector: Projector, consumer: AIOKafkaConsumer) -> None:
+    """Consume until cancelled; then the batch under way commits and its balances are
+    acknowledged before the projector stops (exactly-once rests on its stored offsets)."""
     try:
-        yield client
-    finally:
-        await client.stop()
+        await projector.consume(consumer)
+    except asyncio.CancelledError:
+        await projector.finish()
+        raise
 
 
 # the command -------------------------------------------------------------------------------
 
 
-def base_parser(prog: str, settings: Settings) -> argparse.ArgumentParser:
-    """The options the projector and replay share; the caller adds its own and parses."""
-    parser = argparse.ArgumentParser(prog=prog)
-    parser.add_argument("--config", type=Path, default=settings.config_dir,
-                        help="directory of auth.yaml, users.yaml, budgets.yaml")
-    parser.add_argument("--db", type=Path, default=store.default_db_path(settings.data_dir),
-                        help="the projector's DuckDB file")
-    parser.add_argument("--namespace", default=settings.topic_namespace,
-                        help="topic name prefix (default: TALLY_TOPIC_NAMESPACE)")
-    return parser
-
-
-def main(argv: list[str]) -> int:
+def run(args: argparse.Namespace) -> int:
+    """`tally projector` (options: tally.cli)."""
     settings = Settings.from_env()
-    parser = base_parser("tally projector", settings)
-    parser.add_argument("--port", type=int, default=settings.projector_port,
-                        help="audit endpoint port; 0 serves none")
-    parser.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
-    parser.add_argument("--publish-after-commit", action="store_true",
-                        help="send balances only once their batch has committed "
-                             "(slower; the default sends them just before the commit)")
-    add_limit_options(parser)
-    args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config)
-    except ConfigError as e:
-        print(f"tally projector: {e}", file=sys.stderr)
-        return 2
-    configure_logging()
-    return run_or_report(_run_until_signalled(config, settings, args), "tally projector")
-
-
-async def _run_until_signalled(config: Config, settings: Settings,
-                               args: argparse.Namespace) -> None:
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    config = load_config(args.config)
     topics = Topics(args.namespace, settings.replication_factor)
-    await run_projector(config, settings.bootstrap_servers, topics, args.db,
-                        stop, port=args.port or None, partitions=settings.partitions,
-                        publish_before_commit=not args.publish_after_commit, host=args.host,
-                        audit_limits=AuditLimits.of(args), config_dir=args.config)
+    return run_service("tally projector", lambda stop: run_projector(
+        config, settings.bootstrap_servers, topics, args.db, stop, port=args.port or None,
+        partitions=settings.partitions, publish_before_commit=not args.publish_after_commit,
+        host=args.host, audit_limits=AuditLimits.of(args), config_dir=args.config))
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+main = command_main("projector")

@@ -36,6 +36,7 @@ from starlette.routing import BaseRoute, Route
 
 from tally.access import Access
 from tally.auth import AuthError
+from tally.cli import command_main
 from tally.services.projector import store
 from tally.services.projector.query import AuditError, QueryResult, check_read_only, run_query
 from tally.services.projector.sandbox import AuditLimits, Auditor, lock_down
@@ -43,10 +44,6 @@ from tally.settings import Settings
 
 __all__ = ["AuditError", "QueryResult", "audit_app", "check_read_only", "main", "run_query"]
 
-DESCRIPTION = """Run one read-only query (SELECT, or EXPLAIN of one) on the projector's data.
-The running projector answers it (POST /audit, as an admin: TALLY_API_KEY or TALLY_TOKEN);
-when none answers, the DuckDB file is opened read-only. Tables: ledger, balances, rejected,
-offsets; views: users, this_month, usage_by_day_model, usage_by_model, rejected_by_reason."""
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 CREDENTIAL_HINT = "the audit needs an admin credential: set TALLY_API_KEY (or TALLY_TOKEN)"
 
@@ -217,25 +214,9 @@ def _cell(value: Any) -> str:
     return "NULL" if value is None else str(value)
 
 
-def main(argv: list[str]) -> int:
-    settings = Settings.from_env()
-    parser = argparse.ArgumentParser(prog="tally audit", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sql", help='one read-only query, e.g. "FROM usage_by_model"')
-    default_db = store.default_db_path(settings.data_dir)
-    parser.add_argument("--db", type=Path, default=None,
-                        help="query this DuckDB file (e.g. one `tally replay --db` built) "
-                             "instead of the projector; without it, the running projector "
-                             f"answers, else its file is opened ({default_db})")
-    parser.add_argument("--url", default=f"http://127.0.0.1:{settings.projector_port}",
-                        help="the running projector to ask first (default: %(default)s)")
-    parser.add_argument("--format", choices=("table", "json", "csv"), default="table",
-                        help="how to print the rows (default: table)")
-    parser.add_argument("--api-key", default=settings.api_key,
-                        help="an admin's API key from users.yaml (default: TALLY_API_KEY)")
-    parser.add_argument("--token", default=settings.token,
-                        help="a JWT with the admin role (default: TALLY_TOKEN)")
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """`tally audit` (options: tally.cli)."""
+    default_db = store.default_db_path(Settings.from_env().data_dir)
     try:
         check_read_only(args.sql)  # refuse a write before asking anyone
         if args.db is not None:
@@ -251,5 +232,4 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+main = command_main("audit")

@@ -12,13 +12,15 @@ from typing import Any
 
 import duckdb
 
+from tally.errors import RequestRefused
+
 __all__ = ["MAX_ROWS", "AuditError", "QueryResult", "check_read_only", "run_query"]
 
 MAX_ROWS = 10_000
 _EXPLAIN = re.compile(r"^\s*explain\s+(analy[sz]e\s+)?", re.IGNORECASE)
 
 
-class AuditError(Exception):
+class AuditError(RequestRefused):
     """A query the audit refuses, or one DuckDB cannot run; `status` is the HTTP answer."""
 
     def __init__(self, message: str, status: int = 400) -> None:

@@ -8,6 +8,7 @@ the old file as it was. Stop the projector first; it holds the file open.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import sys
@@ -21,12 +22,13 @@ from typing import Any, TextIO
 import duckdb
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from tally.config.errors import ConfigError
+from tally.cli import command_main
 from tally.config.loader import load_config
 from tally.config.models import Config
-from tally.kafka import Record, end_offsets, ensure_topics, make_consumer
+from tally.errors import InputError
+from tally.kafka import CatchUp, Record, ensure_topics, make_consumer
 from tally.services.projector import store
-from tally.services.projector.app import Decoded, assign_from, base_parser
+from tally.services.projector.app import Decoded, assign_from
 from tally.services.projector.decode import Decoder, Skipped, rejected
 from tally.settings import Settings
 from tally.topics import Topics
@@ -82,13 +84,14 @@ async def replay(config: Config, bootstrap: str, topics: Topics, db_path: Path,
     await consumer.start()
     try:
         parts = await assign_from(consumer, (topics.usage_events, topics.usage_dlq), {})
-        ends = await end_offsets(consumer, parts)
+        catch_up = await CatchUp.taken(consumer, parts)
+        ends = catch_up.ends
         starts = await consumer.beginning_offsets(parts)
         progress = Progress(sum(ends[tp] - starts[tp] for tp in parts), out)
         with store.connect(db_path) as con:
             con.execute(f"SET memory_limit = '{REPLAY_DUCKDB_MEMORY}'")
             await _fold(consumer, con, Decoder.of(config.budgets.per_user_budgets), topics,
-                        ends, progress)
+                        catch_up, progress)
         progress.draw(time.monotonic())
         out.write("\n")
         return progress
@@ -97,14 +100,14 @@ async def replay(config: Config, bootstrap: str, topics: Topics, db_path: Path,
 
 
 async def _fold(consumer: AIOKafkaConsumer, con: duckdb.DuckDBPyConnection, decoder: Decoder,
-                topics: Topics, ends: dict[TopicPartition, int], progress: Progress) -> None:
+                topics: Topics, catch_up: CatchUp, progress: Progress) -> None:
     """A three-stage pipeline: batch n+2 is fetched (Python, holding the GIL) while batch
     n+1 is decoded (mostly in Arrow's C++, GIL released) and DuckDB writes batch n (GIL
     released); each stage runs in order, so commits stay in offset order."""
-    pending = {tp for tp, end in ends.items() if await consumer.position(tp) < end}
+    pending = set(await catch_up.behind(consumer))
     decoding: asyncio.Future[Decoded] | None = None
     writing: asyncio.Future[store.Applied] | None = None
-    async for fetched in _until_ends(consumer, pending, ends):
+    async for fetched in _until_ends(consumer, pending, catch_up.ends):
         if decoding is not None:
             writing = await _write_next(con, await decoding, writing)
         decoding = asyncio.ensure_future(asyncio.to_thread(decode, decoder, topics, fetched))
@@ -179,17 +182,11 @@ def _cut(batch: Fetched, size: int) -> tuple[Fetched, Fetched]:
 # the command -------------------------------------------------------------------------------
 
 
-def main(argv: list[str]) -> int:
+def run(args: argparse.Namespace) -> int:
+    """`tally replay` (options: tally.cli)."""
     settings = Settings.from_env()
-    parser = base_parser("tally replay", settings)
-    parser.add_argument("--force", action="store_true", help="replace an existing file")
-    args = parser.parse_args(argv)
-    try:
-        _check_target(args.db, args.force)
-        config = load_config(args.config)
-    except (ConfigError, ReplayRefused) as e:
-        print(f"tally replay: {e}", file=sys.stderr)
-        return 1
+    _check_target(args.db, args.force)
+    config = load_config(args.config)
     building = args.db.with_name(args.db.name + ".replay")
     _remove(building)
     topics = Topics(args.namespace, settings.replication_factor)
@@ -203,7 +200,7 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-class ReplayRefused(Exception):
+class ReplayRefused(InputError):
     """The target exists without --force, or another process has it open."""
 
 
@@ -225,5 +222,4 @@ def _remove(db: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+main = command_main("replay")

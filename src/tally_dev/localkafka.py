@@ -1,12 +1,14 @@
 """A single-node Apache Kafka broker (KRaft, broker+controller) that the project runs itself.
 
-No Docker: the broker jars come from Maven Central through kafka/pom.xml, and the broker is
+No Docker: the broker jars come from Maven Central through pom.xml (beside this file, in
+the package), and the broker is
 `java -cp '.local/kafka/libs/*' kafka.Kafka server.properties`, started detached so it
 outlives the caller. `tally kafka start|stop|status` is `main()` below; the tests reach it
 through the `kafka_bootstrap` fixture in tests/conftest.py.
 
-Layout: the jars are shared in <project>/.local/kafka/libs; each data dir (default
-<project>/.local/kafka) holds config/, data/ (log.dirs), logs/kafka.log and kafka.pid.
+Layout: the jars are shared in ./.local/kafka/libs; each data dir (default ./.local/kafka,
+both in the working directory) holds config/, data/ (log.dirs), logs/kafka.log and
+kafka.pid.
 """
 
 from __future__ import annotations
@@ -24,13 +26,15 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tally.settings import project_root
+from tally.cli import command_main
+from tally.errors import ClusterError
 from tally.topics import min_insync_replicas
 
 __all__ = [
@@ -77,7 +81,7 @@ logger.controller.level = INFO
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}  # brokers this process spawned
 
 
-class KafkaStartError(RuntimeError):
+class KafkaStartError(ClusterError):
     """The broker could not be started (or did not answer in time)."""
 
 
@@ -117,15 +121,17 @@ def say(message: str) -> None:
 
 
 def default_data_dir() -> Path:
-    return project_root() / ".local" / "kafka"
+    """`.local/kafka` in the working directory (absolute: the broker runs in its own)."""
+    return Path.cwd() / ".local" / "kafka"
 
 
 def libs_dir() -> Path:
-    return project_root() / ".local" / "kafka" / "libs"
+    return default_data_dir() / "libs"
 
 
 def pom_file() -> Path:
-    return project_root() / "kafka" / "pom.xml"
+    """The Maven file naming the broker's jars, shipped in this package."""
+    return Path(__file__).with_name("pom.xml")
 
 
 # ---------------------------------------------------------------- pure helpers
@@ -338,9 +344,12 @@ def ensure_jars() -> Path:
 
 def _copy_dependencies(target: Path) -> None:
     mvn = _tool("mvn", "install Maven 3.8+ (apt-get install maven)")
-    command = [mvn, "-q", "-B", "-f", str(pom_file()), "dependency:copy-dependencies"]
-    command.append(f"-DoutputDirectory={target}")
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as build:  # Maven's files, not in site-packages
+        pom = Path(shutil.copy(pom_file(), build))
+        command = [mvn, "-q", "-B", "-f", str(pom), "dependency:copy-dependencies",
+                   f"-DoutputDirectory={target}"]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0 or not any(target.glob("kafka_2.13-*.jar")):
         output = (result.stdout + result.stderr).strip()[-3000:]
         raise KafkaStartError(f"Maven could not fetch the Kafka jars:\n{output}")
@@ -722,43 +731,21 @@ def _sasl_user() -> SaslUser:
     return user
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tally kafka", description="the local Kafka broker")
-    parser.add_argument("action", choices=["start", "stop", "status"],
-                        help="start (returns once it answers), stop, or status")
-    parser.add_argument("--port", type=int, default=9092,
-                        help="the broker's port on 127.0.0.1 (default: 9092)")
-    parser.add_argument("--controller-port", type=int, default=9093,
-                        help="the KRaft controller's port (default: 9093)")
-    parser.add_argument("--data-dir", type=Path, default=None,
-                        help="where its logs and data live (default: .local/kafka)")
-    parser.add_argument("--sasl", action="store_true",
-                        help="a SASL_PLAINTEXT SCRAM listener; the user is KAFKA_SASL_USERNAME "
-                             "and KAFKA_SASL_PASSWORD (default tally / tally-secret)")
-    parser.add_argument("--brokers", type=int, default=1,
-                        help="nodes (broker+controller each); ports step by 2 from --port")
-    return parser
-
-
-def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """`tally kafka start|stop|status` (options: tally.cli)."""
     data_dir: Path | None = args.data_dir
     if args.action == "status":
         return _status(_layout(data_dir))
     if args.action == "stop":
         print("Kafka stopped" if stop(data_dir) else "Kafka was not running")
         return 0
-    try:
-        if args.brokers > 1:
-            print(start_cluster(args.brokers, args.port, args.controller_port, data_dir))
-        else:
-            sasl = _sasl_user() if args.sasl else None
-            print(start(args.port, args.controller_port, data_dir, sasl=sasl))
-    except KafkaStartError as error:
-        print(f"tally kafka start: {error}", file=sys.stderr)
-        return 1
+    # KafkaStartError is a ClusterError: the CLI says it in one line.
+    if args.brokers > 1:
+        print(start_cluster(args.brokers, args.port, args.controller_port, data_dir))
+    else:
+        sasl = _sasl_user() if args.sasl else None
+        print(start(args.port, args.controller_port, data_dir, sasl=sasl))
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+main = command_main("kafka")

@@ -27,15 +27,16 @@ from pathlib import Path
 import httpx
 import orjson
 
-from tally import localkafka
+from tally.cli import command_main
 from tally.clierrors import require_kafka
 from tally.config.loader import load_config
 from tally.decision_cache import DecisionCache
-from tally.demo import sample_history
 from tally.kafka import ensure_topics, make_producer, read_to_end
 from tally.settings import Settings
 from tally.status import format_table, one_line, signature
 from tally.wire import BudgetAlerted
+from tally_dev import localkafka
+from tally_dev.demo import sample_history
 
 __all__ = ["main"]
 
@@ -179,11 +180,8 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="tally run", description=__doc__)
-    parser.add_argument("--once", action="store_true",
-                        help="print the decisions once, then stop everything")
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """`tally run [--once]` (options: tally.cli)."""
     settings = Settings.from_env()
     config = load_config(settings.config_dir)
     # A new topic's leader is elected while the first sends go out; aiokafka retries them
@@ -220,3 +218,6 @@ def main(argv: list[str]) -> int:
         except KeyboardInterrupt:
             say("stopping")
     return 0
+
+
+main = command_main("run")
