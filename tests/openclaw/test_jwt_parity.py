@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from tally.auth import AuthError, verify_jwt
 from tally.config.models import Authentication
-from tally.settings import project_root
+from tests.paths import project_root
 
 SCRIPT = project_root() / "tests" / "openclaw" / "jwt_verify.mjs"
 SECRET = "tally-parity-secret-of-at-least-32-bytes"
