@@ -172,7 +172,7 @@ def test_rollover_across_dst_days() -> None:
 
 def test_period_limit_picks_the_period_kind() -> None:
     rolled = budgets(1000, 10000, rollover={"enabled": True, "max_rollover_tokens": 50})
-    usage = UserUsage("a", daily=used(d0=10), monthly={})
+    usage = UserUsage("a", {"daily": used(d0=10), "monthly": {}})
     assert period_limit(1000, rolled, usage, day(1), CAL) == 1050
     assert period_limit(10000, rolled, usage, CAL.monthly_window(utc(2026, 6, 2)), CAL) == 10000
 
@@ -250,10 +250,9 @@ def test_group_usage_sums_members_per_period() -> None:
     research = groups["department:research"]
     assert research == GroupUsage(
         "department:research",
-        {utc(2026, 5, 10): 30, utc(2026, 5, 11): 5},
-        {utc(2026, 5, 1): 35},
+        {"daily": {utc(2026, 5, 10): 30, utc(2026, 5, 11): 5}, "monthly": {utc(2026, 5, 1): 35}},
     )
-    assert groups["project:atlas"].daily == {utc(2026, 5, 10): 50}
+    assert groups["project:atlas"].periods["daily"] == {utc(2026, 5, 10): 50}
 
 
 def test_group_usage_of_nobody() -> None:

@@ -18,6 +18,7 @@ from datetime import datetime
 from tally.config.models import Limits, PerUserBudgets, Rollover
 from tally.core.periods import Calendar, Window
 from tally.core.usage import PeriodUsage, UserUsage
+from tally.wire import PeriodName
 
 __all__ = [
     "GroupUsage",
@@ -34,8 +35,7 @@ class GroupUsage:
     """A department's or project's usage: the sum of its members' usage per period."""
 
     name: str  # "department:research", "project:atlas"
-    daily: Mapping[datetime, int] = field(default_factory=dict)
-    monthly: Mapping[datetime, int] = field(default_factory=dict)
+    periods: Mapping[PeriodName, Mapping[datetime, int]] = field(default_factory=dict)
 
 
 def base_limits(budgets: PerUserBudgets, user_id: str, role: str | None) -> Limits:
@@ -96,13 +96,13 @@ def group_budgets(
 
 def group_usage(usages: Iterable[UserUsage]) -> dict[str, GroupUsage]:
     """Usage per department and project, summed over their members."""
-    daily: dict[str, dict[datetime, int]] = {}
-    monthly: dict[str, dict[datetime, int]] = {}
+    groups: dict[str, dict[PeriodName, dict[datetime, int]]] = {}
     for usage in usages:
         for name in _memberships(usage):
-            _add_into(daily.setdefault(name, {}), usage.daily)
-            _add_into(monthly.setdefault(name, {}), usage.monthly)
-    return {name: GroupUsage(name, daily[name], monthly[name]) for name in daily}
+            group = groups.setdefault(name, {})
+            for kind, totals in usage.periods.items():
+                _add_into(group.setdefault(kind, {}), totals)
+    return {name: GroupUsage(name, periods) for name, periods in groups.items()}
 
 
 def _memberships(usage: UserUsage) -> list[str]:
@@ -119,5 +119,5 @@ def period_limit(
     base: int, budgets: PerUserBudgets, usage: PeriodUsage, window: Window, calendar: Calendar
 ) -> int:
     """One period's limit for a user or a group: its base limit, rolled over if enabled."""
-    used = usage.daily if window.kind == "daily" else usage.monthly
+    used = usage.periods.get(window.kind, {})
     return rolled_limit(base, budgets.rollover, used, window, calendar)

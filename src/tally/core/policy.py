@@ -107,7 +107,7 @@ def standing(
     """How one budget stands in the periods `windows` (daily, monthly)."""
     statuses = []
     for window, base in zip(windows, (limits.daily_tokens, limits.monthly_tokens), strict=True):
-        used = (usage.daily if window.kind == "daily" else usage.monthly).get(window.start, 0)
+        used = usage.periods.get(window.kind, {}).get(window.start, 0)
         limit = period_limit(base, budgets, usage, window, calendar)
         statuses.append(period_status(window, used, limit, budgets.warnings, calendar.zone))
     return Standing(budget, statuses[0], statuses[1])
