@@ -240,6 +240,10 @@ class MemoryStore:
         return dict(self._usages)
 
 
+def _is_a_usage_store(memory: MemoryStore) -> UsageStore[Iterable[UsageRecorded]]:
+    return memory  # for mypy: MemoryStore keeps to the interface
+
+
 # the wire ----------------------------------------------------------------------------------
 
 
