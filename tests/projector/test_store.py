@@ -35,7 +35,7 @@ def event(event_id: str, user: str = "alice", tokens: int = 10, day: int = 0,
         "event_id": event_id, "user_id": user, "occurred_at": T0 + timedelta(days=day),
         "model": "m1", "provider": "p", "input_tokens": tokens, "output_tokens": 0,
         "cache_read_tokens": 0, "cache_write_tokens": 0, "tokens": tokens,
-        "daily_start": DAY0 + timedelta(days=day), "monthly_start": MONTH0,
+        **starts(T0 + timedelta(days=day)),
         "session_key": None, "channel": None, "source": None, "role": role,
         "department": None, "project": None, "topic_partition": 0, "topic_offset": offset,
     }
@@ -154,6 +154,16 @@ def test_audit_runs_reads(con: duckdb.DuckDBPyConnection) -> None:
     assert (result.columns, result.rows, result.truncated) == (
         ["user_id", "tokens"], [("alice", 10)], True)
     assert run_query(con.cursor(), "EXPLAIN SELECT * FROM ledger").rows
+
+
+def test_current_periods_has_each_kind_of_period_holding_now(
+        con: duckdb.DuckDBPyConnection) -> None:
+    store.apply_batch(con, table(event("e1", day=-40), event("e2", tokens=7)), {})
+    rows = con.execute("SELECT user_id, role, period, period_start, tokens FROM current_periods"
+                       ).fetchall()
+    assert sorted(rows) == sorted(
+        ("alice", "dev", kind, start, 7) for kind, start in
+        ((w.kind, w.start) for w in CALENDAR.windows_at(T0)))
 
 
 def test_audit_answers_integers_past_64_bits_as_text(con: duckdb.DuckDBPyConnection) -> None:

@@ -133,9 +133,9 @@ CREATE TABLE IF NOT EXISTS offsets (
 );
 """
 
-# Per user: the last event, and each label stated by the latest event (by occurred_at, then
-# event_id) that states it: the core's rule (tally.core.usage.Stamped), so it does not depend
-# on the order events arrive in. A struct compares field by field, like Stamped.
+# Rules 3 and 4 of the fold (tally.core.usage), set-wise: per user, the last event, and each
+# label stated by the latest event (by occurred_at, then event_id) that states it. A struct
+# compares field by field, like the core's Stamped.
 LABELS_SQL = """
 SELECT user_id, max(occurred_at) AS last_event_at,
     max({{'at': occurred_at, 'event_id': event_id, 'value': role}})
