@@ -166,7 +166,8 @@ async def produce(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]
 
 
 def alice_used(balance: bytes | None) -> int:
-    return BalanceUpdated.model_validate_json(balance or b"").daily["2026-05-10T00:00:00+00:00"]
+    decoded = BalanceUpdated.model_validate_json(balance or b"")
+    return decoded.periods["daily"]["2026-05-10T00:00:00+00:00"]
 
 
 async def alice_balances(bootstrap: str, topics: Topics) -> list[int]:

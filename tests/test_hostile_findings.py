@@ -93,7 +93,7 @@ def test_poison_pills_written_straight_to_usage_events_do_not_stop_counting(
                skipped)
     with store.connect(tmp_path / "p.duckdb") as con:
         store.apply_batch(con, table, {("t.usage.events", 0): len(values)})
-        assert sum(store.load_usages(con)["alice"].monthly.values()) == 120 + 10**9 + 20
+        assert sum(store.load_usages(con)["alice"].periods["monthly"].values()) == 120 + 10**9 + 20
 
 
 def test_two_events_of_5e18_tokens_cannot_overflow_a_balance() -> None:

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from tally.cli import command_main
 from tally.config.loader import load_config
 from tally.core.report import budgets_report
-from tally.core.usage import fold_events
+from tally.core.usage import MemoryStore
 from tally.errors import InputError
 from tally.wire import UsageRecorded
 
@@ -59,8 +59,9 @@ def simulate(config_dir: Path, events_file: Path, at: datetime) -> dict[str, obj
     with events_file.open("rb") as lines:  # bytes: bad UTF-8 is a bad line, not a crash
         # read the whole file first: a bad last line must fail before any output
         events = list(read_events(lines, str(events_file)))
-    usages = fold_events((e for e in events if e.occurred_at <= at), budgets)
-    return dict(budgets_report(usages, config, at))
+    store = MemoryStore(budgets)
+    store.apply((e for e in events if e.occurred_at <= at), {})
+    return dict(budgets_report(store.load_usages(), config, at))
 
 
 def run(args: argparse.Namespace) -> int:

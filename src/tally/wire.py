@@ -15,10 +15,23 @@ write to a topic directly.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 __all__ = [
     "CONTROL_CHARACTERS",
@@ -29,6 +42,7 @@ __all__ = [
     "MAX_REASON_CHARS",
     "MAX_TEXT",
     "MAX_TOKENS",
+    "PERIOD_NAMES",
     "PRINTABLE",
     "WIRE_MODELS",
     "ActionName",
@@ -47,6 +61,7 @@ __all__ = [
 ]
 
 PeriodName = Literal["daily", "weekly", "monthly"]  # the period table's kinds, shortest first
+PERIOD_NAMES: tuple[PeriodName, ...] = get_args(PeriodName)
 StatusName = Literal["ok", "warning", "over_limit"]
 ActionName = Literal["allow", "warn", "soft_limit", "hard_stop", "reduced_priority"]
 AlertKind = Literal["warning", "limit", "reset"]
@@ -154,8 +169,10 @@ PeriodTotals = Annotated[dict[str, Amount], AfterValidator(_period_starts)]
 class BalanceUpdated(Wire):
     """A user's absolute usage per period (budget.balances, compacted by user_id).
 
-    `daily` and `monthly` map each period's start (ISO 8601, UTC) to the tokens used in it;
-    every period with usage is listed, so rollover can be derived without other state.
+    Each period kind (`daily`, `monthly`, ...) is a key of its own, mapping each period's
+    start (ISO 8601, UTC) to the tokens used in it; every period with usage is listed, so
+    rollover can be derived without other state. A kind a record does not name has no
+    usage (records written before the kind existed stay readable).
     """
 
     schema_version: Literal[1] = 1
@@ -163,10 +180,41 @@ class BalanceUpdated(Wire):
     role: OptionalText = None
     department: OptionalText = None
     project: OptionalText = None
-    daily: PeriodTotals
-    monthly: PeriodTotals
+    # On the wire, each kind is a top-level key (see _gather_periods / _spread_periods).
+    periods: dict[PeriodName, PeriodTotals] = Field(default_factory=dict)
     last_event_at: AwareDatetime
     as_of: AwareDatetime
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_periods(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "periods" not in data:
+            periods = {kind: data[kind] for kind in PERIOD_NAMES if kind in data}
+            data = {key: value for key, value in data.items() if key not in periods}
+            data["periods"] = periods
+        return data
+
+    @model_serializer(mode="wrap")
+    def _spread_periods(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _spread(handler(self), lambda periods: {
+            kind: periods.get(kind, {}) for kind in PERIOD_NAMES})
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: CoreSchema,
+                                     handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        schema = handler.resolve_ref_schema(handler(core_schema))
+        schema["properties"] = _spread(schema["properties"], lambda periods: {
+            kind: {**periods["additionalProperties"], "title": kind.capitalize(),
+                   "default": {}} for kind in PERIOD_NAMES})
+        return schema
+
+
+def _spread(data: dict[str, Any], kinds: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+    """`data` with its "periods" entry replaced, in place, by one entry per period kind."""
+    spread: dict[str, Any] = {}
+    for key, value in data.items():
+        spread.update(kinds(value) if key == "periods" else {key: value})
+    return spread
 
 
 class PeriodStatus(Wire):

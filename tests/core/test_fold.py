@@ -3,28 +3,29 @@
 from __future__ import annotations
 
 import random
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tally.config.models import ResetSchedule, TokenField
-from tally.core.periods import PERIODS, Calendar
+from tally.core.periods import Calendar
 from tally.core.usage import (
+    Fold,
+    MemoryStore,
     UserUsage,
     counted_tokens,
-    fold,
     fold_events,
     from_balance,
-    period_totals,
     to_balance,
     with_labels,
 )
 from tally.wire import BalanceUpdated, UsageRecorded
 
-from .corekit import budgets, event, utc
+from .corekit import budgets, event, event_lists, utc
 
 ALL: tuple[TokenField, ...] = (
     "input_tokens",
@@ -65,58 +66,78 @@ def test_counted_tokens_cache_only() -> None:
 def test_fold_events_uses_configured_fields() -> None:
     only_output = budgets(counted_tokens=("output_tokens",))
     usage = fold_events([full_event()], only_output)["alice"]
-    assert usage.daily == {utc(2026, 5, 10): 20}
+    assert usage.periods["daily"] == {utc(2026, 5, 10): 20}
 
 
 # fold --------------------------------------------------------------------------------------
 
 
-def test_fold_adds_to_daily_and_monthly() -> None:
-    usage = fold(UserUsage("alice"), event(tokens=70), ResetSchedule(), ALL)
-    assert usage.daily == {utc(2026, 5, 10): 70}
-    assert usage.monthly == {utc(2026, 5, 1): 70}
+def test_fold_adds_to_every_period_kind() -> None:
+    usage = fold_events([event(tokens=70)], budgets())["alice"]
+    assert usage.periods == {"daily": {utc(2026, 5, 10): 70}, "weekly": {utc(2026, 5, 4): 70},
+                             "monthly": {utc(2026, 5, 1): 70}}
     assert usage.last_event_at == utc(2026, 5, 10, 12)
 
 
-def test_fold_accepts_a_calendar() -> None:
-    usage = fold(UserUsage("alice"), event(tokens=70), Calendar(ResetSchedule()), ALL)
+def test_used_reads_a_kind_and_start() -> None:
+    usage = fold_events([event(tokens=70)], budgets())["alice"]
     assert usage.used("daily", utc(2026, 5, 10)) == 70
+    assert usage.used("monthly", utc(2026, 4, 1)) == 0
 
 
-def test_fold_leaves_the_input_untouched() -> None:
-    before = UserUsage("alice")
-    fold(before, event(), ResetSchedule(), ALL)
-    assert before.daily == {} and before.last_event_at is None
+def test_fold_keys_periods_by_the_kinds_the_calendar_gives() -> None:
+    """No kind is named by the fold: whatever windows_at returns is folded by its kind."""
+    calendar = Calendar(ResetSchedule())
+    fold = Fold()
+    fold.add_event(event(tokens=5), calendar, ALL)
+    assert set(fold.changed()["alice"].periods) == {
+        w.kind for w in calendar.windows_at(utc(2026, 5, 10, 12))}
+
+
+def test_fold_leaves_the_initial_usage_untouched() -> None:
+    before = fold_events([event(tokens=1)], budgets())
+    fold_events([event(tokens=2)], budgets(), before)
+    assert before["alice"].periods["daily"] == {utc(2026, 5, 10): 1}
+
+
+def test_memory_store_keeps_offsets_and_skips_seen_ids() -> None:
+    store = MemoryStore(budgets())
+    assert store.apply([event(event_id="a"), event("bob", event_id="b")], {("t", 0): 2}) == {
+        "alice", "bob"}
+    assert store.apply([event(event_id="a")], {("t", 0): 3}) == set()
+    assert store.load_offsets() == {("t", 0): 3}
+    assert store.load_usages()["alice"].used("daily", utc(2026, 5, 10)) == 100
 
 
 def test_events_on_two_days_split_daily_but_share_month() -> None:
     events = [event(at=utc(2026, 5, 10, 23, 59)), event(at=utc(2026, 5, 11, 0, 0))]
     usage = fold_events(events, budgets())["alice"]
-    assert usage.daily == {utc(2026, 5, 10): 100, utc(2026, 5, 11): 100}
-    assert usage.monthly == {utc(2026, 5, 1): 200}
+    assert usage.periods["daily"] == {utc(2026, 5, 10): 100, utc(2026, 5, 11): 100}
+    assert usage.periods["monthly"] == {utc(2026, 5, 1): 200}
 
 
 def test_event_belongs_to_local_day() -> None:
     ny = budgets(reset_schedule=ResetSchedule(timezone="America/New_York"))
     usage = fold_events([event(at=utc(2026, 5, 11, 3))], ny)["alice"]  # 23:00 EDT May 10
-    assert usage.daily == {datetime(2026, 5, 10, tzinfo=ZoneInfo("America/New_York")): 100}
+    ny_day = datetime(2026, 5, 10, tzinfo=ZoneInfo("America/New_York"))
+    assert usage.periods["daily"] == {ny_day: 100}
 
 
 def test_users_are_folded_apart() -> None:
     usages = fold_events([event("alice", tokens=1), event("bob", tokens=2)], budgets())
-    assert usages["alice"].daily[utc(2026, 5, 10)] == 1
-    assert usages["bob"].daily[utc(2026, 5, 10)] == 2
+    assert usages["alice"].periods["daily"][utc(2026, 5, 10)] == 1
+    assert usages["bob"].periods["daily"][utc(2026, 5, 10)] == 2
 
 
 def test_duplicate_event_id_counts_once() -> None:
     one = event(event_id="same", tokens=100)
     usage = fold_events([one, one, one], budgets())["alice"]
-    assert usage.daily[utc(2026, 5, 10)] == 100
+    assert usage.periods["daily"][utc(2026, 5, 10)] == 100
 
 
 def test_first_event_with_an_id_wins() -> None:
     first, second = event(event_id="same", tokens=100), event(event_id="same", tokens=999)
-    assert fold_events([first, second], budgets())["alice"].daily[utc(2026, 5, 10)] == 100
+    assert fold_events([first, second], budgets())["alice"].used("daily", utc(2026, 5, 10)) == 100
 
 
 def test_seen_ids_carry_across_batches() -> None:
@@ -124,19 +145,19 @@ def test_seen_ids_carry_across_batches() -> None:
     one = event(event_id="a")
     usages = fold_events([one], budgets(), seen=seen)
     usages = fold_events([one, event(event_id="b")], budgets(), usages, seen)
-    assert usages["alice"].daily[utc(2026, 5, 10)] == 200
+    assert usages["alice"].periods["daily"][utc(2026, 5, 10)] == 200
     assert seen == {"a", "b"}
 
 
 def test_initial_users_without_new_events_are_kept() -> None:
-    start = {"carol": UserUsage("carol", {utc(2026, 5, 1): 5})}
+    start = {"carol": UserUsage("carol", {"daily": {utc(2026, 5, 1): 5}})}
     usages = fold_events([event("alice")], budgets(), start)
     assert usages["carol"] is start["carol"]
 
 
 def test_zero_token_event_still_marks_last_event() -> None:
     usage = fold_events([event(tokens=0)], budgets())["alice"]
-    assert usage.daily == {utc(2026, 5, 10): 0}
+    assert usage.periods["daily"] == {utc(2026, 5, 10): 0}
     assert usage.last_event_at == utc(2026, 5, 10, 12)
 
 
@@ -175,29 +196,9 @@ def test_with_labels_overrides_events() -> None:
     usage = fold_events([event(role="viewer", project="atlas")], budgets())["alice"]
     labelled = with_labels(usage, role="admin", project=None)
     assert (labelled.role, labelled.project) == ("admin", None)
-    later = fold(labelled, event(at=utc(2026, 5, 11), role="viewer"), ResetSchedule(), ALL)
+    later = fold_events([event(at=utc(2026, 5, 11), role="viewer")], budgets(),
+                        {"alice": labelled})["alice"]
     assert later.role == "admin"
-
-
-# batch totals ------------------------------------------------------------------------------
-
-
-def test_period_totals_aggregates_per_user_kind_and_start() -> None:
-    events = [event("alice", tokens=1), event("alice", tokens=2), event("bob", tokens=4)]
-    totals = period_totals(events, ResetSchedule(), ALL)
-    assert totals == {
-        ("alice", "daily", utc(2026, 5, 10)): 3,
-        ("alice", "weekly", utc(2026, 5, 4)): 3,
-        ("alice", "monthly", utc(2026, 5, 1)): 3,
-        ("bob", "daily", utc(2026, 5, 10)): 4,
-        ("bob", "weekly", utc(2026, 5, 4)): 4,
-        ("bob", "monthly", utc(2026, 5, 1)): 4,
-    }
-
-
-def test_period_totals_with_calendar_and_fields() -> None:
-    totals = period_totals([full_event()], Calendar(ResetSchedule()), ("output_tokens",))
-    assert totals[("alice", "daily", utc(2026, 5, 10))] == 20
 
 
 # wire round trip ---------------------------------------------------------------------------
@@ -206,8 +207,8 @@ def test_period_totals_with_calendar_and_fields() -> None:
 def test_to_balance_encodes_period_starts_as_utc_iso() -> None:
     usage = fold_events([event(role="dev")], budgets())["alice"]
     balance = to_balance(usage, utc(2026, 5, 10, 13))
-    assert balance.daily == {"2026-05-10T00:00:00+00:00": 100}
-    assert balance.monthly == {"2026-05-01T00:00:00+00:00": 100}
+    assert balance.periods["daily"] == {"2026-05-10T00:00:00+00:00": 100}
+    assert balance.periods["monthly"] == {"2026-05-01T00:00:00+00:00": 100}
     assert balance.role == "dev"
     assert balance.as_of == utc(2026, 5, 10, 13)
 
@@ -216,9 +217,9 @@ def test_balance_round_trip() -> None:
     events = [event(at=utc(2026, 5, d, 12), role="dev", project="atlas") for d in (1, 2, 3)]
     usage = fold_events(events, budgets())["alice"]
     back = from_balance(to_balance(usage, utc(2026, 6, 1)))
-    assert (back.daily, back.monthly, back.last_event_at) == (
-        usage.daily,
-        usage.monthly,
+    assert (back.periods["daily"], back.periods["monthly"], back.last_event_at) == (
+        usage.periods["daily"],
+        usage.periods["monthly"],
         usage.last_event_at,
     )
     assert (back.role, back.department, back.project) == ("dev", None, "atlas")
@@ -228,16 +229,29 @@ def test_balance_round_trip_through_json() -> None:
     usage = fold_events([event()], budgets())["alice"]
     text = to_balance(usage, utc(2026, 6, 1)).model_dump_json()
 
-    assert from_balance(BalanceUpdated.model_validate_json(text)).daily == usage.daily
+    assert from_balance(BalanceUpdated.model_validate_json(text)).periods == usage.periods
 
 
 def test_folding_onto_a_decoded_balance_continues_it() -> None:
     usage = from_balance(
         to_balance(fold_events([event(role="dev")], budgets())["alice"], utc(2026, 6, 1))
     )
-    more = fold(usage, event(at=utc(2026, 5, 10, 13), role="admin"), ResetSchedule(), ALL)
-    assert more.daily[utc(2026, 5, 10)] == 200
+    more = fold_events([event(at=utc(2026, 5, 10, 13), role="admin")], budgets(),
+                       {"alice": usage})["alice"]
+    assert more.periods["daily"][utc(2026, 5, 10)] == 200
     assert more.role == "admin"
+
+
+def test_balance_keeps_one_top_level_key_per_period_kind() -> None:
+    """budget.balances is compacted, so records written before periods were data stay:
+    the JSON keeps the `daily`/`monthly` keys, and a kind a record lacks reads as empty."""
+    usage = fold_events([event()], budgets())["alice"]
+    sent = orjson.loads(to_balance(usage, utc(2026, 6, 1)).model_dump_json())
+    assert "periods" not in sent
+    assert sent["daily"] == {"2026-05-10T00:00:00+00:00": 100}
+    old = {key: value for key, value in sent.items() if key not in ("weekly", "monthly")}
+    back = from_balance(BalanceUpdated.model_validate(old))
+    assert back.periods == {"daily": {utc(2026, 5, 10): 100}}
 
 
 def test_to_balance_needs_usage() -> None:
@@ -246,33 +260,6 @@ def test_to_balance_needs_usage() -> None:
 
 
 # properties --------------------------------------------------------------------------------
-
-USERS = ["alice", "bob", "carol"]
-ROLES = [None, "admin", "developer"]
-
-
-@st.composite
-def event_lists(draw: st.DrawFn) -> list[UsageRecorded]:
-    count = draw(st.integers(0, 30))
-    base = utc(2026, 2, 25)
-    events = []
-    for index in range(count):
-        minutes = draw(st.integers(0, 60 * 24 * 40))
-        events.append(
-            UsageRecorded(
-                event_id=f"ev{index}",
-                occurred_at=base + timedelta(minutes=minutes),
-                user_id=draw(st.sampled_from(USERS)),
-                model="m",
-                input_tokens=draw(st.integers(0, 5000)),
-                output_tokens=draw(st.integers(0, 5000)),
-                cache_read_tokens=draw(st.integers(0, 100)),
-                role=draw(st.sampled_from(ROLES)),
-                department=draw(st.sampled_from([None, "research", "ops"])),
-            )
-        )
-    return events
-
 
 PROPERTY_BUDGETS = budgets(
     reset_schedule=ResetSchedule(timezone="Europe/Berlin", monthly_reset_day=31)
@@ -306,20 +293,9 @@ def test_folding_in_batches_equals_folding_at_once(events: list[UsageRecorded], 
 
 @settings(max_examples=100)
 @given(event_lists())
-def test_period_totals_agree_with_the_fold(events: list[UsageRecorded]) -> None:
-    totals = period_totals(events, PROPERTY_BUDGETS.reset_schedule, PROPERTY_BUDGETS.counted_tokens)
+def test_every_period_kind_sums_to_the_total(events: list[UsageRecorded]) -> None:
+    fields = PROPERTY_BUDGETS.counted_tokens
     for user_id, usage in fold_events(events, PROPERTY_BUDGETS).items():
-        for start, tokens in usage.daily.items():
-            assert totals[(user_id, "daily", start)] == tokens
-        for start, tokens in usage.monthly.items():
-            assert totals[(user_id, "monthly", start)] == tokens
-    assert sum(totals.values()) == len(PERIODS) * sum(
-        counted_tokens(e, PROPERTY_BUDGETS.counted_tokens) for e in events
-    )
-
-
-@settings(max_examples=100)
-@given(event_lists())
-def test_daily_sums_to_total(events: list[UsageRecorded]) -> None:
-    for usage in fold_events(events, PROPERTY_BUDGETS).values():
-        assert sum(usage.daily.values()) == sum(usage.monthly.values())
+        total = sum(counted_tokens(e, fields) for e in events if e.user_id == user_id)
+        assert {kind: sum(totals.values()) for kind, totals in usage.periods.items()} == {
+            window.kind: total for window in Calendar(ResetSchedule()).windows_at(utc(2026, 1, 1))}

@@ -172,7 +172,7 @@ def test_rollover_across_dst_days() -> None:
 
 def test_period_limit_rolls_each_kind_up_from_the_days() -> None:
     rolled = budgets(1000, 10000, rollover={"enabled": True, "max_rollover_tokens": 50})
-    usage = UserUsage("a", daily=used(d0=10), monthly={})  # the stored months are not read
+    usage = UserUsage("a", {"daily": used(d0=10), "monthly": {}})  # stored months not read
     assert period_limit(1000, rolled, usage, day(1), CAL) == 1050
     assert period_limit(10000, rolled, usage, CAL.monthly_window(utc(2026, 6, 2)), CAL) == 10050
     assert period_limit(10000, rolled, usage, CAL.monthly_window(utc(2026, 5, 2)), CAL) == 10000
@@ -251,7 +251,8 @@ def test_group_usage_sums_members_per_period() -> None:
     research = groups["department:research"]
     assert research == GroupUsage(
         "department:research",
-        {"daily": {utc(2026, 5, 10): 30, utc(2026, 5, 11): 5}, "monthly": {utc(2026, 5, 1): 35}},
+        {"daily": {utc(2026, 5, 10): 30, utc(2026, 5, 11): 5},
+         "weekly": {utc(2026, 5, 4): 30, utc(2026, 5, 11): 5}, "monthly": {utc(2026, 5, 1): 35}},
     )
     assert groups["project:atlas"].periods["daily"] == {utc(2026, 5, 10): 50}
 

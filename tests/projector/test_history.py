@@ -14,6 +14,7 @@ from starlette.applications import Starlette
 from tally.config.loader import load_config
 from tally.services.projector import store
 from tally.services.projector.history import history, history_routes
+from tally.wire import PERIOD_NAMES
 from tests.paths import project_root
 
 CONFIG = load_config(project_root() / "config")  # UTC, days start at 00:00
@@ -30,9 +31,13 @@ def con(tmp_path: Path) -> duckdb.DuckDBPyConnection:
             ("old", "user_bob", TODAY - timedelta(days=3), "m/x", 999),  # before the window
             ("late", "user_bob", TODAY + timedelta(days=1), "m/x", 888)]  # after now
     for i, (event_id, user, day, model, tokens) in enumerate(rows):
-        con.execute("INSERT INTO ledger VALUES (?, ?, ?, ?, NULL, ?, 0, 0, 0, ?, ?, ?, "
-                    "NULL, NULL, NULL, NULL, NULL, NULL, 0, ?)",
-                    [event_id, user, day, model, tokens, tokens, day, day, i])
+        # the period starts are not read by the history: the day stands in for each
+        starts = ", ".join(f"{kind}_start" for kind in PERIOD_NAMES)
+        con.execute("INSERT INTO ledger (event_id, user_id, occurred_at, model, input_tokens, "
+                    f"output_tokens, cache_read_tokens, cache_write_tokens, tokens, {starts}, "
+                    "topic_partition, topic_offset) VALUES (?, ?, ?, ?, ?, 0, 0, 0, ?, "
+                    f"{', '.join('?' for _ in PERIOD_NAMES)}, 0, ?)",
+                    [event_id, user, day, model, tokens, tokens, *(day for _ in PERIOD_NAMES), i])
     return con
 
 

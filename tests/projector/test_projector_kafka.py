@@ -31,7 +31,7 @@ from tally.kafka import (
 from tally.services.projector import store
 from tally.services.projector.app import run_projector
 from tally.topics import Topics
-from tally.wire import BalanceUpdated, RejectedEvent, UsageRecorded
+from tally.wire import PERIOD_NAMES, BalanceUpdated, RejectedEvent, UsageRecorded
 
 pytestmark = pytest.mark.kafka
 
@@ -100,7 +100,7 @@ def expected(events: Iterable[UsageRecorded], config: Config) -> dict[str, UserU
 def period_rows(usages: dict[str, UserUsage]) -> set[tuple[Any, ...]]:
     return {(u.user_id, kind, start, tokens)
             for u in usages.values()
-            for kind, periods in (("daily", u.daily), ("monthly", u.monthly))
+            for kind, periods in u.periods.items()
             for start, tokens in periods.items()}
 
 
@@ -170,10 +170,9 @@ def db_rows(db: Path, sql: str) -> set[tuple[Any, ...]]:
 
 
 BALANCES = "SELECT user_id, period, period_start, tokens FROM balances"
-RECOUNT = """
-    SELECT user_id, 'daily', daily_start, sum(tokens) FROM ledger GROUP BY ALL
-    UNION ALL SELECT user_id, 'monthly', monthly_start, sum(tokens) FROM ledger GROUP BY ALL
-"""
+RECOUNT = " UNION ALL ".join(
+    f"SELECT user_id, '{kind}', {kind}_start, sum(tokens) FROM ledger GROUP BY ALL"
+    for kind in PERIOD_NAMES)
 
 
 async def latest_balances(bootstrap: str, topic: str, users: int) -> dict[str, BalanceUpdated]:

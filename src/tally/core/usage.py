@@ -1,49 +1,59 @@
 """A user's usage per period, as a fold over UsageRecorded events.
 
-The fold adds each event's counted tokens to the daily and monthly periods containing its
-`occurred_at`. Sums commute, and the labels (role, department, project) are taken from the
-latest event that states them, ordered by (occurred_at, event_id), so the result does not
-depend on the order of the events. `fold_events` skips an event_id it has already seen,
-which makes replaying a stream with duplicates harmless.
+The fold rule, stated once. Every store applies it: `fold_events` and `MemoryStore` here,
+the projector's DuckDB store (its mirror through `Fold`, its balances and labels in SQL),
+and tests/core/test_stores.py checks each store against `fold_events` on random streams.
+
+1. An event counts once: the first with a given event_id wins, later copies are skipped.
+2. Its counted tokens (budgets.yaml `counted_tokens`) are added to every period holding
+   its `occurred_at`, one per period kind (`Calendar.windows_at`), keyed by the window's
+   kind and start (UTC).
+3. `last_event_at` is the latest `occurred_at` (UTC).
+4. Each label (role, department, project) is the value stated by the latest event that
+   states it, ordered by (occurred_at, event_id).
+
+Sums and maxima commute, so the result depends neither on the order of the events nor on
+how they are cut into batches.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from operator import attrgetter
-from typing import Protocol, cast
+from typing import Protocol, TypeVar
 
-from tally.config.models import PerUserBudgets, ResetSchedule, TokenField
+from tally.config.models import PerUserBudgets, TokenField
 from tally.core.periods import Calendar, calendar_for
-from tally.wire import BalanceUpdated, PeriodName, UsageRecorded
+from tally.wire import PERIOD_NAMES, BalanceUpdated, PeriodName, UsageRecorded
 
 __all__ = [
     "LABELS",
-    "PeriodKey",
+    "Fold",
+    "MemoryStore",
+    "Offsets",
     "PeriodUsage",
+    "Periods",
     "Stamped",
+    "UsageStore",
     "UserUsage",
     "counted_tokens",
-    "fold",
     "fold_events",
     "from_balance",
-    "period_totals",
     "to_balance",
     "with_labels",
 ]
 
 LABELS = ("role", "department", "project")
-PeriodKey = tuple[str, PeriodName, datetime]  # (user_id, kind, window start in UTC)
+Periods = Mapping[PeriodName, Mapping[datetime, int]]  # kind -> window start (UTC) -> tokens
+Offsets = Mapping[tuple[str, int], int]  # (topic, partition) -> next offset to read
 
 
 class PeriodUsage(Protocol):
-    """Anything with tokens used per period start, per period kind: a user or a group. A
-    kind it holds nothing of is rolled up from its days (tally.core.limits.usage_in)."""
+    """Anything with tokens used per period kind and start: a user or a group."""
 
     @property
-    def periods(self) -> Mapping[PeriodName, Mapping[datetime, int]]: ...
+    def periods(self) -> Periods: ...
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -57,11 +67,11 @@ class Stamped:
 
 @dataclass(frozen=True, slots=True)
 class UserUsage:
-    """Tokens used per period start (UTC), for one user. Treat the mappings as read-only."""
+    """Tokens used per period kind and start (UTC), for one user. Treat the mappings as
+    read-only."""
 
     user_id: str
-    daily: Mapping[datetime, int] = field(default_factory=dict)
-    monthly: Mapping[datetime, int] = field(default_factory=dict)
+    periods: Periods = field(default_factory=dict)
     last_event_at: datetime | None = None
     labels: Mapping[str, Stamped] = field(default_factory=dict)
 
@@ -81,11 +91,6 @@ class UserUsage:
         stamped = self.labels.get(name)
         return None if stamped is None else stamped.value
 
-    @property
-    def periods(self) -> Mapping[PeriodName, Mapping[datetime, int]]:
-        """The kinds this fold keeps (the limits read every kind from the days: usage_in)."""
-        return {"daily": self.daily, "monthly": self.monthly}
-
     def used(self, kind: PeriodName, start: datetime) -> int:
         return self.periods.get(kind, {}).get(start, 0)
 
@@ -95,16 +100,45 @@ def counted_tokens(event: UsageRecorded, fields: Iterable[TokenField]) -> int:
     return sum(getattr(event, name) for name in fields)
 
 
-def fold(
-    usage: UserUsage,
-    event: UsageRecorded,
-    schedule: ResetSchedule | Calendar,
-    fields: Iterable[TokenField],
-) -> UserUsage:
-    """Add one event to a user's usage (no dedupe here: see fold_events)."""
-    builder = _Builder(usage)
-    builder.add(event, _calendar(schedule), tuple(fields))
-    return builder.build()
+class Fold:
+    """The fold rule (rules 2-4 of the module doc) over many users: start from `initial`,
+    `add` events, read the users they changed with `changed`. Mutable; the usages it
+    returns are new objects, `initial` is left as it was."""
+
+    def __init__(self, initial: Mapping[str, UserUsage] | None = None) -> None:
+        self._initial = initial or {}
+        self._users: dict[str, _Builder] = {}
+
+    def add(self, user_id: str, event_id: str, at: datetime, tokens: int,
+            starts: Iterable[tuple[PeriodName, datetime]],
+            labels: Iterable[tuple[str, str | None]]) -> None:
+        """One event, already reduced to what the rule reads: `at` in UTC, its counted
+        tokens, the (kind, start) of each period holding it, its (label, value) pairs."""
+        builder = self._users.get(user_id)
+        if builder is None:
+            prior = self._initial.get(user_id) or UserUsage(user_id)
+            builder = self._users[user_id] = _Builder(prior)
+        builder.add(at, event_id, tokens, starts, labels)
+
+    def add_event(self, event: UsageRecorded, calendar: Calendar,
+                  fields: Iterable[TokenField]) -> None:
+        self.add(event.user_id, event.event_id, event.occurred_at.astimezone(UTC),
+                 counted_tokens(event, fields),
+                 [(window.kind, window.start) for window in calendar.windows_at(event.occurred_at)],
+                 [(name, getattr(event, name)) for name in LABELS])
+
+    def add_new(self, events: Iterable[UsageRecorded], calendar: Calendar,
+                fields: Iterable[TokenField], seen: set[str]) -> None:
+        """Rule 1: each event whose event_id is not in `seen` (which is updated in place)."""
+        fields = tuple(fields)
+        for event in events:
+            if event.event_id not in seen:
+                seen.add(event.event_id)
+                self.add_event(event, calendar, fields)
+
+    def changed(self) -> dict[str, UserUsage]:
+        """The usage of every user an added event belongs to."""
+        return {user_id: builder.build() for user_id, builder in self._users.items()}
 
 
 def fold_events(
@@ -118,87 +152,99 @@ def fold_events(
     `seen` is updated in place when given, so a caller can fold batch after batch.
     The first event with a given event_id wins.
     """
-    seen = set() if seen is None else seen
-    builders: dict[str, _Builder] = {}
-    calendar = calendar_for(budgets.reset_schedule)
-    fields = budgets.counted_tokens
-    start = dict(initial or {})
-    for event in events:
-        if event.event_id in seen:
-            continue
-        seen.add(event.event_id)
-        builder = builders.get(event.user_id)
-        if builder is None:
-            prior = start.get(event.user_id) or UserUsage(event.user_id)
-            builder = builders[event.user_id] = _Builder(prior)
-        builder.add(event, calendar, fields)
-    result = {user_id: usage for user_id, usage in start.items()}
-    result.update({user_id: b.build() for user_id, b in builders.items()})
-    return result
+    fold = Fold(initial)
+    fold.add_new(events, calendar_for(budgets.reset_schedule), budgets.counted_tokens,
+                 set() if seen is None else seen)
+    return {**(initial or {}), **fold.changed()}
 
 
 class _Builder:
     """The mutable side of one user's fold, frozen again by build()."""
 
+    __slots__ = ("labels", "last_event_at", "periods", "user_id")
+
     def __init__(self, usage: UserUsage) -> None:
         self.user_id = usage.user_id
-        self.daily = dict(usage.daily)
-        self.monthly = dict(usage.monthly)
-        self.kept: dict[PeriodName, dict[datetime, int]] = {
-            "daily": self.daily, "monthly": self.monthly}
+        self.periods = {kind: dict(totals) for kind, totals in usage.periods.items()}
         self.last_event_at = usage.last_event_at
         self.labels = dict(usage.labels)
 
-    def add(self, event: UsageRecorded, calendar: Calendar, fields: Iterable[TokenField]) -> None:
-        tokens = counted_tokens(event, fields)
-        for window in calendar.windows_at(event.occurred_at):
-            totals = self.kept.get(window.kind)
-            if totals is not None:  # a kind not kept here is rolled up from days when read
-                totals[window.start] = totals.get(window.start, 0) + tokens
-        at = event.occurred_at.astimezone(UTC)
+    def add(self, at: datetime, event_id: str, tokens: int,
+            starts: Iterable[tuple[PeriodName, datetime]],
+            labels: Iterable[tuple[str, str | None]]) -> None:
+        for kind, start in starts:
+            totals = self.periods.get(kind)
+            if totals is None:
+                totals = self.periods[kind] = {}
+            totals[start] = totals.get(start, 0) + tokens
         if self.last_event_at is None or at > self.last_event_at:
             self.last_event_at = at
-        for name in LABELS:
-            value = getattr(event, name)
+        for name, value in labels:
             if value is not None:
-                self._label(name, Stamped(at, event.event_id, value))
-
-    def _label(self, name: str, stamped: Stamped) -> None:
-        current = self.labels.get(name)
-        if current is None or stamped > current:
-            self.labels[name] = stamped
+                stamped = Stamped(at, event_id, value)
+                current = self.labels.get(name)
+                if current is None or stamped > current:
+                    self.labels[name] = stamped
 
     def build(self) -> UserUsage:
-        return UserUsage(self.user_id, self.daily, self.monthly, self.last_event_at, self.labels)
+        return UserUsage(self.user_id, self.periods, self.last_event_at, self.labels)
 
 
-def period_totals(
-    events: Iterable[UsageRecorded],
-    schedule: ResetSchedule | Calendar,
-    fields: Iterable[TokenField],
-) -> dict[PeriodKey, int]:
-    """Counted tokens per (user_id, kind, window start): one batch, aggregated.
+# stores ------------------------------------------------------------------------------------
 
-    No dedupe: the caller has already dropped events it has seen.
-    """
-    windows_at = _calendar(schedule).windows_at
-    tokens_of = _token_counter(fields)
-    totals: dict[PeriodKey, int] = {}
-    for event in events:
-        tokens = tokens_of(event)
-        for window in windows_at(event.occurred_at):
-            key: PeriodKey = (event.user_id, window.kind, window.start)
-            totals[key] = totals.get(key, 0) + tokens
-    return totals
+Batch = TypeVar("Batch", contravariant=True)
 
 
-def _token_counter(fields: Iterable[TokenField]) -> Callable[[UsageRecorded], int]:
-    # The hot loop of the projector: one C-level attrgetter instead of a generator per event.
-    names = tuple(fields)
-    if len(names) == 1:
-        return cast(Callable[[UsageRecorded], int], attrgetter(names[0]))
-    getter = attrgetter(*names)
-    return lambda event: sum(getter(event))
+class UsageStore(Protocol[Batch]):
+    """Where the fold's results live: in memory (`MemoryStore`: `tally simulate`, the
+    benchmarks' baselines) or in DuckDB (the projector's `DuckDBStore`, which takes decoded
+    ledger rows). Both give the usages `fold_events` gives for the same events."""
+
+    def apply(self, batch: Batch, offsets: Offsets) -> set[str]:
+        """Fold the batch's events not seen before and store `offsets` with them, all or
+        nothing; the users whose usage changed."""
+        ...
+
+    def load_offsets(self) -> dict[tuple[str, int], int]:
+        """The offsets stored with the last batch of each (topic, partition)."""
+        ...
+
+    def load_usages(self) -> dict[str, UserUsage]:
+        """Every user's usage as stored."""
+        ...
+
+
+class MemoryStore:
+    """The fold in memory, over UsageRecorded events. A validated event cannot fail the
+    fold halfway, so a batch is applied whole."""
+
+    def __init__(self, budgets: PerUserBudgets) -> None:
+        self._calendar = calendar_for(budgets.reset_schedule)
+        self._fields = budgets.counted_tokens
+        self._usages: dict[str, UserUsage] = {}
+        self._seen: set[str] = set()
+        self._offsets: dict[tuple[str, int], int] = {}
+
+    def apply(self, batch: Iterable[UsageRecorded], offsets: Offsets) -> set[str]:
+        fold = Fold(self._usages)
+        fold.add_new(batch, self._calendar, self._fields, self._seen)
+        changed = fold.changed()
+        self._usages.update(changed)
+        self._offsets.update(offsets)
+        return set(changed)
+
+    def load_offsets(self) -> dict[tuple[str, int], int]:
+        return dict(self._offsets)
+
+    def load_usages(self) -> dict[str, UserUsage]:
+        return dict(self._usages)
+
+
+def _is_a_usage_store(memory: MemoryStore) -> UsageStore[Iterable[UsageRecorded]]:
+    return memory  # for mypy: MemoryStore keeps to the interface
+
+
+# the wire ----------------------------------------------------------------------------------
 
 
 def to_balance(usage: UserUsage, as_of: datetime) -> BalanceUpdated:
@@ -210,8 +256,7 @@ def to_balance(usage: UserUsage, as_of: datetime) -> BalanceUpdated:
         role=usage.role,
         department=usage.department,
         project=usage.project,
-        daily=_encode(usage.daily),
-        monthly=_encode(usage.monthly),
+        periods={kind: _encode(usage.periods.get(kind, {})) for kind in PERIOD_NAMES},
         last_event_at=usage.last_event_at,
         as_of=as_of,
     )
@@ -227,8 +272,7 @@ def from_balance(balance: BalanceUpdated) -> UserUsage:
     }
     return UserUsage(
         user_id=balance.user_id,
-        daily=_decode(balance.daily),
-        monthly=_decode(balance.monthly),
+        periods={kind: _decode(totals) for kind, totals in balance.periods.items() if totals},
         last_event_at=at,
         labels=labels,
     )
@@ -244,10 +288,6 @@ def with_labels(usage: UserUsage, **values: str | None) -> UserUsage:
         else:
             labels[name] = Stamped(datetime.max.replace(tzinfo=UTC), "", value)
     return replace(usage, labels=labels)
-
-
-def _calendar(schedule: ResetSchedule | Calendar) -> Calendar:
-    return schedule if isinstance(schedule, Calendar) else calendar_for(schedule)
 
 
 def _encode(periods: Mapping[datetime, int]) -> dict[str, int]:

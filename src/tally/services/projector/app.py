@@ -26,7 +26,7 @@ from tally.access import Access
 from tally.cli import command_main
 from tally.config.loader import load_config
 from tally.config.models import Config
-from tally.core.usage import UserUsage, to_balance
+from tally.core.usage import Offsets, UserUsage, to_balance
 from tally.kafka import (
     CatchUp,
     Record,
@@ -77,9 +77,9 @@ class Decoded:
         return cls(table, rejected(r for r in records if r.topic == dlq),
                    next_offsets(records), skipped)
 
-    def apply(self, con: duckdb.DuckDBPyConnection) -> store.Applied:
+    def apply(self, into: store.DuckDBStore) -> set[str]:
         """One transaction: the same write path for the live projector and replay."""
-        return store.apply_batch(con, self.events, self.offsets, self.rejected)
+        return into.apply(self.events, self.offsets, self.rejected)
 
 
 async def assign_from(consumer: AIOKafkaConsumer, names: Iterable[str],
@@ -111,17 +111,18 @@ class Projector:
         # A cursor of its own: the audit endpoint makes its cursors from `con` meanwhile.
         self.writer = con.cursor()
         store.index_event_ids(self.writer)  # small live batches: dedupe by index lookups
+        self.store = store.DuckDBStore(self.writer)
         self.decoder = Decoder.of(config.budgets.per_user_budgets)
         self.topics = topics
         self.producer = producer
-        self.mirror: dict[str, UserUsage] = store.load_usages(self.writer)
+        self.mirror: dict[str, UserUsage] = self.store.load_usages()
         self.publish_before_commit = publish_before_commit
         self._work: asyncio.Future[None] | None = None
         self._acks: asyncio.Future[list[object]] | None = None
         self.metrics = Metrics()
         self.held: dict[tuple[str, int], int] = {}  # see hold_until
 
-    def hold_until(self, stored: store.Offsets, ends: store.Offsets) -> None:
+    def hold_until(self, stored: Offsets, ends: Offsets) -> None:
         """Send no balance until the consumer reaches `ends` (the topics' ends at start).
         Balances go out before their commit, so a killed run may have sent more than it
         stored: sent before then, the stored (older) figures would make decisions go back."""
@@ -141,16 +142,16 @@ class Projector:
         """Decode a batch, open its transaction to find its new events, and fold them into
         the mirror: all a publish needs. `complete` writes the rest and commits."""
         decoded = Decoded.of(self.decoder, self.topics, records)
-        applied = store.begin_batch(self.writer, decoded.events)
+        applied = self.store.begin(decoded.events)
         try:
-            store.merge_usages(self.mirror, store.usages_of(applied.new))
+            self.mirror.update(store.with_rows(self.mirror, applied.new))
         except BaseException:
             self.writer.execute("ROLLBACK")
             raise
         return decoded, applied
 
     def complete(self, decoded: Decoded, applied: store.Applied) -> None:
-        store.finish_batch(self.writer, applied, decoded.offsets, decoded.rejected)
+        self.store.finish(applied, decoded.offsets, decoded.rejected)
 
     async def handle(self, records: list[Record]) -> None:
         """Fold a batch; if it fails on what it holds, find the record at fault by halves
@@ -180,7 +181,7 @@ class Projector:
 
     def restore(self) -> None:
         """After a failed batch (rolled back): the mirror as stored, without its part."""
-        self.mirror = store.load_usages(self.writer)
+        self.mirror = self.store.load_usages()
 
     async def split(self, records: list[Record]) -> None:
         """Fold each half on its own (balances sent after each commit), halving again
@@ -201,12 +202,11 @@ class Projector:
         write of the offsets it stands at: if the store itself fails (a full disk), that
         raises, and no record is blamed for it."""
         here = {(record.topic, record.partition): record.offset}
-        await asyncio.to_thread(store.apply_batch, self.writer, store.no_events(), here)
+        await asyncio.to_thread(self.store.apply, store.no_events(), here)
         reason = "projector: this record fails the fold even alone"
         log.error("dead-lettering %s: %s", record.source, reason)
         await self.dead_letter([(record, reason)])
-        await asyncio.to_thread(store.apply_batch, self.writer, store.no_events(),
-                                next_offsets([record]))
+        await asyncio.to_thread(self.store.apply, store.no_events(), next_offsets([record]))
 
     async def dead_letter(self, skipped: Skipped) -> None:
         """usage.events records that cannot be counted go to usage.dlq, acknowledged before
@@ -301,11 +301,12 @@ async def run_projector(config: Config, bootstrap: str, topics: Topics, db_path:
     await ensure_topics(bootstrap, topics, partitions)
     db_path.parent.mkdir(parents=True, exist_ok=True)
     async with contextlib.AsyncExitStack() as stack:
-        con = stack.enter_context(store.connect(db_path))
+        con = stack.enter_context(store.connect(db_path, schedule=config.budgets
+                                                .per_user_budgets.reset_schedule))
         consumer = await stack.enter_async_context(started(make_consumer(bootstrap)))
         producer = await stack.enter_async_context(started(make_producer(bootstrap)))
         projector = Projector(con, config, topics, producer, publish_before_commit)
-        stored = store.load_offsets(projector.writer)
+        stored = projector.store.load_offsets()
         parts = await assign_from(consumer, (topics.usage_events, topics.usage_dlq), stored)
         if publish_before_commit:
             projector.hold_until(stored, (await CatchUp.taken(consumer, parts)).by_key())

@@ -3,7 +3,8 @@
 usage.events holds what ingest already validated, so a batch is first decoded whole, in
 C++: its values joined as JSON lines and read by `pyarrow.json.read_json` (~2 us an event,
 and the GIL released), the counted tokens summed column-wise and the period starts taken
-from the core's `Calendar` once per window the batch touches. Anything that path does not
+from the core's `Calendar` once per window the batch touches (one start column per period
+kind). Anything that path does not
 accept exactly (a missing or null field, a wrong type, a time without a zone, an empty
 id, a value outside the wire contract's ranges) sends the whole batch down the per-record
 path: orjson and a few dict lookups (~8 us an event), where a record that still fails to
@@ -30,17 +31,19 @@ import pyarrow.compute as pc
 import pyarrow.json as pj
 
 from tally.config.models import PerUserBudgets, TokenField
-from tally.core.periods import Calendar, Window, Windows, calendar_for, window_of
+from tally.core.periods import Calendar, Window, calendar_for
 from tally.core.usage import counted_tokens
 from tally.kafka import Record
 from tally.service import error_text
-from tally.services.projector.store import LEDGER_ARROW, REJECTED_ARROW
+from tally.services.projector.store import LEDGER_ARROW, REJECTED_ARROW, start_column
 from tally.wire import (
     CONTROL_CHARACTERS,
     EARLIEST_EVENT,
     LATEST_EVENT,
     MAX_TEXT,
     MAX_TOKENS,
+    PERIOD_NAMES,
+    PeriodName,
     UsageRecorded,
 )
 
@@ -62,7 +65,7 @@ _JSON_SCHEMA = pa.schema(
 _PARSE = pj.ParseOptions(explicit_schema=_JSON_SCHEMA, unexpected_field_behavior="ignore")
 # One thread: the projector's other stages (Kafka fetch, DuckDB) use the other core.
 _READ = pj.ReadOptions(use_threads=False, block_size=64 * 1024 * 1024)
-_MAX_WINDOWS = 64  # more daily windows than this in one batch: the per-record path
+_MAX_WINDOWS = 64  # more changes of period than this in one batch: the per-record path
 
 
 @dataclass(frozen=True)
@@ -111,14 +114,16 @@ class Decoder:
             total = pc.add_checked(total, raw.column(name))
         return total
 
-    def _starts(self, at: pa.ChunkedArray) -> tuple[pa.ChunkedArray, pa.ChunkedArray] | None:
-        """(daily_start, monthly_start) of every instant, from the windows they fall in."""
-        windows = _windows_touched(self.calendar, at)
-        if windows is None:
+    def _starts(self, at: pa.ChunkedArray) -> dict[PeriodName, pa.ChunkedArray] | None:
+        """Per period kind, the start of every instant's period, from the windows touched."""
+        touched = _windows_touched(self.calendar, at)
+        if touched is None:
             return None
-        days = [window_of(w, "daily") for w in windows]
-        months = {m.start: m for m in (window_of(w, "monthly") for w in windows)}
-        return _start_in(at, days), _start_in(at, list(months.values()))
+        of_kind: dict[PeriodName, dict[datetime, Window]] = {}
+        for windows in touched:
+            for window in windows:
+                of_kind.setdefault(window.kind, {})[window.start] = window
+        return {kind: _start_in(at, list(windows.values())) for kind, windows in of_kind.items()}
 
     def one_by_one(self, records: Iterable[Record]) -> tuple[pa.Table, Skipped]:
         """The per-record path: a record that fails to decode is logged and skipped."""
@@ -143,12 +148,12 @@ class Decoder:
             raise TypeError(f"expected a JSON object, got {type(data).__name__}")
         event = UsageRecorded.model_validate({k: data[k] for k in _FIELDS if k in data})
         at = event.occurred_at.astimezone(UTC)
-        windows = self.calendar.windows_at(at)
+        starts = {window.kind: window.start for window in self.calendar.windows_at(at)}
         return (
             event.event_id, event.user_id, at, event.model, event.provider,
             event.input_tokens, event.output_tokens, event.cache_read_tokens,
             event.cache_write_tokens, counted_tokens(event, self.counted),
-            window_of(windows, "daily").start, window_of(windows, "monthly").start,
+            *(starts[kind] for kind in PERIOD_NAMES),
             *(getattr(event, name) for name in _OPTIONAL[1:]),
             record.partition, record.offset,
         )
@@ -202,17 +207,19 @@ def _within(column: pa.ChunkedArray, low: Any, high: Any) -> bool:
     return bool(bounds["min"].as_py() >= low and bounds["max"].as_py() <= high)
 
 
-def _windows_touched(calendar: Calendar, at: pa.ChunkedArray) -> list[Windows] | None:
-    """The windows (of every kind) holding some instant of `at`, in time order; None past
-    _MAX_WINDOWS. Walks from the earliest instant, jumping over days without events."""
-    found: list[Windows] = []
+def _windows_touched(calendar: Calendar, at: pa.ChunkedArray,
+                     ) -> list[tuple[Window, ...]] | None:
+    """The windows (one per period kind) holding some instant of `at`, in time order; None
+    past _MAX_WINDOWS. Walks from the earliest instant to the next end of a window, jumping
+    over stretches without events."""
+    found: list[tuple[Window, ...]] = []
     earliest = pc.min(at).as_py()
     while earliest is not None:
         if len(found) == _MAX_WINDOWS:
             return None
         windows = calendar.windows_at(earliest)
         found.append(windows)
-        later = pc.greater_equal(at, pa.scalar(window_of(windows, "daily").end, _TS))
+        later = pc.greater_equal(at, pa.scalar(min(w.end for w in windows), _TS))
         earliest = pc.min(pc.filter(at, later)).as_py()
     return found
 
@@ -228,12 +235,12 @@ def _start_in(at: pa.ChunkedArray, windows: list[Window]) -> pa.ChunkedArray:
 
 
 def _ledger_table(raw: pa.Table, at: pa.ChunkedArray, tokens: pa.ChunkedArray,
-                  starts: tuple[pa.ChunkedArray, pa.ChunkedArray], partitions: pa.Array,
+                  starts: dict[PeriodName, pa.ChunkedArray], partitions: pa.Array,
                   offsets: pa.Array) -> pa.Table:
     columns = {
         **{name: raw.column(name) for name in raw.column_names},
-        "occurred_at": at, "tokens": tokens, "daily_start": starts[0],
-        "monthly_start": starts[1],
+        "occurred_at": at, "tokens": tokens,
+        **{start_column(kind): column for kind, column in starts.items()},
         "topic_partition": partitions, "topic_offset": offsets,
     }
     return pa.table([columns[name] for name in LEDGER_ARROW.names], schema=LEDGER_ARROW)

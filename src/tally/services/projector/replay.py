@@ -88,7 +88,8 @@ async def replay(config: Config, bootstrap: str, topics: Topics, db_path: Path,
         ends = catch_up.ends
         starts = await consumer.beginning_offsets(parts)
         progress = Progress(sum(ends[tp] - starts[tp] for tp in parts), out)
-        with store.connect(db_path) as con:
+        schedule = config.budgets.per_user_budgets.reset_schedule
+        with store.connect(db_path, schedule=schedule) as con:
             con.execute(f"SET memory_limit = '{REPLAY_DUCKDB_MEMORY}'")
             await _fold(consumer, con, Decoder.of(config.budgets.per_user_budgets), topics,
                         catch_up, progress)
@@ -106,7 +107,7 @@ async def _fold(consumer: AIOKafkaConsumer, con: duckdb.DuckDBPyConnection, deco
     released); each stage runs in order, so commits stay in offset order."""
     pending = set(await catch_up.behind(consumer))
     decoding: asyncio.Future[Decoded] | None = None
-    writing: asyncio.Future[store.Applied] | None = None
+    writing: asyncio.Future[set[str]] | None = None
     async for fetched in _until_ends(consumer, pending, catch_up.ends):
         if decoding is not None:
             writing = await _write_next(con, await decoding, writing)
@@ -119,11 +120,11 @@ async def _fold(consumer: AIOKafkaConsumer, con: duckdb.DuckDBPyConnection, deco
 
 
 async def _write_next(con: duckdb.DuckDBPyConnection, decoded: Decoded,
-                      writing: asyncio.Future[store.Applied] | None,
-                      ) -> asyncio.Future[store.Applied]:
+                      writing: asyncio.Future[set[str]] | None,
+                      ) -> asyncio.Future[set[str]]:
     if writing is not None:
         await writing
-    return asyncio.ensure_future(asyncio.to_thread(decoded.apply, con))
+    return asyncio.ensure_future(asyncio.to_thread(decoded.apply, store.DuckDBStore(con)))
 
 
 Fetched = dict[TopicPartition, list[Any]]  # aiokafka ConsumerRecords per partition

@@ -6,29 +6,43 @@ balances contain. Writes are set-wise (one grouped statement per table per batch
 DuckDB takes ~350 single-row upserts/s but 200k+ rows/s as a grouped INSERT ... SELECT.
 
 The ledger has no primary key: `dedupe` says which events of a batch are new.
+
+The fold rule is tally.core.usage's (its module doc); here it is applied set-wise for
+speed: balances are the sums of the new ledger rows per (user, period kind, period start),
+labels the latest (occurred_at, event_id) stating them (LABELS_SQL), and the in-memory
+mirror is updated through the core's `Fold`. tests/core/test_stores.py checks this store
+against `fold_events` on random streams. Period kinds are data (`PERIOD_NAMES`): the
+ledger has one `<kind>_start` column per kind, balances a row per (user_id, period,
+period_start), and `connect` adds (and fills) the column and balances of a kind a file
+was written without.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tally.core.usage import LABELS, Stamped, UserUsage
+from tally.config.models import ResetSchedule
+from tally.core.periods import Calendar, Window, calendar_for
+from tally.core.usage import LABELS, Fold, Offsets, Stamped, UsageStore, UserUsage
 from tally.services.projector import dedupe
+from tally.wire import PERIOD_NAMES, PeriodName
 
 __all__ = [
     "LEDGER_ARROW",
     "REJECTED_ARROW",
     "Applied",
+    "DuckDBStore",
+    "StoreError",
     "apply_batch",
     "begin_batch",
     "connect",
@@ -37,22 +51,29 @@ __all__ = [
     "index_event_ids",
     "load_offsets",
     "load_usages",
-    "merge_usages",
-    "new_usages",
     "no_events",
-    "usages_of",
+    "start_column",
+    "with_rows",
 ]
 
-Offsets = Mapping[tuple[str, int], int]  # (topic, partition) -> next offset to read
-
 _TS = pa.timestamp("us", tz="UTC")
+
+
+def start_column(kind: PeriodName) -> str:
+    """The ledger's column of the start of each event's period of this kind."""
+    if not kind.isidentifier():  # it goes into SQL text
+        raise ValueError(f"period kind {kind!r} is not an identifier")
+    return f"{kind}_start"
+
+
+START_COLUMNS = tuple(start_column(kind) for kind in PERIOD_NAMES)
 
 LEDGER_ARROW = pa.schema([
     ("event_id", pa.string()), ("user_id", pa.string()), ("occurred_at", _TS),
     ("model", pa.string()), ("provider", pa.string()),
     ("input_tokens", pa.int64()), ("output_tokens", pa.int64()),
     ("cache_read_tokens", pa.int64()), ("cache_write_tokens", pa.int64()),
-    ("tokens", pa.int64()), ("daily_start", _TS), ("monthly_start", _TS),
+    ("tokens", pa.int64()), *((name, _TS) for name in START_COLUMNS),
     ("session_key", pa.string()), ("channel", pa.string()), ("source", pa.string()),
     ("role", pa.string()), ("department", pa.string()), ("project", pa.string()),
     ("topic_partition", pa.int32()), ("topic_offset", pa.int64()),
@@ -64,7 +85,9 @@ REJECTED_ARROW = pa.schema([
     ("rejected_at", _TS), ("partition", pa.int32()), ("offset", pa.int64()),
 ])
 
-SCHEMA_SQL = """
+_START_COLUMNS_SQL = " ".join(f"{name} TIMESTAMPTZ NOT NULL," for name in START_COLUMNS)
+_KINDS = ", ".join(PERIOD_NAMES)
+SCHEMA_SQL = f"""
 CREATE TABLE IF NOT EXISTS ledger (
     event_id VARCHAR NOT NULL,  -- an event counts once, however resent (see the docstring)
     user_id VARCHAR NOT NULL,
@@ -76,8 +99,7 @@ CREATE TABLE IF NOT EXISTS ledger (
     cache_read_tokens BIGINT NOT NULL,
     cache_write_tokens BIGINT NOT NULL,
     tokens BIGINT NOT NULL,  -- counted tokens (budgets.yaml counted_tokens)
-    daily_start TIMESTAMPTZ NOT NULL,
-    monthly_start TIMESTAMPTZ NOT NULL,
+    {_START_COLUMNS_SQL}
     session_key VARCHAR,
     channel VARCHAR,
     source VARCHAR,
@@ -89,7 +111,7 @@ CREATE TABLE IF NOT EXISTS ledger (
 );
 CREATE TABLE IF NOT EXISTS balances (
     user_id VARCHAR NOT NULL,
-    period VARCHAR NOT NULL,  -- 'daily' | 'monthly'
+    period VARCHAR NOT NULL,  -- a period kind: {_KINDS}
     period_start TIMESTAMPTZ NOT NULL,
     tokens BIGINT NOT NULL,
     PRIMARY KEY (user_id, period, period_start)
@@ -111,9 +133,9 @@ CREATE TABLE IF NOT EXISTS offsets (
 );
 """
 
-# Per user: the last event, and each label stated by the latest event (by occurred_at, then
-# event_id) that states it: the core's rule (tally.core.usage.Stamped), so it does not depend
-# on the order events arrive in. A struct compares field by field, like Stamped.
+# Rules 3 and 4 of the fold (tally.core.usage), set-wise: per user, the last event, and each
+# label stated by the latest event (by occurred_at, then event_id) that states it. A struct
+# compares field by field, like the core's Stamped.
 LABELS_SQL = """
 SELECT user_id, max(occurred_at) AS last_event_at,
     max({{'at': occurred_at, 'event_id': event_id, 'value': role}})
@@ -144,14 +166,36 @@ FROM ledger GROUP BY ALL;
 CREATE OR REPLACE VIEW rejected_by_reason AS
 SELECT reason, count(*) AS events, min(rejected_at) AS first_at, max(rejected_at) AS last_at
 FROM rejected GROUP BY ALL;
--- The monthly period that holds now (the newest one started): 'top users this month'.
-CREATE OR REPLACE VIEW this_month AS
-SELECT b.user_id, u.role, u.department, u.project, b.period_start, b.tokens
+-- Of each period kind, the period that holds now (the newest one started).
+CREATE OR REPLACE VIEW current_periods AS
+SELECT b.user_id, u.role, u.department, u.project, b.period, b.period_start, b.tokens
 FROM balances b LEFT JOIN users u USING (user_id)
-WHERE b.period = 'monthly' AND b.period_start = (
-    SELECT max(period_start) FROM balances
-    WHERE period = 'monthly' AND period_start <= current_timestamp);
+WHERE b.period_start = (
+    SELECT max(c.period_start) FROM balances c
+    WHERE c.period = b.period AND c.period_start <= current_timestamp);
+-- 'Top users this month': kept for the audit queries written before current_periods.
+CREATE OR REPLACE VIEW this_month AS
+SELECT user_id, role, department, project, period_start, tokens
+FROM current_periods WHERE period = 'monthly';
 """
+
+
+def _sums_sql(kind: PeriodName, source: str) -> str:
+    """Rule 2 of the fold, set-wise: the tokens of `source`'s ledger rows per user and
+    period of one kind, as balances rows."""
+    return (f"SELECT user_id, '{kind}' AS period, {start_column(kind)} AS period_start, "
+            f"sum(tokens) AS tokens FROM {source} GROUP BY ALL")
+
+
+UPSERT_BALANCES_SQL = f"""
+INSERT INTO balances
+{" UNION ALL ".join(_sums_sql(kind, "batch_new") for kind in PERIOD_NAMES)}
+ON CONFLICT DO UPDATE SET tokens = balances.tokens + excluded.tokens
+"""
+
+
+class StoreError(Exception):
+    """The file cannot be opened as asked (e.g. it needs a migration that needs the schedule)."""
 
 @dataclass(frozen=True)
 class Applied:
@@ -168,16 +212,119 @@ def default_db_path(data_dir: Path) -> Path:
     return data_dir / "projector.duckdb"
 
 
-def connect(path: Path | str, read_only: bool = False) -> duckdb.DuckDBPyConnection:
-    """Open the store; a writable one gets the schema (idempotent) first."""
+def connect(path: Path | str, read_only: bool = False,
+            schedule: ResetSchedule | None = None) -> duckdb.DuckDBPyConnection:
+    """Open the store; a writable one gets the schema (idempotent) first, and a file written
+    before a period kind existed gets that kind's column and balances, computed under
+    `schedule` (StoreError without one)."""
     con = duckdb.connect(str(path), read_only=read_only)
     con.execute("SET TimeZone = 'UTC'")  # period starts are UTC instants: show them as such
     if not read_only:
-        con.execute(SCHEMA_SQL)
-        con.execute(dedupe.EVENT_IDS_SQL)
-        con.execute(VIEWS_SQL)
-        dedupe.rehash_if_changed(con)
+        try:
+            con.execute(SCHEMA_SQL)
+            _add_missing_periods(con, schedule)
+            con.execute(dedupe.EVENT_IDS_SQL)
+            con.execute(VIEWS_SQL)
+            dedupe.rehash_if_changed(con)
+        except BaseException:
+            con.close()
+            raise
     return con
+
+
+# migration: a period kind the file was written without --------------------------------------
+
+
+def _add_missing_periods(con: duckdb.DuckDBPyConnection, schedule: ResetSchedule | None) -> None:
+    columns = {name for (name,) in con.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'ledger'"
+    ).fetchall()}
+    missing = [kind for kind in PERIOD_NAMES if start_column(kind) not in columns]
+    if not missing:
+        return
+    if schedule is None:
+        raise StoreError(f"the store was written without the period(s) {', '.join(missing)}: "
+                         "open it writable with the reset schedule (the projector does)")
+    con.execute("BEGIN TRANSACTION")
+    try:
+        for kind in missing:
+            _add_period(con, calendar_for(schedule), kind)
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    # DuckDB refuses a constraint in the transaction that filled the column: after it,
+    # then (if this is interrupted, the column stays nullable; nothing writes a null).
+    for kind in missing:
+        con.execute(f"ALTER TABLE ledger ALTER COLUMN {start_column(kind)} SET NOT NULL")
+
+
+def _add_period(con: duckdb.DuckDBPyConnection, calendar: Calendar, kind: PeriodName) -> None:
+    """The ledger's start column of `kind`, filled from each event's occurred_at, and the
+    balances of `kind` summed from the ledger, as a live fold would have written them."""
+    column = start_column(kind)
+    con.execute(f"ALTER TABLE ledger ADD COLUMN {column} TIMESTAMPTZ")
+    [(first, last)] = con.execute(
+        "SELECT min(occurred_at), max(occurred_at) FROM ledger").fetchall()
+    if first is not None:
+        windows = list(_windows_between(calendar, kind, first, last))
+        con.register("period_windows", pa.table({
+            "period_start": pa.array([w.start for w in windows], _TS),
+            "period_end": pa.array([w.end for w in windows], _TS)}))
+        try:
+            con.execute(f"""UPDATE ledger SET {column} = w.period_start FROM period_windows w
+                            WHERE ledger.occurred_at >= w.period_start
+                              AND ledger.occurred_at < w.period_end""")
+        finally:
+            con.unregister("period_windows")
+        con.execute(f"INSERT INTO balances {_sums_sql(kind, 'ledger')} "
+                    "ON CONFLICT DO UPDATE SET tokens = excluded.tokens")
+
+
+def _windows_between(calendar: Calendar, kind: PeriodName, first: datetime,
+                     last: datetime) -> Iterator[Window]:
+    """The periods of `kind` from the one holding `first` to the one holding `last`."""
+    window = _of_kind(calendar.windows_at(first), kind)
+    while window.start <= last:
+        yield window
+        window = _of_kind(calendar.windows_at(window.end), kind)
+
+
+def _of_kind(windows: tuple[Window, ...], kind: PeriodName) -> Window:
+    return next(window for window in windows if window.kind == kind)
+
+
+# the store ----------------------------------------------------------------------------------
+
+
+class DuckDBStore:
+    """The projector's UsageStore (tally.core.usage): a batch is decoded ledger rows
+    (LEDGER_ARROW), written with its offsets and rejected records in one transaction.
+    `begin` and `finish` split `apply` for a caller that publishes in between."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+        self.con = con
+
+    def apply(self, batch: pa.Table, offsets: Offsets,
+              rejected: pa.Table | None = None) -> set[str]:
+        return apply_batch(self.con, batch, offsets, rejected).users
+
+    def begin(self, batch: pa.Table) -> Applied:
+        return begin_batch(self.con, batch)
+
+    def finish(self, applied: Applied, offsets: Offsets,
+               rejected: pa.Table | None = None) -> None:
+        finish_batch(self.con, applied, offsets, rejected)
+
+    def load_offsets(self) -> dict[tuple[str, int], int]:
+        return load_offsets(self.con)
+
+    def load_usages(self) -> dict[str, UserUsage]:
+        return load_usages(self.con)
+
+
+def _is_a_usage_store(duck: DuckDBStore) -> UsageStore[pa.Table]:
+    return duck  # for mypy: DuckDBStore keeps to the interface
 
 
 def no_events() -> pa.Table:
@@ -254,12 +401,7 @@ def _first_of_each(events: pa.Table) -> pa.Table:
 def _upsert_balances(con: duckdb.DuckDBPyConnection, new: pa.Table) -> None:
     con.register("batch_new", new)
     try:
-        con.execute("""
-            INSERT INTO balances
-            SELECT user_id, 'daily', daily_start, sum(tokens) FROM batch_new GROUP BY ALL
-            UNION ALL
-            SELECT user_id, 'monthly', monthly_start, sum(tokens) FROM batch_new GROUP BY ALL
-            ON CONFLICT DO UPDATE SET tokens = balances.tokens + excluded.tokens""")
+        con.execute(UPSERT_BALANCES_SQL)
     finally:
         con.unregister("batch_new")
 
@@ -295,7 +437,7 @@ def load_offsets(con: duckdb.DuckDBPyConnection) -> dict[tuple[str, int], int]:
     return {(topic, part): nxt for topic, part, nxt in rows}
 
 
-# the in-memory mirror ------------------------------------------------------------------------
+# the in-memory mirror -----------------------------------------------------------------------
 
 
 def load_usages(con: duckdb.DuckDBPyConnection) -> dict[str, UserUsage]:
@@ -304,44 +446,18 @@ def load_usages(con: duckdb.DuckDBPyConnection) -> dict[str, UserUsage]:
     return _usages(periods.fetchall(), _labels(con, "ledger"))
 
 
-def new_usages(con: duckdb.DuckDBPyConnection | None, applied: Applied,
-               ) -> dict[str, UserUsage]:
-    """The usage a batch's new rows add, per user. Folded in Python: for a live batch of a
-    few rows that takes microseconds, where each DuckDB statement takes milliseconds
-    (`con` is not used; it stays for callers)."""
-    return usages_of(applied.new)
-
-
-def usages_of(rows: pa.Table) -> dict[str, UserUsage]:
-    """Per user, the usage of ledger rows: sums per period start, the latest event, and
-    each label from the latest (occurred_at, event_id) row stating it, like LABELS_SQL."""
-    columns = rows.select(["user_id", "occurred_at", "event_id", "tokens", "daily_start",
-                           "monthly_start", *LABELS]).to_pydict()
-    found: dict[str, UserUsage] = {}
-    for user, at, event_id, tokens, day, month, *labels in zip(*columns.values(), strict=True):
-        usage = found.get(user)
-        if usage is None:
-            usage = found[user] = UserUsage(user, {}, {}, at, {})
-        daily, monthly, stamps = (cast(dict[datetime, int], usage.daily),
-                                  cast(dict[datetime, int], usage.monthly),
-                                  cast(dict[str, Stamped], usage.labels))
-        daily[day] = daily.get(day, 0) + tokens
-        monthly[month] = monthly.get(month, 0) + tokens
-        for name, value in zip(LABELS, labels, strict=True):
-            if value is not None:
-                stamp = Stamped(at, event_id, value)
-                if name not in stamps or stamp > stamps[name]:
-                    stamps[name] = stamp
-        if usage.last_event_at is None or at > usage.last_event_at:
-            found[user] = replace(usage, last_event_at=at)
-    return found
-
-
-def merge_usages(mirror: dict[str, UserUsage], added: Mapping[str, UserUsage]) -> None:
-    """Add each user's new usage into the mirror (in place)."""
-    for user_id, more in added.items():
-        known = mirror.get(user_id)
-        mirror[user_id] = more if known is None else _combine(known, more)
+def with_rows(usages: Mapping[str, UserUsage], rows: pa.Table) -> dict[str, UserUsage]:
+    """The usage of each user new ledger rows belong to, after them: the core's `Fold` over
+    the columns the decoder computed with the core (counted tokens, period starts). For a
+    live batch of a few rows that takes microseconds, where a DuckDB statement takes
+    milliseconds."""
+    names = ["user_id", "event_id", "occurred_at", "tokens", *START_COLUMNS, *LABELS]
+    columns = rows.select(names).to_pydict().values()
+    fold, kinds = Fold(usages), len(START_COLUMNS)
+    for user_id, event_id, at, tokens, *rest in zip(*columns, strict=True):
+        fold.add(user_id, event_id, at, tokens, zip(PERIOD_NAMES, rest[:kinds], strict=True),
+                 zip(LABELS, rest[kinds:], strict=True))
+    return fold.changed()
 
 
 def _labels(con: duckdb.DuckDBPyConnection, source: str) -> list[tuple[Any, ...]]:
@@ -350,30 +466,13 @@ def _labels(con: duckdb.DuckDBPyConnection, source: str) -> list[tuple[Any, ...]
 
 def _usages(periods: list[tuple[Any, ...]],
             labels: list[tuple[Any, ...]]) -> dict[str, UserUsage]:
-    daily: dict[str, dict[datetime, int]] = defaultdict(dict)
-    monthly: dict[str, dict[datetime, int]] = defaultdict(dict)
+    found: dict[str, dict[PeriodName, dict[datetime, int]]] = defaultdict(dict)
     for user_id, period, start, tokens in periods:
-        (daily if period == "daily" else monthly)[user_id][start] = int(tokens)
+        if period in PERIOD_NAMES:  # a kind since removed from the code is not read
+            found[user_id].setdefault(period, {})[start] = int(tokens)
     return {
-        user_id: UserUsage(user_id, daily[user_id], monthly[user_id], last,
+        user_id: UserUsage(user_id, found.get(user_id, {}), last,
                            {name: Stamped(**s) for name, s in zip(LABELS, stamps, strict=True)
                             if s is not None})
         for user_id, last, *stamps in labels
     }
-
-
-def _combine(a: UserUsage, b: UserUsage) -> UserUsage:
-    """Usage of two disjoint sets of events together: sums, the later event, later labels."""
-    return UserUsage(
-        a.user_id, _add(a.daily, b.daily), _add(a.monthly, b.monthly),
-        max(filter(None, (a.last_event_at, b.last_event_at)), default=None),
-        {name: max(filter(None, (a.labels.get(name), b.labels.get(name))))
-         for name in {*a.labels, *b.labels}},
-    )
-
-
-def _add(a: Mapping[datetime, int], b: Mapping[datetime, int]) -> dict[datetime, int]:
-    total = dict(a)
-    for start, tokens in b.items():
-        total[start] = total.get(start, 0) + tokens
-    return total
