@@ -16,7 +16,14 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from tally.config.models import Limits, PerUserBudgets, Warning
+from tally.config.models import (
+    HardStop,
+    Limits,
+    PerUserBudgets,
+    ReducedPriority,
+    SoftLimit,
+    Warning,
+)
 from tally.core.limits import GroupUsage, base_limits, group_budgets, period_limit, used_in
 from tally.core.periods import PERIODS, Calendar, Window, Windows, calendar_for
 from tally.core.templates import render
@@ -223,23 +230,24 @@ def warning_message(warning: Warning | None, budgets: PerUserBudgets) -> str:
     return budgets.on_approaching_limit.message_template
 
 
+def chosen_action(budgets: PerUserBudgets) -> SoftLimit | HardStop | ReducedPriority:
+    """The settings of the configured on_limit_exceeded action."""
+    exceeded = budgets.on_limit_exceeded
+    choices: dict[str, SoftLimit | HardStop | ReducedPriority] = {
+        "soft_limit": exceeded.soft_limit,
+        "hard_stop": exceeded.hard_stop,
+        "reduced_priority": exceeded.reduced_priority,
+    }
+    return choices[exceeded.action]
+
+
 def action_message(budgets: PerUserBudgets) -> str:
     """The message template of the configured on_limit_exceeded action."""
-    exceeded = budgets.on_limit_exceeded
-    return {
-        "soft_limit": exceeded.soft_limit.message,
-        "hard_stop": exceeded.hard_stop.message,
-        "reduced_priority": exceeded.reduced_priority.message,
-    }[exceeded.action]
+    return chosen_action(budgets).message
 
 
 def action_notifies_admin(budgets: PerUserBudgets) -> bool:
-    exceeded = budgets.on_limit_exceeded
-    return {
-        "soft_limit": exceeded.soft_limit.notify_admin,
-        "hard_stop": exceeded.hard_stop.notify_admin,
-        "reduced_priority": exceeded.reduced_priority.notify_admin,
-    }[exceeded.action]
+    return chosen_action(budgets).notify_admin
 
 
 def _status_code(action: ActionName, budgets: PerUserBudgets) -> int | None:
