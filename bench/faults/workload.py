@@ -151,11 +151,13 @@ PeriodRow = tuple[str, str, datetime]  # (user_id, "daily" | "monthly", period s
 
 
 def recount(events: Iterable[Event]) -> dict[PeriodRow, int]:
-    """Counted tokens per user and period: days start at 00:00 UTC, months on the 1st."""
+    """Counted tokens per user and period: days start at 00:00 UTC, weeks on Mondays,
+    months on the 1st."""
     totals: Counter[PeriodRow] = Counter()
     for e in events:
         day = e.occurred_at.replace(hour=0, minute=0, second=0, microsecond=0)
         totals[(e.user_id, "daily", day)] += e.tokens
+        totals[(e.user_id, "weekly", day - timedelta(days=day.weekday()))] += e.tokens
         totals[(e.user_id, "monthly", day.replace(day=1))] += e.tokens
     return dict(totals)
 
