@@ -46,7 +46,8 @@ async def pipeline(bootstrap: str, topics: Topics, config_dir: Path, db: Path, n
         return run_ingest(config, bootstrap, topics, ingest_port, stop)
 
     def projector(stop: asyncio.Event) -> Awaitable[None]:
-        return run_projector(config, bootstrap, topics, db, stop, port=projector_port)
+        return run_projector(config, bootstrap, topics, db, stop, port=projector_port,
+                             config_dir=config_dir)
 
     def enforcer(stop: asyncio.Event) -> Awaitable[None]:
         return run_enforcer(config_dir, bootstrap, topics, stop, clock=lambda: now,

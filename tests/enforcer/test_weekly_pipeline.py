@@ -12,6 +12,7 @@ import copy
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
@@ -102,3 +103,20 @@ async def test_a_user_over_the_weekly_limit_is_stopped_and_the_dashboard_shows_t
         week = (await me(client, url, "alice"))["decision"]["weekly"]
         today = now.replace(hour=0, minute=0, second=0, microsecond=0)
         assert (week["tokens_used"], datetime.fromisoformat(week["period_start"])) == (300, today)
+
+        # A new time zone moves every day's start: the projector cuts the stored periods
+        # anew, and the enforcer finds today's 300 in the day that starts at midnight in
+        # Kolkata (UTC+05:30, never a UTC midnight: days left uncut would read 0).
+        kolkata = weekly_budgets(now)
+        kolkata["per_user_budgets"]["reset_schedule"]["timezone"] = "Asia/Kolkata"
+        (config_dir / "budgets.yaml").write_text(yaml.safe_dump(kolkata))
+        local = now.astimezone(ZoneInfo("Asia/Kolkata"))
+        midnight = local.replace(hour=0, minute=0, second=0, microsecond=0).astimezone(UTC)
+
+        async def day_recut() -> bool:
+            day = (await me(client, url, "alice")).get("decision", {}).get("daily") or {}
+            return bool(day.get("period_start")) and (
+                datetime.fromisoformat(day["period_start"]), day.get("tokens_used")) == (
+                midnight, 300)
+
+        await until(day_recut)

@@ -278,3 +278,26 @@ def test_an_old_file_folds_on_after_its_migration(tmp_path: Path) -> None:
         folded = fold_events([*migration_events(), *later], MIGRATION_BUDGETS)
         assert duck.load_usages() == mirror == folded
         assert balances(con) == recount(con)
+
+
+def test_a_changed_schedule_recuts_every_period(tmp_path: Path) -> None:
+    """Folded under New York's schedule, opened under Tokyo's with another reset time and
+    reset days: every period is cut anew, as if the events had been folded under Tokyo's;
+    opened again under the same schedule, nothing changes."""
+    path = tmp_path / "p.duckdb"
+    events = migration_events()
+    records = [Record(TOPIC, 0, i, None, e.model_dump_json().encode(), 0)
+               for i, e in enumerate(events)]
+    with store.connect(path, schedule=MIGRATION_BUDGETS.reset_schedule) as con:
+        store.DuckDBStore(con).apply(Decoder.of(MIGRATION_BUDGETS).events(records)[0],
+                                     {(TOPIC, 0): len(records)})
+    tokyo = MIGRATION_BUDGETS.model_copy(update={"reset_schedule": ResetSchedule(
+        timezone="Asia/Tokyo", daily_reset_time="06:30", monthly_reset_day=15,
+        weekly_reset_day="thursday")})
+    with store.connect(path, schedule=tokyo.reset_schedule) as con:
+        assert store.load_usages(con) == fold_events(events, tokyo)
+        assert balances(con) == recount(con)
+        assert store.load_offsets(con) == {(TOPIC, 0): len(records)}
+        assert not store.follow_schedule(con, tokyo.reset_schedule)
+    with store.connect(path, schedule=MIGRATION_BUDGETS.reset_schedule) as con:  # and back
+        assert store.load_usages(con) == fold_events(events, MIGRATION_BUDGETS)

@@ -17,6 +17,7 @@ one ConfigError, each as "file: key.path: reason".
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,7 +41,9 @@ from tally.config.models import (
     user_problems,
 )
 
-__all__ = ["USAGE", "load_config", "main"]
+__all__ = ["USAGE", "ConfigWatcher", "load_config", "main"]
+
+log = logging.getLogger(__name__)
 
 USAGE = "usage: tally config check DIR"
 FILE_ORDER = (AUTH_FILE, USERS_FILE, BUDGETS_FILE)
@@ -240,3 +243,30 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print("ok")
     return 0
+
+
+class ConfigWatcher:
+    """Notices a changed config file and loads it; a bad file keeps the old config."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._stamp = self._read_stamp()
+
+    def _read_stamp(self) -> tuple[float, ...]:
+        names = ("auth.yaml", "users.yaml", "budgets.yaml")
+        paths = [self.directory / name for name in names]
+        return tuple(p.stat().st_mtime_ns if p.exists() else 0 for p in paths)
+
+    def changed_config(self) -> Config | None:
+        stamp = self._read_stamp()
+        if stamp == self._stamp:
+            return None
+        self._stamp = stamp
+        try:
+            config = load_config(self.directory)
+        except ConfigError as error:
+            log.error("refusing the changed config in %s; the old one stays:\n%s",
+                      self.directory, error)
+            return None
+        log.info("reloaded the config from %s", self.directory)
+        return config

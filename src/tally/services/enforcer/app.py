@@ -22,8 +22,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from pydantic import BaseModel
 
 from tally.cli import command_main
-from tally.config.errors import ConfigError
-from tally.config.loader import load_config
+from tally.config.loader import ConfigWatcher, load_config
 from tally.config.models import AlertWebhook, Config
 from tally.kafka import (
     Record,
@@ -56,7 +55,7 @@ from tally.wire import BalanceUpdated, BudgetAlerted, BudgetDecided, bounded_tex
 
 W = TypeVar("W", bound=BaseModel)
 
-__all__ = ["ConfigWatcher", "main", "run_enforcer"]
+__all__ = ["main", "run_enforcer"]
 
 log = logging.getLogger(__name__)
 
@@ -65,33 +64,6 @@ Clock = Callable[[], datetime]
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-class ConfigWatcher:
-    """Notices a changed config file and loads it; a bad file keeps the old config."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self._stamp = self._read_stamp()
-
-    def _read_stamp(self) -> tuple[float, ...]:
-        names = ("auth.yaml", "users.yaml", "budgets.yaml")
-        paths = [self.directory / name for name in names]
-        return tuple(p.stat().st_mtime_ns if p.exists() else 0 for p in paths)
-
-    def changed_config(self) -> Config | None:
-        stamp = self._read_stamp()
-        if stamp == self._stamp:
-            return None
-        self._stamp = stamp
-        try:
-            config = load_config(self.directory)
-        except ConfigError as error:
-            log.error("refusing the changed config in %s; the old policy stays:\n%s",
-                      self.directory, error)
-            return None
-        log.info("reloaded the config from %s", self.directory)
-        return config
 
 
 async def restore(board: Board, bootstrap: str, topics: Topics) -> None:

@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from tally.access import Access
 from tally.cli import command_main
-from tally.config.loader import load_config
+from tally.config.loader import ConfigWatcher, load_config
 from tally.config.models import Config
 from tally.core.usage import Offsets, UserUsage, to_balance
 from tally.kafka import (
@@ -121,6 +121,7 @@ class Projector:
         self._acks: asyncio.Future[list[object]] | None = None
         self.metrics = Metrics()
         self.held: dict[tuple[str, int], int] = {}  # see hold_until
+        self._writing = asyncio.Lock()  # a batch, or a recut of the periods: one at a time
 
     def hold_until(self, stored: Offsets, ends: Offsets) -> None:
         """Send no balance until the consumer reaches `ends` (the topics' ends at start).
@@ -156,6 +157,26 @@ class Projector:
     async def handle(self, records: list[Record]) -> None:
         """Fold a batch; if it fails on what it holds, find the record at fault by halves
         (the rest is counted exactly once) and dead-letter it: no record stops counting."""
+        async with self._writing:
+            await self._handle(records)
+
+    async def follow(self, config: Config) -> None:
+        """A reloaded budgets.yaml: its reset schedule cuts the periods of the events to
+        come, and if it changed, every stored period is cut anew and every balance sent,
+        so the balances follow the schedule the enforcer decides by."""
+        budgets = config.budgets.per_user_budgets
+        async with self._writing:
+            await self.acked()
+            recut = await asyncio.to_thread(store.follow_schedule, self.writer,
+                                            budgets.reset_schedule)
+            self.decoder = Decoder.of(budgets)
+            if recut:
+                self.mirror = await asyncio.to_thread(self.store.load_usages)
+                await self.publish(self.mirror)
+                log.info("the reset schedule changed: every period recut, %d balances sent",
+                         len(self.mirror))
+
+    async def _handle(self, records: list[Record]) -> None:
         try:
             await self.fold(records, self.publish_before_commit)
         except RECORD_FAULTS as error:
@@ -317,6 +338,9 @@ async def run_projector(config: Config, bootstrap: str, topics: Topics, db_path:
         services = [Part("projector-fold", lambda: _fold_until_stopped(projector, consumer)),
                     Part("projector-watch", lambda: watch(consumer, projector.metrics,
                                                           readiness))]
+        if config_dir is not None:
+            watcher = ConfigWatcher(config_dir)
+            services.append(Part("projector-config", lambda: _follow_config(projector, watcher)))
         if port is not None:
             limits = audit_limits or AuditLimits()
             lock_down(con, limits)
@@ -329,6 +353,14 @@ async def run_projector(config: Config, bootstrap: str, topics: Topics, db_path:
                                       bind(host, port), before_stop=auditor.stop))
         log.info("projector: %d users, reading %s", len(projector.mirror), topics.usage_events)
         await run_parts(stop, services)
+
+
+async def _follow_config(projector: Projector, watcher: ConfigWatcher) -> None:
+    """Until cancelled: a changed config, once a second, as the enforcer reloads it."""
+    while True:
+        await asyncio.sleep(1)
+        if (config := watcher.changed_config()) is not None:
+            await projector.follow(config)
 
 
 async def _fold_until_stopped(projector: Projector, consumer: AIOKafkaConsumer) -> None:

@@ -223,6 +223,8 @@ def connect(path: Path | str, read_only: bool = False,
         try:
             con.execute(SCHEMA_SQL)
             _add_missing_periods(con, schedule)
+            if schedule is not None:
+                follow_schedule(con, schedule)
             con.execute(dedupe.EVENT_IDS_SQL)
             con.execute(VIEWS_SQL)
             dedupe.rehash_if_changed(con)
@@ -260,12 +262,18 @@ def _add_missing_periods(con: duckdb.DuckDBPyConnection, schedule: ResetSchedule
 
 
 def _add_period(con: duckdb.DuckDBPyConnection, calendar: Calendar, kind: PeriodName) -> None:
-    """The ledger's start column of `kind`, filled from each event's occurred_at, and the
-    balances of `kind` summed from the ledger, as a live fold would have written them."""
+    con.execute(f"ALTER TABLE ledger ADD COLUMN {start_column(kind)} TIMESTAMPTZ")
+    _cut_period(con, calendar, kind)
+
+
+def _cut_period(con: duckdb.DuckDBPyConnection, calendar: Calendar, kind: PeriodName) -> None:
+    """The ledger's start column of `kind` set from each event's occurred_at under
+    `calendar`, and the balances of `kind` summed from the ledger anew, as a live fold
+    under that calendar would have written them."""
     column = start_column(kind)
-    con.execute(f"ALTER TABLE ledger ADD COLUMN {column} TIMESTAMPTZ")
     [(first, last)] = con.execute(
         "SELECT min(occurred_at), max(occurred_at) FROM ledger").fetchall()
+    con.execute("DELETE FROM balances WHERE period = ?", [kind])
     if first is not None:
         windows = list(_windows_between(calendar, kind, first, last))
         con.register("period_windows", pa.table({
@@ -277,8 +285,40 @@ def _add_period(con: duckdb.DuckDBPyConnection, calendar: Calendar, kind: Period
                               AND ledger.occurred_at < w.period_end""")
         finally:
             con.unregister("period_windows")
-        con.execute(f"INSERT INTO balances {_sums_sql(kind, 'ledger')} "
-                    "ON CONFLICT DO UPDATE SET tokens = excluded.tokens")
+        con.execute(f"INSERT INTO balances {_sums_sql(kind, 'ledger')}")
+
+
+# the reset schedule the periods were cut under ----------------------------------------------
+
+_SCHEDULE_SQL = """
+CREATE TABLE IF NOT EXISTS store_settings (name VARCHAR PRIMARY KEY, value VARCHAR NOT NULL);
+"""
+
+
+def follow_schedule(con: duckdb.DuckDBPyConnection, schedule: ResetSchedule) -> bool:
+    """Cut every period anew under `schedule` if the store's were cut under another (a
+    changed time zone, reset time or reset day in budgets.yaml), in one transaction, so the
+    balances follow the schedule the enforcer decides by. True if they were recut. A file
+    that never recorded its schedule is taken as cut under this one."""
+    con.execute(_SCHEDULE_SQL)
+    wanted = schedule.model_dump_json()
+    stored = con.execute(
+        "SELECT value FROM store_settings WHERE name = 'reset_schedule'").fetchall()
+    if stored and stored[0][0] == wanted:
+        return False
+    con.execute("BEGIN TRANSACTION")
+    try:
+        if stored:
+            calendar = calendar_for(schedule)
+            for kind in PERIOD_NAMES:
+                _cut_period(con, calendar, kind)
+        con.execute("INSERT INTO store_settings VALUES ('reset_schedule', ?) "
+                    "ON CONFLICT DO UPDATE SET value = excluded.value", [wanted])
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    return bool(stored)
 
 
 def _windows_between(calendar: Calendar, kind: PeriodName, first: datetime,
