@@ -100,21 +100,11 @@ def leases_locked() -> Iterator[Path]:
         yield LEASES
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def live_leases(leases: Path) -> list[Path]:
     """Leases of pytest sessions still alive; those of dead sessions are dropped."""
     live = []
     for lease in leases.glob("[0-9]*"):
-        if pid_alive(int(lease.name)):
+        if localkafka.process_exists(int(lease.name)):
             live.append(lease)
         else:
             lease.unlink(missing_ok=True)

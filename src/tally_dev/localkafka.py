@@ -374,6 +374,11 @@ def _alive(pid: int) -> bool:
         reaped, _status = os.waitpid(pid, os.WNOHANG)
         if reaped == pid:
             return False
+    return process_exists(pid)
+
+
+def process_exists(pid: int) -> bool:
+    """Is there a process `pid` (ours or another user's)?"""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
