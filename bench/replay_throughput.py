@@ -38,13 +38,14 @@ from tally.kafka import Record, batches, end_offsets, make_consumer
 from tally.services.projector.app import assign_from
 from tally.services.projector.replay import replay
 from tally.topics import Topics
-from tally.wire import UsageRecorded
+from tally.wire import PERIOD_NAMES, UsageRecorded
 
 __all__ = ["main", "naive_rate", "raw_rate", "replay_rate"]
 
-NAIVE_SCHEMA = """
+NAIVE_STARTS = ", ".join(f"{kind}_start TIMESTAMPTZ" for kind in PERIOD_NAMES)
+NAIVE_SCHEMA = f"""
 CREATE TABLE ledger (event_id VARCHAR PRIMARY KEY, user_id VARCHAR, occurred_at TIMESTAMPTZ,
-                     tokens BIGINT, daily_start TIMESTAMPTZ, monthly_start TIMESTAMPTZ);
+                     tokens BIGINT, {NAIVE_STARTS});
 CREATE TABLE balances (user_id VARCHAR, period VARCHAR, period_start TIMESTAMPTZ,
                        tokens BIGINT, PRIMARY KEY (user_id, period, period_start));
 CREATE TABLE offsets (topic VARCHAR, partition INTEGER, next_offset BIGINT,
@@ -103,17 +104,18 @@ async def naive_rate(config: Config, bootstrap: str, topics: Topics, sample: int
     def project(records: list[Record]) -> None:
         for r in records:
             e = UsageRecorded.model_validate_json(r.value or b"")
-            daily, monthly = calendar.windows_at(e.occurred_at)
+            windows = calendar.windows_at(e.occurred_at)
             tokens = sum(getattr(e, name) for name in counted)
             con.execute("BEGIN")
-            new = con.execute("INSERT INTO ledger VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
-                              " RETURNING event_id", [e.event_id, e.user_id, e.occurred_at,
-                                                      tokens, daily.start, monthly.start])
+            new = con.execute(f"INSERT INTO ledger VALUES (?, ?, ?, ?{', ?' * len(windows)}) "
+                              "ON CONFLICT DO NOTHING RETURNING event_id",
+                              [e.event_id, e.user_id, e.occurred_at, tokens,
+                               *(w.start for w in windows)])
             if new.fetchall():
-                for kind, start in (("daily", daily.start), ("monthly", monthly.start)):
+                for window in windows:
                     con.execute("INSERT INTO balances VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE "
                                 "SET tokens = balances.tokens + excluded.tokens",
-                                [e.user_id, kind, start, tokens])
+                                [e.user_id, window.kind, window.start, tokens])
             con.execute("INSERT OR REPLACE INTO offsets VALUES (?, ?, ?)",
                         [r.topic, r.partition, r.offset + 1])
             con.execute("COMMIT")
