@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tally.config.models import ResetSchedule
-from tally.core.periods import Calendar, Window, calendar_for
+from tally.core.periods import Calendar, Window, calendar_for, window_of
 from tally.core.usage import LABELS, Fold, Offsets, Stamped, UsageStore, UserUsage
 from tally.services.projector import dedupe
 from tally.wire import PERIOD_NAMES, PeriodName
@@ -247,14 +247,9 @@ def _add_missing_periods(con: duckdb.DuckDBPyConnection, schedule: ResetSchedule
     if schedule is None:
         raise StoreError(f"the store was written without the period(s) {', '.join(missing)}: "
                          "open it writable with the reset schedule (the projector does)")
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with _transaction(con):
         for kind in missing:
             _add_period(con, calendar_for(schedule), kind)
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
     # DuckDB refuses a constraint in the transaction that filled the column: after it,
     # then (if this is interrupted, the column stays nullable; nothing writes a null).
     for kind in missing:
@@ -306,32 +301,35 @@ def follow_schedule(con: duckdb.DuckDBPyConnection, schedule: ResetSchedule) -> 
         "SELECT value FROM store_settings WHERE name = 'reset_schedule'").fetchall()
     if stored and stored[0][0] == wanted:
         return False
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with _transaction(con):
         if stored:
             calendar = calendar_for(schedule)
             for kind in PERIOD_NAMES:
                 _cut_period(con, calendar, kind)
         con.execute("INSERT INTO store_settings VALUES ('reset_schedule', ?) "
                     "ON CONFLICT DO UPDATE SET value = excluded.value", [wanted])
+    return bool(stored)
+
+
+@contextlib.contextmanager
+def _transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    """All of the block's statements or none."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
         raise
-    return bool(stored)
 
 
 def _windows_between(calendar: Calendar, kind: PeriodName, first: datetime,
                      last: datetime) -> Iterator[Window]:
     """The periods of `kind` from the one holding `first` to the one holding `last`."""
-    window = _of_kind(calendar.windows_at(first), kind)
+    window = window_of(calendar.windows_at(first), kind)
     while window.start <= last:
         yield window
-        window = _of_kind(calendar.windows_at(window.end), kind)
-
-
-def _of_kind(windows: tuple[Window, ...], kind: PeriodName) -> Window:
-    return next(window for window in windows if window.kind == kind)
+        window = window_of(calendar.windows_at(window.end), kind)
 
 
 # the store ----------------------------------------------------------------------------------
