@@ -184,6 +184,22 @@ class BalanceUpdated(Wire):
     periods: dict[PeriodName, PeriodTotals] = Field(default_factory=dict)
     last_event_at: AwareDatetime
     as_of: AwareDatetime
+    # Where the projector stood when it sent this: the usage.events partition that holds
+    # the user's events and the offset just past the last record it had folded. With more
+    # than one projector, an instance that lost the partition (a zombie finishing a batch)
+    # may still send; readers keep the balance of the highest offset (see `superseded_by`).
+    # None in records written before instances existed.
+    source_partition: int | None = Field(default=None, ge=0, le=1_000_000)
+    source_offset: int | None = Field(default=None, ge=0)
+
+    def superseded_by(self, other: BalanceUpdated) -> bool:
+        """Whether `other`, a later record for the same user, replaces this one: anything
+        but an older position in the same partition (equal is a resend or a recut)."""
+        if (self.source_partition is None or other.source_partition is None
+                or self.source_partition != other.source_partition
+                or self.source_offset is None or other.source_offset is None):
+            return True
+        return other.source_offset >= self.source_offset
 
     @model_validator(mode="before")
     @classmethod
