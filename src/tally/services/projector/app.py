@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from tally.access import Access
 from tally.cli import command_main
-from tally.config.loader import ConfigWatcher, load_config
+from tally.config.loader import LiveConfig, load_config
 from tally.config.models import Config
 from tally.core.usage import Offsets, UserUsage, to_balance
 from tally.kafka import (
@@ -343,14 +343,15 @@ async def run_projector(config: Config, bootstrap: str, topics: Topics, db_path:
         services = [Part("projector-fold", lambda: _fold_until_stopped(projector, consumer)),
                     Part("projector-watch", lambda: watch(consumer, projector.metrics,
                                                           readiness))]
-        if config_dir is not None:
-            watcher = ConfigWatcher(config_dir)
-            services.append(Part("projector-config", lambda: _follow_config(projector, watcher)))
+        # A changed budgets.yaml recuts or recounts; a changed users.yaml (a revoked key, a
+        # new admin) applies to the audit and history at once.
+        live = LiveConfig(config, config_dir)
+        services.append(Part("projector-config", lambda: live.follow(projector.follow)))
         if port is not None:
             limits = audit_limits or AuditLimits()
             lock_down(con, limits)
             auditor = Auditor(con, limits)
-            access = Access.build(config, config_dir)
+            access = Access.following(live, config_dir)
             routes = [*ops_routes(projector.metrics, readiness),
                       *history_routes(con, config, lambda: datetime.now(UTC), access)]
             # Running audits are interrupted first, so the server stops promptly.
@@ -358,14 +359,6 @@ async def run_projector(config: Config, bootstrap: str, topics: Topics, db_path:
                                       bind(host, port), before_stop=auditor.stop))
         log.info("projector: %d users, reading %s", len(projector.mirror), topics.usage_events)
         await run_parts(stop, services)
-
-
-async def _follow_config(projector: Projector, watcher: ConfigWatcher) -> None:
-    """Until cancelled: a changed config, once a second, as the enforcer reloads it."""
-    while True:
-        await asyncio.sleep(1)
-        if (config := watcher.changed_config()) is not None:
-            await projector.follow(config)
 
 
 async def _fold_until_stopped(projector: Projector, consumer: AIOKafkaConsumer) -> None:
