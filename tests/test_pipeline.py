@@ -37,6 +37,8 @@ BUDGETS = {"per_user_budgets": {
                  {"at_percent": 90, "message": "90% of {period} used"}],
     "on_limit_exceeded": {"action": "hard_stop",
                           "hard_stop": {"message": "Stopped until {reset_time}."}},
+    # The events are of fixed dates (May 2026): a ten-year window keeps them acceptable.
+    "event_time_window": {"max_age_days": 3650},
 }}
 USERS = {"user_identification": {"users": [
     {"id": "alice", "api_key": "ak_alice_0123456789", "identities": ["openai-user:alice"]},
