@@ -3,6 +3,10 @@
 State is rebuilt on every start from compacted topics: budget.balances (usage),
 budget.decisions and budget.alert_memory (what was already said, memory.py), so a restart
 or a replay repeats no decision and no alert.
+
+With more than one instance (group.py), each holds every user's usage (a shared budget sums
+users of every partition) but decides only for the users its `Ownership` names; what the
+others decide it hears back from the topics (`hear`), to answer for everyone.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+
+from aiokafka.partitioner import murmur2
 
 from tally.config.models import Config
 from tally.core import (
@@ -25,9 +31,9 @@ from tally.core.report import with_identities
 from tally.core.usage import UserUsage
 from tally.services.enforcer.memory import AlertMemory, AlertsSent
 from tally.topics import spec_for
-from tally.wire import BalanceUpdated, BudgetAlerted, BudgetDecided
+from tally.wire import BalanceUpdated, BudgetAlerted, BudgetDecided, SourcePosition
 
-__all__ = ["Enforcer", "Outcome", "same_decision"]
+__all__ = ["Enforcer", "Outcome", "Ownership", "partition_of", "same_decision"]
 
 # An alert memory key is kept as long as the topic keeps it: past that its period is over.
 MEMORY_SPAN = timedelta(milliseconds=spec_for("budget.alert_memory").retention_ms)
@@ -46,6 +52,31 @@ class Outcome:
         return bool(self.decisions or self.alerts)
 
 
+def partition_of(user_id: str, partitions: int) -> int:
+    """The budget.balances partition of a user's balances: the Kafka clients' default
+    partitioner (murmur2 of the key, as Java's), which the projector's keyed sends use.
+    Computed rather than learnt from records, so a user no balance has named yet (in
+    users.yaml, never used) still has exactly one owner among the instances."""
+    return (murmur2(user_id.encode()) & 0x7FFFFFFF) % partitions
+
+
+@dataclass(frozen=True)
+class Ownership:
+    """The users this instance decides and alerts for: those of the budget.balances
+    partitions the group gave it. `partitions` None: every user (a lone instance, tests,
+    `tally simulate`)."""
+
+    partitions: frozenset[int] | None = None
+    count: int = 1  # partitions of budget.balances
+
+    @classmethod
+    def nobody(cls, count: int) -> Ownership:
+        return cls(frozenset(), count)
+
+    def owns(self, user_id: str) -> bool:
+        return self.partitions is None or partition_of(user_id, self.count) in self.partitions
+
+
 def same_decision(a: BudgetDecided | None, b: BudgetDecided) -> bool:
     """Equal in everything a gateway acts on; `as_of` alone is not a change."""
     return a is not None and a.model_copy(update={"as_of": b.as_of}) == b
@@ -59,25 +90,59 @@ class Enforcer:
         self.usages: dict[str, UserUsage] = {}
         self.published: dict[str, BudgetDecided] = {}
         self.memory = AlertMemory()
+        self.ownership = Ownership()
+        self._sources: dict[str, SourcePosition] = {}  # the usage.events position of each
         self._daily: Window | None = None
 
     def restore(self, decisions: Iterable[BudgetDecided], memory: Iterable[AlertsSent] = (),
                 alerts: Iterable[BudgetAlerted] = ()) -> None:
         """Remember what earlier runs already published (latest decision wins)."""
-        for decision in decisions:
-            self.published[decision.user_id] = decision
-        self.memory.restore(memory, alerts)
+        self._said(decisions, memory, alerts)
 
     def on_balances(self, balances: Iterable[BalanceUpdated], now: datetime) -> Outcome:
         return self.evaluate(self._affected(self.remember(balances)), now)
 
     def remember(self, balances: Iterable[BalanceUpdated]) -> set[str]:
-        """Take in usage without judging anyone (catching up at start); the users in it."""
+        """Take in usage without judging anyone (catching up at start); the users in it.
+
+        A balance from an older usage.events position than the one held is ignored: a
+        projector that lost the partition (a zombie finishing its batch) sent it after
+        the new owner had sent a later one."""
         changed = set()
         for balance in balances:
+            held = self._sources.get(balance.user_id)
+            if held is not None and not held.superseded_by(balance.source):
+                continue
+            self._sources[balance.user_id] = balance.source
             self.usages[balance.user_id] = from_balance(balance)
             changed.add(balance.user_id)
         return changed
+
+    def take(self, ownership: Ownership, now: datetime) -> Outcome:
+        """Decide for these users from now on. Those gained are judged at once: their usage
+        is known already (every instance reads every balance), so whatever the last owner
+        left unsaid is said now; `hear` first, or what it did say is said again."""
+        before, self.ownership = self.ownership, ownership
+        gained = {uid for uid in self._everyone() if not before.owns(uid)}
+        return self.evaluate(gained, now)
+
+    def hear(self, decisions: Iterable[BudgetDecided], memory: Iterable[AlertsSent] = (),
+             alerts: Iterable[BudgetAlerted] = ()) -> list[BudgetDecided]:
+        """What the instances published, read back from the topics; the decisions taken.
+
+        Decisions only of users this instance does not decide for: its own it holds
+        already, and reading back one of them can be older than what it has sent since.
+        Alerts and alert memory of everyone: the memory only grows, and holding the
+        others' makes taking their users over repeat none of their alerts."""
+        taken = [d for d in decisions if not self.ownership.owns(d.user_id)]
+        self._said(taken, memory, alerts)
+        return taken
+
+    def _said(self, decisions: Iterable[BudgetDecided], memory: Iterable[AlertsSent],
+              alerts: Iterable[BudgetAlerted]) -> None:
+        for decision in decisions:
+            self.published[decision.user_id] = decision
+        self.memory.restore(memory, alerts)
 
     def on_config(self, config: Config, now: datetime) -> Outcome:
         """New limits: everyone is judged again."""
@@ -101,7 +166,7 @@ class Enforcer:
         groups = group_usage(everyone.values()) if self._has_group_budgets() else None
         budgets = self.config.budgets.per_user_budgets
         outcome = Outcome()
-        for user_id in sorted(user_ids):
+        for user_id in sorted(u for u in user_ids if self.ownership.owns(u)):
             decision = with_identities(decide(everyone[user_id], budgets, now, groups),
                                        self.config)
             previous = self.published.get(user_id)
