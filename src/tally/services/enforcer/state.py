@@ -57,7 +57,8 @@ def partition_of(user_id: str, partitions: int) -> int:
     partitioner (murmur2 of the key, as Java's), which the projector's keyed sends use.
     Computed rather than learnt from records, so a user no balance has named yet (in
     users.yaml, never used) still has exactly one owner among the instances."""
-    return (murmur2(user_id.encode()) & 0x7FFFFFFF) % partitions
+    hashed: int = murmur2(user_id.encode())
+    return (hashed & 0x7FFFFFFF) % partitions
 
 
 @dataclass(frozen=True)
