@@ -26,12 +26,13 @@ import httpx
 import pytest
 
 from tally.config.loader import load_config
-from tally.kafka import ensure_topics, fetch, make_consumer, make_producer, partitions_of
+from tally.kafka import Record, ensure_topics, make_producer
 from tally.service import started
 from tally.services.enforcer.heard import decode_all
 from tally.services.enforcer.state import Enforcer, partition_of, same_decision
 from tally.topics import Topics
 from tally.wire import BudgetAlerted, BudgetDecided
+from tests.test_pipeline import following
 
 from .kit import KEYS, balances, events, free_port
 from .pipeline import until, write_config
@@ -95,6 +96,7 @@ class Seen:
     def __init__(self) -> None:
         self.decisions: dict[str, BudgetDecided] = {}
         self.alerts: list[BudgetAlerted] = []
+        self.order: list[tuple[str, int]] = []  # (user, tokens used) as decisions came
 
     def used(self, users: list[str], tokens: int) -> bool:
         return all(u in self.decisions and self.decisions[u].tokens_used == tokens
@@ -104,30 +106,17 @@ class Seen:
 @contextlib.asynccontextmanager
 async def watching(bootstrap: str, topics: Topics) -> AsyncIterator[Seen]:
     seen = Seen()
-    consumer = make_consumer(bootstrap)
-    await consumer.start()
-    parts = [tp for topic in (topics.budget_decisions, topics.budget_alerts)
-             for tp in await partitions_of(consumer, topic)]
-    consumer.assign(parts)
-    await consumer.seek_to_beginning(*parts)
 
-    async def follow() -> None:
-        while True:
-            records = await fetch(consumer, 10_000, 100)
-            for decision in decode_all(BudgetDecided, [r for r in records
-                                                       if r.topic == topics.budget_decisions]):
-                seen.decisions[decision.user_id] = decision
-            seen.alerts += decode_all(BudgetAlerted, [r for r in records
-                                                      if r.topic == topics.budget_alerts])
+    def handle(records: list[Record]) -> None:
+        for decision in decode_all(BudgetDecided, [r for r in records
+                                                   if r.topic == topics.budget_decisions]):
+            seen.decisions[decision.user_id] = decision
+            seen.order.append((decision.user_id, decision.tokens_used))
+        seen.alerts += decode_all(BudgetAlerted, [r for r in records
+                                                  if r.topic == topics.budget_alerts])
 
-    task = asyncio.create_task(follow())
-    try:
+    async with following(bootstrap, [topics.budget_decisions, topics.budget_alerts], handle):
         yield seen
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await consumer.stop()
 
 
 @contextlib.contextmanager
@@ -187,15 +176,18 @@ async def test_two_enforcers_share_the_users_survive_a_kill_and_a_zombie(
             await until(lambda: _true(seen.used(USERS, ROUNDS[0])), 30)
             await until(lambda: answers_for_all(b, ROUNDS[0]), 30)  # a's users too
 
-            # SIGKILL b halfway through a round: a's users are decided all along, while
-            # a still owns only its own partitions; b's wait for the session timeout.
+            # SIGKILL b halfway through a round: a's users are decided at once, b's
+            # only once the group gives their partitions to a (after the session timeout).
             await produce(ROUNDS[1], USERS[: len(USERS) // 2])
             b.signal(signal.SIGKILL)
             await produce(ROUNDS[1], USERS[len(USERS) // 2:])
-            await until(lambda: _true(seen.used(a_users, ROUNDS[1])), 30)
-            assert set(await a.owned(client) or []) == a_parts  # no takeover yet
             await until(lambda: owning(a, PARTITIONS), 60)
             await until(lambda: _true(seen.used(USERS, ROUNDS[1])), 30)
+            moved = set(b_users) & set(USERS[len(USERS) // 2:])  # produced after the kill
+            assert moved
+            order = [user for user, tokens in seen.order if tokens == ROUNDS[1]]
+            first_moved = min(order.index(user) for user in moved)
+            assert set(a_users) <= set(order[:first_moved]), "a's users waited for b's"
 
             await produce(ROUNDS[2])
             await until(lambda: _true(seen.used(USERS, ROUNDS[2])), 30)
