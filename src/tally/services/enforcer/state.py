@@ -120,12 +120,14 @@ class Enforcer:
         return changed
 
     def take(self, ownership: Ownership, now: datetime) -> Outcome:
-        """Decide for these users from now on. Those gained are judged at once: their usage
-        is known already (every instance reads every balance), so whatever the last owner
-        left unsaid is said now; `hear` first, or what it did say is said again."""
+        return self.evaluate(self.gain(ownership), now)
+
+    def gain(self, ownership: Ownership) -> set[str]:
+        """Decide for these users from now on; the users gained, to judge at once: their
+        usage is known already (every instance reads every balance), so whatever the last
+        owner left unsaid is said then. `hear` first, or what it did say is said again."""
         before, self.ownership = self.ownership, ownership
-        gained = {uid for uid in self._everyone() if not before.owns(uid)}
-        return self.evaluate(gained, now)
+        return {uid for uid in self._everyone() if ownership.owns(uid) and not before.owns(uid)}
 
     def hear(self, decisions: Iterable[BudgetDecided], memory: Iterable[AlertsSent] = (),
              alerts: Iterable[BudgetAlerted] = ()) -> list[BudgetDecided]:
@@ -146,21 +148,25 @@ class Enforcer:
         self.memory.restore(memory, alerts)
 
     def on_config(self, config: Config, now: datetime) -> Outcome:
-        """New limits: everyone is judged again."""
+        return self.evaluate(self.reconfigure(config), now)
+
+    def reconfigure(self, config: Config) -> set[str]:
+        """New limits: everyone is judged again (the users to judge)."""
         self.config = config
-        return self.evaluate_everyone(now)
+        return set(self._everyone())
 
     def on_tick(self, now: datetime) -> Outcome:
-        """Periods end on the clock: at a reset, everyone is judged again."""
+        return self.evaluate(self.tick(now), now)
+
+    def tick(self, now: datetime) -> set[str]:
+        """Periods end on the clock: at a reset, everyone is judged again (the users to
+        judge; none between resets)."""
         schedule = self.config.budgets.per_user_budgets.reset_schedule
         if self._daily is not None and now in self._daily:
-            return Outcome()
+            return set()
         self._daily = calendar_for(schedule).daily_window(now)
         self.memory.forget_before(now - MEMORY_SPAN)
-        return self.evaluate_everyone(now)
-
-    def evaluate_everyone(self, now: datetime) -> Outcome:
-        return self.evaluate(set(self._everyone()), now)
+        return set(self._everyone())
 
     def evaluate(self, user_ids: set[str], now: datetime) -> Outcome:
         everyone = self._everyone()
