@@ -113,3 +113,17 @@ def test_an_older_balance_from_the_same_partition_is_ignored() -> None:
     assert enforcer.usages["alice"].used("daily", NOON.replace(hour=0)) == 800
     assert enforcer.on_balances([at(1100, 2, 101)], NOON).decisions[0].status == "over_limit"
     assert enforcer.remember([at(200, 4, 7)]) == {"alice"}  # repartitioned: taken as is
+
+
+def test_a_decision_sent_by_another_for_an_owned_user_is_said_again() -> None:
+    enforcer = owning(HALVES[0])
+    mine = next(u for u in USERS if partition_of(u, PARTITIONS) in HALVES[0])
+    sent = [d for d in enforcer.on_balances(balances(300), NOON).decisions if d.user_id == mine]
+    later = [d for d in enforcer.on_balances(balances(800), NOON).decisions
+             if d.user_id == mine]
+    enforcer.hear(sent + later)  # its own two, read back in order
+    assert not enforcer.restate()
+    enforcer.hear(sent)  # the older one again, from an instance that lost the user
+    assert [d.status for d in enforcer.restate().decisions] == ["warning"]
+    enforcer.hear(later)  # that restatement read back
+    assert not enforcer.restate()

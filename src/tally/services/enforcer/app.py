@@ -217,6 +217,7 @@ class Loop:
         last answer is getting old (group.py)."""
         async with self.membership.turn():
             await self._take_given()
+            await self._publish_confirmed(self.board.enforcer.restate())
             if records:
                 await self.membership.confirm(self.consumer)
                 await self._publish_confirmed(self._judge(records))

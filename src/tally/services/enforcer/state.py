@@ -93,6 +93,10 @@ class Enforcer:
         self.memory = AlertMemory()
         self.ownership = Ownership()
         self._sources: dict[str, SourcePosition] = {}  # the usage.events position of each
+        # Per owned user, decisions this instance sent and has not yet heard back, and the
+        # owned users whose latest decision on the topic is not the one held (`restate`).
+        self._unheard: dict[str, int] = {}
+        self._contradicted: set[str] = set()
         self._daily: Window | None = None
 
     def restore(self, decisions: Iterable[BudgetDecided], memory: Iterable[AlertsSent] = (),
@@ -127,7 +131,11 @@ class Enforcer:
         usage is known already (every instance reads every balance), so whatever the last
         owner left unsaid is said then. `hear` first, or what it did say is said again."""
         before, self.ownership = self.ownership, ownership
-        return {uid for uid in self._everyone() if ownership.owns(uid) and not before.owns(uid)}
+        gained = {uid for uid in self._everyone()
+                  if ownership.owns(uid) and not before.owns(uid)}
+        for uid in gained:  # all heard before gaining: nothing of this instance's is due
+            self._unheard.pop(uid, None)
+        return gained
 
     def hear(self, decisions: Iterable[BudgetDecided], memory: Iterable[AlertsSent] = (),
              alerts: Iterable[BudgetAlerted] = ()) -> list[BudgetDecided]:
@@ -137,9 +145,38 @@ class Enforcer:
         already, and reading back one of them can be older than what it has sent since.
         Alerts and alert memory of everyone: the memory only grows, and holding the
         others' makes taking their users over repeat none of their alerts."""
+        decisions = list(decisions)
         taken = [d for d in decisions if not self.ownership.owns(d.user_id)]
         self._said(taken, memory, alerts)
+        for decision in decisions:
+            if self.ownership.owns(decision.user_id):
+                self._heard_own(decision)
         return taken
+
+    def _heard_own(self, decision: BudgetDecided) -> None:
+        """A decision read back for a user this instance decides for: its own, or (none of
+        its own being due) another's, sent after losing the user (a zombie's late batch).
+        The topic's latest must be the held one, or gateways keep the other."""
+        user_id = decision.user_id
+        due = self._unheard.pop(user_id, 0)
+        if due > 1:
+            self._unheard[user_id] = due - 1
+        elif not due and not same_decision(self.published.get(user_id), decision):
+            self._contradicted.add(user_id)
+
+    def restate(self) -> Outcome:
+        """The held decisions of owned users whose latest one on the topic is another's:
+        to send again, so that the topic ends with them."""
+        users = sorted(u for u in self._contradicted
+                       if self.ownership.owns(u) and u in self.published)
+        self._contradicted.clear()
+        outcome = Outcome(decisions=[self.published[u] for u in users])
+        self._count_sent(outcome)
+        return outcome
+
+    def _count_sent(self, outcome: Outcome) -> None:
+        for decision in outcome.decisions:
+            self._unheard[decision.user_id] = self._unheard.get(decision.user_id, 0) + 1
 
     def _said(self, decisions: Iterable[BudgetDecided], memory: Iterable[AlertsSent],
               alerts: Iterable[BudgetAlerted]) -> None:
@@ -182,6 +219,7 @@ class Enforcer:
                 self.published[user_id] = decision
                 outcome.decisions.append(decision)
         outcome.memory = self.memory.add(outcome.alerts)
+        self._count_sent(outcome)
         return outcome
 
     def decision_for(self, user_id: str, now: datetime) -> BudgetDecided:
