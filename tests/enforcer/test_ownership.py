@@ -127,3 +127,15 @@ def test_a_decision_sent_by_another_for_an_owned_user_is_said_again() -> None:
     assert [d.status for d in enforcer.restate().decisions] == ["warning"]
     enforcer.hear(later)  # that restatement read back
     assert not enforcer.restate()
+
+
+def test_what_was_read_back_while_owning_stands_once_the_users_are_lost() -> None:
+    """A paused instance resumes believing it owns its users and reads what their new
+    owner decided meanwhile, before the group tells it: once told, that stands."""
+    zombie = owning(HALVES[0])
+    zombie.on_balances(balances(300), NOON)
+    meanwhile = Enforcer(config()).on_balances(balances(800), NOON).decisions
+    zombie.hear(meanwhile)
+    zombie.lose(Ownership.nobody(PARTITIONS))
+    assert {d.status for d in zombie.published.values()} == {"warning"}
+    assert not zombie.restate()

@@ -199,7 +199,7 @@ class Loop:
     def _lost(self, owned: frozenset[int]) -> None:
         """Decide for the users of `owned` only (some partitions were given up), and show
         it. Also the start: nobody, and every decision heard is taken as it is."""
-        self.board.enforcer.ownership = Ownership(owned, len(self.partitions))
+        self.board.enforcer.lose(Ownership(owned, len(self.partitions)))
         self._show(owned, restoring=False)
 
     def _show(self, owned: frozenset[int], restoring: bool) -> None:

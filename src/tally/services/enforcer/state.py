@@ -97,6 +97,10 @@ class Enforcer:
         # owned users whose latest decision on the topic is not the one held (`restate`).
         self._unheard: dict[str, int] = {}
         self._contradicted: set[str] = set()
+        # Per owned user, the latest decision read back when it is not the held one (one
+        # of this instance's still to be overtaken, or another's): the user's decision
+        # once this instance no longer decides for them (`lose`).
+        self._on_topic: dict[str, BudgetDecided] = {}
         self._daily: Window | None = None
 
     def restore(self, decisions: Iterable[BudgetDecided], memory: Iterable[AlertsSent] = (),
@@ -137,6 +141,15 @@ class Enforcer:
             self._unheard.pop(uid, None)
         return gained
 
+    def lose(self, ownership: Ownership) -> None:
+        """Decide only for these users from now on. For those lost, what was read back
+        last stands; anything published since is heard as it comes."""
+        self.ownership = ownership
+        for user_id in [u for u in self._on_topic if not ownership.owns(u)]:
+            self.published[user_id] = self._on_topic.pop(user_id)
+        for user_id in [u for u in self._unheard if not ownership.owns(u)]:
+            del self._unheard[user_id]
+
     def hear(self, decisions: Iterable[BudgetDecided], memory: Iterable[AlertsSent] = (),
              alerts: Iterable[BudgetAlerted] = ()) -> list[BudgetDecided]:
         """What the instances published, read back from the topics; the decisions taken.
@@ -158,6 +171,10 @@ class Enforcer:
         its own being due) another's, sent after losing the user (a zombie's late batch).
         The topic's latest must be the held one, or gateways keep the other."""
         user_id = decision.user_id
+        if same_decision(self.published.get(user_id), decision):
+            self._on_topic.pop(user_id, None)
+        else:
+            self._on_topic[user_id] = decision
         due = self._unheard.pop(user_id, 0)
         if due > 1:
             self._unheard[user_id] = due - 1
