@@ -3,10 +3,12 @@
 Every instance reads all of budget.balances with a consumer that assigns itself every
 partition (app.py): a shared budget (a department's, a project's) sums users of every
 partition, so deciding for a few users needs everyone's usage. The cost is that each
-instance reads and holds the whole topic, one compacted record per user (a few hundred
-bytes each, about 60 MB at 100,000 users); the judging, the publishing and the alerts are
-what is shared. Ownership comes from a second consumer, `Membership`, a member of the group
-`tally-enforcer:<budget.balances>` subscribed to the same topic. It reads nothing (its
+instance reads and holds the whole topic, one compacted record per user (about 350 bytes
+on the wire, 1.8 KB held: 180 MB at 100,000 users) and takes every balance in (about 100
+µs each, against 260 µs to take it in and judge it; README "Scaling out: enforcers"); the
+judging, the publishing and the alerts are what is shared. Ownership comes from a second
+consumer, `Membership`, a member of the group `tally-enforcer:<budget.balances>`
+subscribed to the same topic. It reads nothing (its
 partitions are paused as soon as they are assigned, and it only polls so that the group
 keeps it); its assignment says whose users this instance decides and alerts for.
 
@@ -20,9 +22,15 @@ A member that stops answering (paused, or its machine cut off) is dropped by the
 again it must not judge from what it last believed: before judging, `confirm` asks the group
 coordinator whether this member still belongs (an offset commit under its generation, which
 the coordinator refuses from a dropped member) whenever the last answer is older than
-CONFIRM_EVERY of the session timeout. Dropped, it owns nothing until the group assigns
-again. What remains is a window of milliseconds: a member paused between its last check and
-its records leaving the process sends them when it resumes (see `confirm`).
+CONFIRM_EVERY of the session timeout, and again after judging if that took long (app.py).
+Dropped, it owns nothing until the group assigns again. What remains is a window: a member
+paused after its last check and before the batch's records leave the process sends them
+when it resumes. That is the send of one outcome (measured, acknowledged included: about
+50 ms for 10 to 100 decisions, 0.3 s for 1,000 decisions and 2,000 alerts, under load
+10); its alerts may repeat what the new owner sent meanwhile. A decision it sends late is
+answered by the owner sending its own again (state.py `restate`), so the compacted topic
+ends with the owner's. Fencing that closes the window needs a transactional producer per
+partition, not done.
 """
 
 from __future__ import annotations
