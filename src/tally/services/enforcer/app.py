@@ -245,7 +245,9 @@ class Loop:
         these users now. The state had taken it as said; hearing what the new owner
         publishes puts that right (a decision it sends replaces the one held; an alert id
         held but not sent is one the new owner sends, being due)."""
-        if outcome and not await self.membership.confirm(self.consumer):
+        if not outcome:
+            return
+        if not await self.membership.confirm(self.consumer):
             log.warning("dropped from the enforcers' group while judging: %d decisions and "
                         "%d alerts not sent", len(outcome.decisions), len(outcome.alerts))
             return
