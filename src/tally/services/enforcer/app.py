@@ -113,8 +113,8 @@ async def run_enforcer(
     board = Board(Enforcer(config or load_config(config_dir)), metrics)
     readiness = Readiness()
     await ensure_topics(bootstrap, topics, partitions)
-    loop = Loop(board, ConfigWatcher(config_dir), readiness, topics, clock)
-    loop.session_timeout_ms = session_timeout_ms
+    loop = Loop(board, ConfigWatcher(config_dir), readiness, topics, clock,
+                session_timeout_ms=session_timeout_ms)
     # The loop and the notifier watch their stop Events: each ends its work under way.
     notifier_stop = asyncio.Event()
 
@@ -151,7 +151,6 @@ SLICE = 2000
 class Loop:
     """budget.balances in, decisions and alerts out, the board kept current."""
 
-    session_timeout_ms = 10_000
     # Set by `run` once the clients are started.
     heard: Heard
     membership: Membership
@@ -161,9 +160,10 @@ class Loop:
     stop: asyncio.Event
 
     def __init__(self, board: Board, watcher: ConfigWatcher, readiness: Readiness,
-                 topics: Topics, clock: Clock) -> None:
+                 topics: Topics, clock: Clock, *, session_timeout_ms: int = 10_000) -> None:
         self.board, self.watcher, self.readiness = board, watcher, readiness
         self.topics, self.clock = topics, clock
+        self.session_timeout_ms = session_timeout_ms
 
     async def run(self, bootstrap: str, stop: asyncio.Event, tick_seconds: float) -> None:
         """What earlier runs said (heard.py), then budget.balances to its end, then follow
