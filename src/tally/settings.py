@@ -115,10 +115,6 @@ class Settings(_FromEnv):
     ingest_port: int = env("TALLY_INGEST_PORT", 8081)
     projector_port: int = env("TALLY_PROJECTOR_PORT", 8082)
     enforcer_port: int = env("TALLY_ENFORCER_PORT", 8083)
-    # How long a consumer group waits for a silent member (its machine gone) before giving
-    # its partitions to the others: the takeover time after a crash. Brokers refuse less
-    # than their group.min.session.timeout.ms (6 s by default).
-    group_session_timeout_ms: int = env("TALLY_GROUP_SESSION_TIMEOUT_MS", 10_000)
     # The caller's own credential, for commands that ask a service (tally audit).
     api_key: str | None = env("TALLY_API_KEY", None)
     token: str | None = env("TALLY_TOKEN", None)

@@ -66,7 +66,8 @@ class Instance:
         with (self.logs / f"{self.name}.log").open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "tally.cli", "enforcer", "--config",
-                 str(self.config_dir), "--port", str(port)],
+                 str(self.config_dir), "--port", str(port),
+                 "--session-timeout", str(SESSION_TIMEOUT_MS / 1000)],
                 env=self.env, stdout=log, stderr=subprocess.STDOUT)
 
     def signal(self, number: int) -> None:
@@ -139,8 +140,7 @@ async def test_two_enforcers_share_the_users_survive_a_kill_and_a_zombie(
     config_dir = write_config(tmp_path / "config", BUDGETS)
     cfg = load_config(config_dir)
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
-           "TALLY_TOPIC_NAMESPACE": topics.namespace, "TALLY_PARTITIONS": str(PARTITIONS),
-           "TALLY_GROUP_SESSION_TIMEOUT_MS": str(SESSION_TIMEOUT_MS)}
+           "TALLY_TOPIC_NAMESPACE": topics.namespace, "TALLY_PARTITIONS": str(PARTITIONS)}
     now = datetime.now(UTC)
 
     async def produce(tokens: int, users: list[str] = USERS) -> None:

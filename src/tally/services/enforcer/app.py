@@ -334,7 +334,7 @@ def run(args: argparse.Namespace) -> int:
                            partitions=settings.partitions, port=port, host=args.host,
                            projector_url=f"http://127.0.0.1:{settings.projector_port}",
                            config=config,
-                           session_timeout_ms=settings.group_session_timeout_ms)
+                           session_timeout_ms=round(args.session_timeout * 1000))
 
     return run_service("tally enforcer", service)
 
