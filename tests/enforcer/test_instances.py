@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -180,8 +181,11 @@ async def test_two_enforcers_share_the_users_survive_a_kill_and_a_zombie(
             # only once the group gives their partitions to a (after the session timeout).
             await produce(ROUNDS[1], USERS[: len(USERS) // 2])
             b.signal(signal.SIGKILL)
+            killed = time.monotonic()
             await produce(ROUNDS[1], USERS[len(USERS) // 2:])
             await until(lambda: owning(a, PARTITIONS), 60)
+            print(f"takeover after SIGKILL: {time.monotonic() - killed:.1f} s "
+                  f"(session timeout {SESSION_TIMEOUT_MS / 1000:.0f} s)")
             await until(lambda: _true(seen.used(USERS, ROUNDS[1])), 30)
             moved = set(b_users) & set(USERS[len(USERS) // 2:])  # produced after the kill
             assert moved
