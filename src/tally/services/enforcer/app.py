@@ -171,12 +171,12 @@ class Loop:
         it gives this instance, and for nobody before."""
         self.heard = Heard(bootstrap, self.topics, self.board)
         async with (started(make_producer(bootstrap)) as producer,
-                    started(make_consumer(bootstrap)) as consumer,
-                    asyncio.TaskGroup() as tasks):
+                    started(make_consumer(bootstrap)) as consumer):
             parts = await partitions_of(consumer, self.topics.budget_balances)
             self.partitions = parts
             self._lost(frozenset())
-            async with started(self.heard):
+            # The follower ends (on `stop`) before its consumer is stopped.
+            async with started(self.heard), asyncio.TaskGroup() as tasks:
                 tasks.create_task(self.heard.follow(stop))
                 if not await self.heard.caught_up(stop):
                     return
