@@ -20,7 +20,7 @@ import yaml
 
 from tally.config.loader import load_config
 from tally.decision_cache import DecisionCache
-from tally.kafka import make_producer, read_to_end
+from tally.kafka import Record, fetch, make_consumer, make_producer, partitions_of, read_to_end
 from tally.services.enforcer.app import run_enforcer
 from tally.services.ingest.app import run_ingest
 from tally.services.projector.app import run_projector
@@ -177,3 +177,26 @@ def read_ids(db: Path) -> list[str]:
     """The ledger's event ids, read once the projector has closed its file."""
     with duckdb.connect(str(db), read_only=True) as con:
         return [r[0] for r in con.execute("SELECT event_id FROM ledger ORDER BY 1").fetchall()]
+
+
+@contextlib.asynccontextmanager
+async def following(bootstrap: str, topics: list[str],
+                    handle: Callable[[list[Record]], None]) -> AsyncIterator[None]:
+    """Every batch read from `topics` (all partitions, from the start) goes to `handle`
+    while inside: what the services publish, read live."""
+    consumer = make_consumer(bootstrap)
+    await consumer.start()
+    consumer.assign([tp for topic in topics for tp in await partitions_of(consumer, topic)])
+
+    async def follow() -> None:
+        while True:
+            handle(await fetch(consumer, 1000, 100))
+
+    task = asyncio.create_task(follow())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await consumer.stop()

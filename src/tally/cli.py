@@ -170,6 +170,10 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
 
     sub = command("enforcer", "config", "http")
     sub.set_defaults(port=settings.enforcer_port)
+    sub.add_argument("--session-timeout", type=float, default=10.0,
+                     help="seconds a silent instance keeps its partitions before the other "
+                          "instances take them over (default: %(default)s; the broker's "
+                          "group.min.session.timeout.ms, 6 s by default, is the floor)")
 
     sub = command("replay", "config", "store")
     sub.add_argument("--force", action="store_true", help="replace an existing file")
