@@ -98,7 +98,10 @@ class Enforcer:
 
     def evaluate(self, user_ids: set[str], now: datetime) -> Outcome:
         everyone = self._everyone()
-        groups = group_usage(everyone.values()) if self._has_group_budgets() else None
+        # Summed over everyone (O(users)): only when someone judged belongs to a group.
+        in_groups = self._has_group_budgets() and any(_groups_of(everyone[uid])
+                                                      for uid in user_ids)
+        groups = group_usage(everyone.values()) if in_groups else None
         budgets = self.config.budgets.per_user_budgets
         outcome = Outcome()
         for user_id in sorted(user_ids):
@@ -145,6 +148,8 @@ class Enforcer:
             return changed
         everyone = self._everyone()
         groups = {g for uid in changed for g in _groups_of(everyone[uid])}
+        if not groups:  # no need to look at everyone
+            return changed
         return changed | {uid for uid, u in everyone.items() if _groups_of(u) & groups}
 
 
