@@ -47,8 +47,10 @@ class Outcome:
 
 
 def same_decision(a: BudgetDecided | None, b: BudgetDecided) -> bool:
-    """Equal in everything a gateway acts on; `as_of` alone is not a change."""
-    return a is not None and a.model_copy(update={"as_of": b.as_of}) == b
+    """Equal in everything a gateway acts on; `as_of` alone is not a change. Compared field
+    by field (3 us), not as a model_copy with b's as_of (32 us, once per balance judged)."""
+    return (a is not None and type(a) is type(b)
+            and {**a.__dict__, "as_of": b.as_of} == b.__dict__)
 
 
 class Enforcer:
