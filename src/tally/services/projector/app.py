@@ -365,6 +365,8 @@ class Projector:
                 await self.release(records)
         finally:
             reader.cancel()  # what it read and nobody took is read again after a restart
+            if self._write is not None:  # its thread ends before the store can be closed
+                await asyncio.wait([self._write[0]])
 
     async def finish(self) -> None:
         if self._work is not None:
