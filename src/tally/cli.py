@@ -163,6 +163,10 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     sub.add_argument("--publish-after-commit", action="store_true",
                      help="send balances only once their batch has committed "
                           "(slower; the default sends them just before the commit)")
+    sub.add_argument("--session-timeout", type=float, default=10.0,
+                     help="seconds a silent instance keeps its partitions before the other "
+                          "instances take them over (default: %(default)s; the broker's "
+                          "group.min.session.timeout.ms, 6 s by default, is the floor)")
     add_limit_options(sub)
 
     sub = command("enforcer", "config", "http")

@@ -25,6 +25,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition, errors
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.conn import create_conn
+from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
+from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 from aiokafka.helpers import create_ssl_context
 from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
@@ -315,11 +317,14 @@ def make_producer(bootstrap: str, linger_ms: int = 1,
 
 def make_consumer(
     bootstrap: str, group_id: str | None = None, fetch_max_wait_ms: int = 5,
-    security: KafkaSecurity | None = None,
+    security: KafkaSecurity | None = None, session_timeout_ms: int = 10_000,
+    assignors: tuple[type[AbstractPartitionAssignor], ...] = (RoundRobinPartitionAssignor,),
 ) -> AIOKafkaConsumer:
     """A consumer that never auto-commits: offsets are committed after the work is done.
 
-    Without a group, callers assign partitions and seek themselves (projector, caches).
+    Without a group, callers assign partitions and seek themselves (caches). In a group,
+    `session_timeout_ms` is how long a silent member keeps its partitions (heartbeats go
+    three times as often), and `assignors` how the group shares them out.
     """
     return AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
@@ -330,6 +335,9 @@ def make_consumer(
         fetch_max_wait_ms=fetch_max_wait_ms,
         max_partition_fetch_bytes=4 * 1024 * 1024,
         isolation_level="read_committed",
+        session_timeout_ms=session_timeout_ms,
+        heartbeat_interval_ms=session_timeout_ms // 3,
+        partition_assignment_strategy=assignors,
     )
 
 
