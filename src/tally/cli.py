@@ -191,7 +191,9 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     sub.add_argument("--token", default=settings.token,
                      help="a JWT with the admin role (default: TALLY_TOKEN)")
 
-    command("status")
+    sub = command("status")
+    sub.add_argument("--instances", action="store_true",
+                     help="list the running projector instances, their partitions and lag")
     return parser
 
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
@@ -62,6 +63,13 @@ class Metrics:
         self.alert_deliveries = Counter("tally_alert_deliveries", "Alerts handed to the "
                                         "webhook (delivered) or given up on (failed)",
                                         ["result"], registry=r)
+        self.partitions_owned = Gauge("tally_partitions_owned", "1 for each partition "
+                                      "this instance owns in its consumer group",
+                                      ["topic", "partition"], registry=r)
+        self.partitions_restoring = Gauge("tally_partitions_restoring", "1 for each owned "
+                                          "partition being restored (replayed up to the end "
+                                          "offset seen when it was gained)",
+                                          ["topic", "partition"], registry=r)
         self.alert_delivery_errors = Counter("tally_alert_delivery_errors", "Failed webhook "
                                              "attempts, retried or not, by reason", ["reason"],
                                              registry=r)
@@ -96,10 +104,12 @@ class Readiness:
     busy topic cannot keep a service from ever becoming ready. Once ready, ready for good.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, describe: Callable[[], dict[str, Any]] | None = None) -> None:
         self.ready = False
         self.detail = "starting"
         self._targets = CatchUp({})
+        # What else /readyz says, e.g. a group member's partitions (projector/ownership.py).
+        self.describe = describe or dict
 
     async def check(self, consumer: AIOKafkaConsumer) -> bool:
         if self.ready:
@@ -141,8 +151,9 @@ def ops_routes(metrics: Metrics, readiness: Readiness) -> list[Route]:
 
     async def readyz(request: Request) -> Response:
         if readiness.ready:
-            return JSONResponse({"status": "ready"})
-        return JSONResponse({"status": "not ready", "detail": readiness.detail}, 503)
+            return JSONResponse({"status": "ready", **readiness.describe()})
+        return JSONResponse({"status": "not ready", "detail": readiness.detail,
+                             **readiness.describe()}, 503)
 
     return [Route("/metrics", serve_metrics, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),

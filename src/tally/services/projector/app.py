@@ -21,13 +21,13 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
 
 from tally.access import Access
 from tally.cli import command_main
 from tally.config.loader import ConfigWatcher, load_config
 from tally.config.models import Config
 from tally.core.usage import UserUsage, to_balance
+from tally.instances import heartbeat, instance_id
 from tally.kafka import (
     Record,
     batches,
@@ -154,11 +154,16 @@ class Projector:
     def complete(self, decoded: Decoded, applied: store.Applied) -> None:
         self.store.finish(applied, decoded.offsets, decoded.rejected)
 
-    async def handle(self, records: list[Record]) -> None:
+    async def handle(self, records: list[Record],
+                     current: Callable[[], bool] = lambda: True) -> None:
         """Fold a batch; if it fails on what it holds, find the record at fault by halves
-        (the rest is counted exactly once) and dead-letter it: no record stops counting."""
+        (the rest is counted exactly once) and dead-letter it: no record stops counting.
+        Not if it is no longer `current` once its turn comes (a rebalance came between:
+        the partitions were sought back to their stored offsets, so folding it now would
+        store older offsets than the file holds)."""
         async with self._writing:
-            await self._handle(records)
+            if current():
+                await self._handle(records)
 
     async def follow(self, config: Config) -> None:
         """A reloaded budgets.yaml: its reset schedule cuts the periods of the events to
@@ -280,10 +285,11 @@ class Projector:
                 if not records:
                     continue
                 # Shielded: a stop lets the batch under way commit and publish (see finish).
-                self._work = asyncio.ensure_future(self.handle(records))
+                self._work = asyncio.ensure_future(self.handle(
+                    records, _still(read_in, generation)))
                 await asyncio.shield(self._work)
-                self.metrics.count_in(records)
-                if read_in == generation():  # else a rebalance has set the holds anew
+                if read_in == generation():  # else dropped, or the holds were set anew
+                    self.metrics.count_in(records)
                     await self.release(records)
         finally:
             reader.cancel()  # what it read and nobody took is read again after a restart
@@ -292,6 +298,11 @@ class Projector:
         if self._work is not None:
             await self._work
         await self.acked()
+
+
+def _still(read_in: int, generation: Callable[[], int]) -> Callable[[], bool]:
+    """Whether no rebalance has come since a batch was read."""
+    return lambda: generation() == read_in
 
 
 async def _read_ahead(consumer: AIOKafkaConsumer, ahead: asyncio.Queue[Stamped],
@@ -343,19 +354,24 @@ async def run_projector(config: Config, bootstrap: str, topics: Topics, db_path:
                                                 .per_user_budgets.reset_schedule))
         consumer = await stack.enter_async_context(started(make_consumer(
             bootstrap, group_id=group_id(topics), session_timeout_ms=session_timeout_ms,
-            assignors=(StickyPartitionAssignor,))))
+            )))
         producer = await stack.enter_async_context(started(make_producer(bootstrap)))
         projector = Projector(con, config, topics, producer, publish_before_commit)
         # The partitions come from the group (ownership.py); the first assignment seeks
         # to the stored offsets and sends the balances of the partitions caught up.
         ownership = Ownership(projector, consumer, topics)
         consumer.subscribe([topics.usage_events, topics.usage_dlq], listener=ownership)
-        readiness = Readiness()
+        readiness = Readiness(ownership.describe)
         services = [Part("projector-fold",
                          lambda: _fold_until_stopped(projector, consumer, ownership)),
                     Part("projector-ownership", ownership.broken),
                     Part("projector-watch", lambda: watch(consumer, projector.metrics,
-                                                          readiness))]
+                                                          readiness)),
+                    Part("projector-report", lambda: ownership.keep_reporting(
+                        projector.metrics)),
+                    Part("projector-heartbeat", lambda: heartbeat(
+                        producer, topics, instance_id("projector"), "projector",
+                        f"http://{host}:{port}" if port else None, ownership.describe))]
         if config_dir is not None:
             watcher = ConfigWatcher(config_dir)
             services.append(Part("projector-config", lambda: _follow_config(projector, watcher)))

@@ -35,7 +35,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import pyarrow as pa
@@ -43,6 +43,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
 from tally.core.usage import Offsets
 from tally.kafka import Record, end_offsets
+from tally.ops import Metrics
 from tally.services.projector import store
 from tally.topics import Topics
 
@@ -263,6 +264,42 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
         self.projector.mirror.update(store.load_usages_of(con, gained))
         partitions = user_partitions(con)
         self.book.partition_of.update({u: p for u, p in partitions.items() if p in gained})
+
+    def lag(self) -> dict[int, int]:
+        """Per owned usage.events partition, the records not folded yet (against the high
+        watermark the last fetch saw; a partition not fetched yet counts its end at
+        assignment)."""
+        found = {}
+        for p in sorted(self.book.owned):
+            tp = TopicPartition(self.topics.usage_events, p)
+            try:
+                highwater = self.consumer.highwater(tp)
+            except (AssertionError, KeyError, ValueError):  # revoked meanwhile
+                continue
+            end = highwater if highwater is not None else self.book.held.get(p, 0)
+            found[p] = max(end - self.book.positions.get(p, 0), 0)
+        return found
+
+    def describe(self) -> dict[str, Any]:
+        """What /readyz (and the instances topic) say of this instance's share."""
+        return {"topic": self.topics.usage_events, "partitions": sorted(self.book.owned),
+                "restoring": sorted(self.book.held),
+                "lag": {str(p): n for p, n in self.lag().items()}}
+
+    def report(self, metrics: Metrics) -> None:
+        """The tally_partitions_owned and _restoring gauges, for the partitions owned now."""
+        topic = self.topics.usage_events
+        for gauge, partitions in ((metrics.partitions_owned, self.book.owned),
+                                  (metrics.partitions_restoring, set(self.book.held))):
+            gauge.clear()
+            for p in partitions:
+                gauge.labels(topic, str(p)).set(1)
+
+    async def keep_reporting(self, metrics: Metrics, every: float = 0.5) -> None:
+        """The partition gauges, every `every` seconds, until cancelled."""
+        while True:
+            self.report(metrics)
+            await asyncio.sleep(every)
 
     async def broken(self) -> None:
         """Until a rebalance fails, then its error (a part of the service: it stops it)."""
