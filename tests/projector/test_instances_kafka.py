@@ -35,6 +35,7 @@ from tests.projector.test_projector_kafka import (
     make_events,
     period_rows,
     produce,
+    run_tally,
     usage_messages,
     with_duplicates,
 )
@@ -133,7 +134,7 @@ async def test_two_instances_share_the_partitions_and_survive_a_kill(
     config = load_config(config_dir)
     topics = Topics(f"inst-{unique_name}")
     await ensure_topics(kafka_bootstrap, topics, PARTITIONS)
-    events = spread(make_events(20_000, seed=14), users=60)
+    events = spread(make_events(12_000, seed=14), users=60)
     sent = with_duplicates(events, every=40)
     dbs, ports = [tmp_path / "a.duckdb", tmp_path / "b.duckdb"], [free_port(), free_port()]
     async with instance(kafka_bootstrap, topics, dbs[1], config_dir, ports[1]) as survivor:
@@ -150,6 +151,7 @@ async def test_two_instances_share_the_partitions_and_survive_a_kill(
         await settled(ports[1:], topics.usage_events, len(sent))
         async with instance(kafka_bootstrap, topics, dbs[0], config_dir, ports[0]) as again:
             await settled(ports, topics.usage_events, len(sent))
+            await check_status(kafka_bootstrap, topics, ports)
             # Both stop before either could take the other's share over (that waits for a
             # session timeout): each file keeps exactly the partitions its instance owns.
             survivor.send_signal(signal.SIGKILL)
@@ -165,6 +167,25 @@ async def test_two_instances_share_the_partitions_and_survive_a_kill(
                                                            topics.budget_balances))
     assert period_rows({u: from_balance(b) for u, b in published.items()}) == period_rows(want)
     assert all(b.source_partition is not None and b.source_offset for b in published.values())
+
+
+async def check_status(bootstrap: str, topics: Topics, ports: list[int]) -> None:
+    """`tally status --instances` lists both, with their shares; /metrics has them too."""
+    code, out, err = await run_tally("status", "--instances", env={
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "TALLY_TOPIC_NAMESPACE": topics.namespace})
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split() == ["instance", "role", "url", "partitions", "restoring", "lag",
+                                "heard"]
+    rows = [line.split() for line in lines[1:]]
+    assert sorted(row[2] for row in rows) == sorted(f"http://127.0.0.1:{p}" for p in ports)
+    shares = [int(p) for row in rows for p in row[3].split(",")]
+    assert sorted(shares) == list(range(PARTITIONS))
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"http://127.0.0.1:{ports[0]}/metrics")).text
+    owned = [line for line in text.splitlines()
+             if line.startswith("tally_partitions_owned{") and line.endswith(" 1.0")]
+    assert len(owned) == len((await readyz(ports[0]))["partitions"]) > 0
 
 
 def spread(events: list[UsageRecorded], users: int) -> list[UsageRecorded]:
@@ -193,3 +214,56 @@ async def folding(ports: list[int], topic: str, at_least: int, timeout: float = 
                 return
         await asyncio.sleep(0.05)
     raise AssertionError(f"the instances did not fold {at_least} records")
+
+
+def never_goes_back(balances: list[BalanceUpdated]) -> list[str]:
+    """The users whose kept balance (as a reader keeps it) ever shrank: what a zombie's
+    stale balance would do if readers took it."""
+    kept: dict[str, int] = {}
+    shrank: list[str] = []
+    previous: dict[str, BalanceUpdated] = {}
+    for balance in balances:
+        held = previous.get(balance.user_id)
+        if held is not None and not held.superseded_by(balance):
+            continue
+        total = sum(sum(totals.values()) for totals in balance.periods.values())
+        if total < kept.get(balance.user_id, 0):
+            shrank.append(balance.user_id)
+        kept[balance.user_id], previous[balance.user_id] = total, balance
+    return shrank
+
+
+async def test_a_zombie_instance_changes_no_balance(
+    kafka_bootstrap: str, unique_name: str, config_dir: Path, tmp_path: Path
+) -> None:
+    """An instance paused (SIGSTOP) past its session timeout while usage keeps coming,
+    then resumed with what it had read in hand: the balances readers keep never go back,
+    equal the recount, and each event ends in one instance's ledger once."""
+    config = load_config(config_dir)
+    topics = Topics(f"zomb-{unique_name}")
+    await ensure_topics(kafka_bootstrap, topics, PARTITIONS)
+    events = spread(make_events(12_000, seed=15), users=60)
+    sent = with_duplicates(events, every=40)
+    dbs, ports = [tmp_path / "a.duckdb", tmp_path / "b.duckdb"], [free_port(), free_port()]
+    async with (instance(kafka_bootstrap, topics, dbs[0], config_dir, ports[0]) as zombie,
+                instance(kafka_bootstrap, topics, dbs[1], config_dir, ports[1]) as other):
+        await sharing(ports)
+        producing = asyncio.create_task(produce(kafka_bootstrap, topics.usage_events,
+                                                usage_messages(sent), pause_every=50))
+        await folding(ports, topics.usage_events, len(sent) // 5)
+        zombie.send_signal(signal.SIGSTOP)
+        await folding(ports[1:], topics.usage_events, len(sent) // 2)  # took over
+        zombie.send_signal(signal.SIGCONT)
+        await producing
+        await settled(ports, topics.usage_events, len(sent))
+        other.send_signal(signal.SIGKILL)
+        zombie.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(zombie.wait(), 30) == 0
+    balances = await balances_on_topic(kafka_bootstrap, topics.budget_balances)
+    assert never_goes_back(balances) == []
+    want = expected(events, config)
+    published = latest_by_position(balances)
+    assert period_rows({u: from_balance(b) for u, b in published.items()}) == period_rows(want)
+    ledgers = [db_rows(db, "SELECT event_id FROM ledger") for db in dbs]
+    assert sum(len(ledger) for ledger in ledgers) == len(events)
+    assert all(db_rows(db, BALANCES) == db_rows(db, RECOUNT) for db in dbs)

@@ -15,7 +15,10 @@ balances sent. On each rebalance (`Ownership`, the consumer's rebalance listener
   event is in exactly one instance's ledger and audits over all files count it once);
   every assigned partition is read again from the offset stored with it, a gained one from
   the beginning if the file lacks it: that replay IS the restore. A partition's balances
-  are held back ("restoring") until it reaches the end offset seen at assignment.
+  are held back ("restoring") until it reaches the end offset seen at assignment. A partition
+  kept across a rebalance is not held back: if the instance was fenced meanwhile (a zombie
+  given its partitions back), what it sends while catching up is older than what the other
+  owner sent, and readers ignore it (below).
 
 Zombie fencing. An instance paused past its session timeout (SIGSTOP, a long GC, a frozen
 VM) loses its partitions without knowing; resumed, it may finish a batch and send its
