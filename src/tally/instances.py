@@ -44,9 +44,10 @@ class InstanceSeen(BaseModel):
     at: AwareDatetime
 
 
-def instance_id(role: str) -> str:
-    """Unique among the running instances: role, host and process id."""
-    return f"{role}@{socket.gethostname()}:{os.getpid()}"
+def instance_id(role: str, port: int | None) -> str:
+    """Unique among the running instances: role, host and HTTP port (else process id),
+    so an instance restarted in place replaces its own record."""
+    return f"{role}@{socket.gethostname()}:{port or os.getpid()}"
 
 
 async def heartbeat(producer: AIOKafkaProducer, topics: Topics, instance: str, role: str,

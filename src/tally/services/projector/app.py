@@ -370,7 +370,7 @@ async def run_projector(config: Config, bootstrap: str, topics: Topics, db_path:
                     Part("projector-report", lambda: ownership.keep_reporting(
                         projector.metrics)),
                     Part("projector-heartbeat", lambda: heartbeat(
-                        producer, topics, instance_id("projector"), "projector",
+                        producer, topics, instance_id("projector", port), "projector",
                         f"http://{host}:{port}" if port else None, ownership.describe))]
         if config_dir is not None:
             watcher = ConfigWatcher(config_dir)
