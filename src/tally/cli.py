@@ -184,6 +184,9 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
                           f"its file is opened ({settings.data_dir / 'projector.duckdb'})")
     sub.add_argument("--url", default=f"http://127.0.0.1:{settings.projector_port}",
                      help="the running projector to ask first (default: %(default)s)")
+    sub.add_argument("--instances", action="store_true",
+                     help="ask every projector instance of `tally status --instances` and "
+                          "print their rows one after the other, led by the instance")
     sub.add_argument("--format", choices=("table", "json", "csv"), default="table",
                      help="how to print the rows (default: table)")
     sub.add_argument("--api-key", default=settings.api_key,

@@ -152,6 +152,7 @@ async def test_two_instances_share_the_partitions_and_survive_a_kill(
         async with instance(kafka_bootstrap, topics, dbs[0], config_dir, ports[0]) as again:
             await settled(ports, topics.usage_events, len(sent))
             await check_status(kafka_bootstrap, topics, ports)
+            await check_audit_over_instances(kafka_bootstrap, topics, len(events))
             # Both stop before either could take the other's share over (that waits for a
             # session timeout): each file keeps exactly the partitions its instance owns.
             survivor.send_signal(signal.SIGKILL)
@@ -186,6 +187,18 @@ async def check_status(bootstrap: str, topics: Topics, ports: list[int]) -> None
     owned = [line for line in text.splitlines()
              if line.startswith("tally_partitions_owned{") and line.endswith(" 1.0")]
     assert len(owned) == len((await readyz(ports[0]))["partitions"]) > 0
+
+
+async def check_audit_over_instances(bootstrap: str, topics: Topics, events: int) -> None:
+    """`tally audit --instances`: a row per instance, whose counts add up to every event."""
+    code, out, err = await run_tally(
+        "audit", "SELECT count(*) AS n FROM ledger", "--instances", "--format", "csv",
+        env={"KAFKA_BOOTSTRAP_SERVERS": bootstrap, "TALLY_TOPIC_NAMESPACE": topics.namespace,
+             "TALLY_API_KEY": "ak_auditor_0123456789"})
+    assert code == 0, err
+    header, *rows = out.splitlines()
+    assert header == "instance,n" and len(rows) == 2
+    assert sum(int(row.rsplit(",", 1)[1]) for row in rows) == events
 
 
 def spread(events: list[UsageRecorded], users: int) -> list[UsageRecorded]:
