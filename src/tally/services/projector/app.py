@@ -1,7 +1,8 @@
 """The projector: usage.events (and usage.dlq) -> DuckDB -> budget.balances.
 
-It assigns every partition itself (no consumer group) and resumes from the offsets stored
-in DuckDB with the results they produced, so a crash at any point neither loses nor
+Its instances share the partitions through a consumer group (ownership.py); each resumes
+every partition it owns from the offset stored in its DuckDB file with the results it
+produced (nothing is committed to Kafka), so a crash at any point neither loses nor
 double-counts an event. After each commit it publishes the absolute balance of every user
 the batch changed; republishing after a crash is harmless.
 """
