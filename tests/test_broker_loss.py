@@ -32,6 +32,7 @@ from tally.kafka import (
 from tally.services.enforcer.app import run_enforcer
 from tally.services.ingest.app import run_ingest
 from tally.services.projector.app import run_projector
+from tally.services.projector.ownership import group_id
 from tally.topics import Topics
 from tally.wire import BudgetAlerted, BudgetDecided
 from tally_dev import localkafka
@@ -169,9 +170,11 @@ async def test_losing_brokers_loses_nothing_and_doubles_nothing(
                 watched(bootstrap, topics, timeline)):
         producing = asyncio.create_task(steady_usage(bootstrap, topics.usage_raw, count))
         await asyncio.sleep(3)
-        # First a broker that is not the ingest group's coordinator, then the coordinator.
+        # First a broker that coordinates neither the ingest's group nor the projectors'
+        # (losing one is measured next), then the ingest group's coordinator.
         coordinator = await coordinator_of(bootstrap, f"tally-ingest:{topics.usage_raw}")
-        follower = next(n for n in nodes if n.node_id != coordinator)
+        projectors = await coordinator_of(bootstrap, group_id(topics))
+        follower = next(n for n in nodes if n.node_id not in (coordinator, projectors))
         await lose(follower, DOWN, timeline, bootstrap)
         await lose(nodes[coordinator - 1], DOWN, timeline, bootstrap)
         acked = await producing

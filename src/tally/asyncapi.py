@@ -18,6 +18,7 @@ from faststream.kafka import KafkaBroker
 from faststream.specification import AsyncAPI
 from pydantic import BaseModel
 
+from tally.instances import InstanceSeen
 from tally.services.enforcer.memory import AlertsSent
 from tally.topics import TABLE, TopicSpec
 from tally.wire import BalanceUpdated, BudgetAlerted, BudgetDecided, RejectedEvent, UsageRecorded
@@ -45,6 +46,7 @@ CHANNELS: tuple[Channel, ...] = (
     Channel("budget.alerts", BudgetAlerted, ("enforcer",),
             ("notifier (webhook)", "enforcer (recent alerts, at start)")),
     Channel("budget.alert_memory", AlertsSent, ("enforcer",), ("enforcer (at start)",)),
+    Channel("tally.instances", InstanceSeen, ("projector",), ("tally status --instances",)),
 )
 
 

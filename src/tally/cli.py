@@ -166,6 +166,10 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     sub.add_argument("--publish-after-commit", action="store_true",
                      help="send balances only once their batch has committed "
                           "(slower; the default sends them just before the commit)")
+    sub.add_argument("--session-timeout", type=float, default=10.0,
+                     help="seconds a silent instance keeps its partitions before the other "
+                          "instances take them over (default: %(default)s; the broker's "
+                          "group.min.session.timeout.ms, 6 s by default, is the floor)")
     add_limit_options(sub)
 
     sub = command("enforcer", "config", "http")
@@ -187,6 +191,9 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
                           f"its file is opened ({settings.data_dir / 'projector.duckdb'})")
     sub.add_argument("--url", default=f"http://127.0.0.1:{settings.projector_port}",
                      help="the running projector to ask first (default: %(default)s)")
+    sub.add_argument("--instances", action="store_true",
+                     help="ask every projector instance of `tally status --instances` and "
+                          "print their rows one after the other, led by the instance")
     sub.add_argument("--format", choices=("table", "json", "csv"), default="table",
                      help="how to print the rows (default: table)")
     sub.add_argument("--api-key", default=settings.api_key,
@@ -194,7 +201,9 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     sub.add_argument("--token", default=settings.token,
                      help="a JWT with the admin role (default: TALLY_TOKEN)")
 
-    command("status")
+    sub = command("status")
+    sub.add_argument("--instances", action="store_true",
+                     help="list the running projector instances, their partitions and lag")
     return parser
 
 

@@ -6,9 +6,9 @@ Reading 200,000 records of usage.events and doing nothing with them
 `getmany` of 10,000 (`batches` below) 212,000 records/s; FastStream's batch subscriber
 75,000/s (2.8x slower: its per-message wrapping, acks and middlewares); its per-message
 subscriber 1,400/s (150x slower). The ingest, the projector, replay and the enforcer read
-in batches of up to 10,000, and the projector also assigns every partition itself and
-seeks to the offsets stored in DuckDB with its results (exactly-once): a consumer group's
-commits cannot hold them. Only the notifier, one alert at a time in a consumer group with
+in batches of up to 10,000, and the projector also seeks, on each assignment of its
+group, to the offsets stored in DuckDB with its results (exactly-once): a consumer
+group's commits cannot hold them. Only the notifier, one alert at a time in a consumer group with
 a commit after each, fits FastStream, and uses it (enforcer/notifier.py).
 """
 
@@ -25,6 +25,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition, errors
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.conn import create_conn
+from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
+from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 from aiokafka.helpers import create_ssl_context
 from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
@@ -318,11 +320,14 @@ def make_producer(bootstrap: str, linger_ms: int = 0,
 
 def make_consumer(
     bootstrap: str, group_id: str | None = None, fetch_max_wait_ms: int = 500,
-    security: KafkaSecurity | None = None,
+    security: KafkaSecurity | None = None, session_timeout_ms: int = 10_000,
+    assignors: tuple[type[AbstractPartitionAssignor], ...] = (RoundRobinPartitionAssignor,),
 ) -> AIOKafkaConsumer:
     """A consumer that never auto-commits: offsets are committed after the work is done.
 
-    Without a group, callers assign partitions and seek themselves (projector, caches).
+    Without a group, callers assign partitions and seek themselves (caches). In a group,
+    `session_timeout_ms` is how long a silent member keeps its partitions (heartbeats go
+    three times as often), and `assignors` how the group shares them out.
     A fetch is a long poll: the broker answers as soon as a record arrives (fetch.min.bytes
     1), so `fetch_max_wait_ms` delays nothing; it only bounds how often an idle consumer
     asks again (at 5 ms, every idle consumer sent 200 fetches a second).
@@ -336,6 +341,9 @@ def make_consumer(
         fetch_max_wait_ms=fetch_max_wait_ms,
         max_partition_fetch_bytes=4 * 1024 * 1024,
         isolation_level="read_committed",
+        session_timeout_ms=session_timeout_ms,
+        heartbeat_interval_ms=session_timeout_ms // 3,
+        partition_assignment_strategy=assignors,
     )
 
 

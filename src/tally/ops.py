@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
@@ -62,12 +63,14 @@ class Metrics:
         self.alert_deliveries = Counter("tally_alert_deliveries", "Alerts handed to the "
                                         "webhook (delivered) or given up on (failed)",
                                         ["result"], registry=r)
-        self.partitions_owned = Gauge("tally_partitions_owned", "1 for each partition the "
-                                      "instance owns in its consumer group, 0 once given up",
-                                      ["topic", "partition"], registry=r)
-        self.restoring = Gauge("tally_restoring", "1 while the instance restores what it "
-                               "needs for partitions it was given, before it acts on them",
-                               registry=r)
+        self.partitions_owned = Gauge("tally_partitions_owned", "1 for each partition "
+                                      "this instance owns in its consumer group, 0 once "
+                                      "given up", ["topic", "partition"], registry=r)
+        self.partitions_restoring = Gauge("tally_partitions_restoring", "1 for each owned "
+                                          "partition being restored (the projector replays "
+                                          "it, the enforcer hears what was said) before the "
+                                          "instance acts on it", ["topic", "partition"],
+                                          registry=r)
         self.alert_delivery_errors = Counter("tally_alert_delivery_errors", "Failed webhook "
                                              "attempts, retried or not, by reason", ["reason"],
                                              registry=r)
@@ -102,13 +105,12 @@ class Readiness:
     busy topic cannot keep a service from ever becoming ready. Once ready, ready for good.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, describe: Callable[[], dict[str, Any]] | None = None) -> None:
         self.ready = False
         self.detail = "starting"
         self._targets = CatchUp({})
-        # What an instance of a group adds to /readyz: the partitions it owns, whether it
-        # is restoring them (kept current by the service; shown ready or not).
-        self.facts: dict[str, object] = {}
+        # What else /readyz says, e.g. a group member's partitions (projector/ownership.py).
+        self.describe = describe or dict
 
     async def check(self, consumer: AIOKafkaConsumer) -> bool:
         if self.ready:
@@ -150,9 +152,9 @@ def ops_routes(metrics: Metrics, readiness: Readiness) -> list[Route]:
 
     async def readyz(request: Request) -> Response:
         if readiness.ready:
-            return JSONResponse({"status": "ready", **readiness.facts})
+            return JSONResponse({"status": "ready", **readiness.describe()})
         return JSONResponse({"status": "not ready", "detail": readiness.detail,
-                             **readiness.facts}, 503)
+                             **readiness.describe()}, 503)
 
     return [Route("/metrics", serve_metrics, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),

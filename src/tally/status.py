@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from datetime import UTC, datetime
 
 from tally.cli import command_main
 from tally.core.periods import NOUNS, PERIODS
 from tally.decision_cache import DecisionCache
+from tally.instances import format_instances, read_instances
 from tally.settings import Settings
 from tally.topics import Topics
 from tally.wire import BudgetDecided, PeriodName
@@ -87,8 +89,13 @@ async def read_decisions(bootstrap: str, topics: Topics) -> list[BudgetDecided]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """`tally status`: the table, from budget.decisions."""
+    """`tally status`: the table, from budget.decisions; with --instances, the running
+    instances from the instances topic."""
     settings = Settings.from_env()
+    if args.instances:
+        seen = asyncio.run(read_instances(settings.bootstrap_servers, settings.topics))
+        print(format_instances(seen, datetime.now(UTC)))
+        return 0
     decisions = asyncio.run(read_decisions(settings.bootstrap_servers, settings.topics))
     print(format_table(decisions) if decisions else "no decisions yet")
     return 0

@@ -76,6 +76,9 @@ TABLE: tuple[TopicSpec, ...] = (
     TopicSpec("budget.alert_memory", "user_id|period|period_start", "compact,delete",
               62 * DAY_MS, vital=True,
               purpose="the alerts already sent in each user's current periods"),
+    TopicSpec("tally.instances", "instance id", "compact,delete", DAY_MS, vital=False,
+              purpose="each running instance's share of the partitions and lag "
+                      "(tally status --instances)"),
 )
 
 
@@ -121,6 +124,10 @@ class Topics:
     @property
     def budget_alert_memory(self) -> str:
         return self._name("budget.alert_memory")
+
+    @property
+    def instances(self) -> str:
+        return self._name("tally.instances")
 
     def all(self) -> tuple[str, ...]:
         return tuple(self._name(spec.base) for spec in TABLE)

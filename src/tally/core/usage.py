@@ -247,8 +247,11 @@ def _is_a_usage_store(memory: MemoryStore) -> UsageStore[Iterable[UsageRecorded]
 # the wire ----------------------------------------------------------------------------------
 
 
-def to_balance(usage: UserUsage, as_of: datetime) -> BalanceUpdated:
-    """The wire form of a user's usage: period starts as ISO 8601 UTC strings."""
+def to_balance(usage: UserUsage, as_of: datetime,
+               source: tuple[int, int] | None = None) -> BalanceUpdated:
+    """The wire form of a user's usage: period starts as ISO 8601 UTC strings. `source`:
+    the usage.events (partition, next offset) the usage was folded up to, which orders
+    the balances of one user sent by different projector instances."""
     if usage.last_event_at is None:
         raise ValueError(f"user {usage.user_id!r} has no usage to publish")
     return BalanceUpdated(
@@ -259,6 +262,8 @@ def to_balance(usage: UserUsage, as_of: datetime) -> BalanceUpdated:
         periods={kind: _encode(usage.periods.get(kind, {})) for kind in PERIOD_NAMES},
         last_event_at=usage.last_event_at,
         as_of=as_of,
+        source_partition=source[0] if source else None,
+        source_offset=source[1] if source else None,
     )
 
 

@@ -213,11 +213,13 @@ class Loop:
 
     def _show(self, owned: frozenset[int], restoring: bool) -> None:
         """/readyz and /metrics: the partitions owned, and whether they are restoring."""
-        self.readiness.facts = {"partitions": sorted(owned), "restoring": restoring}
+        facts = {"partitions": sorted(owned), "restoring": restoring}
+        self.readiness.describe = lambda: facts
+        metrics = self.board.metrics
         for tp in self.partitions:
-            self.board.metrics.partitions_owned.labels(tp.topic, str(tp.partition)).set(
-                tp.partition in owned)
-        self.board.metrics.restoring.set(restoring)
+            labels = (tp.topic, str(tp.partition))
+            metrics.partitions_owned.labels(*labels).set(tp.partition in owned)
+            metrics.partitions_restoring.labels(*labels).set(restoring and tp.partition in owned)
 
     async def _turn(self, records: list[Record]) -> None:
         """Judge a batch of balances and publish what it brings, in this instance's turn:

@@ -1,7 +1,8 @@
 """The projector: usage.events (and usage.dlq) -> DuckDB -> budget.balances.
 
-It assigns every partition itself (no consumer group) and resumes from the offsets stored
-in DuckDB with the results they produced, so a crash at any point neither loses nor
+Its instances share the partitions through a consumer group (ownership.py); each resumes
+every partition it owns from the offset stored in its DuckDB file with the results it
+produced (nothing is committed to Kafka), so a crash at any point neither loses nor
 double-counts an event. After each commit it publishes the absolute balance of every user
 the batch changed; republishing after a crash is harmless.
 """
@@ -12,7 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,9 +27,9 @@ from tally.access import Access
 from tally.cli import command_main
 from tally.config.loader import LiveConfig, load_config
 from tally.config.models import Config
-from tally.core.usage import Offsets, UserUsage, to_balance
+from tally.core.usage import UserUsage, to_balance
+from tally.instances import heartbeat, instance_id
 from tally.kafka import (
-    CatchUp,
     Record,
     batches,
     ensure_topics,
@@ -43,6 +44,7 @@ from tally.services.projector import store
 from tally.services.projector.audit import audit_app
 from tally.services.projector.decode import Decoder, Skipped, rejected
 from tally.services.projector.history import history_routes
+from tally.services.projector.ownership import Ownership, PartitionBook, Stamped, group_id
 from tally.services.projector.recent import RecentIds, WindowMissed
 from tally.services.projector.sandbox import AuditLimits, Auditor, lock_down
 from tally.settings import Settings
@@ -133,24 +135,23 @@ class Projector:
         self._work: asyncio.Future[None] | None = None
         self._acks: asyncio.Future[list[object]] | None = None
         self.metrics = Metrics()
-        self.held: dict[tuple[str, int], int] = {}  # see hold_until
+        # The partitions this instance owns, where it stands in each, and those held back
+        # (see ownership.py): balances go out only for users of owned partitions.
+        self.book = PartitionBook(topics.usage_events)
         self._writing = asyncio.Lock()  # a batch, or a recut of the periods: one at a time
 
-    def hold_until(self, stored: Offsets, ends: Offsets) -> None:
-        """Send no balance until the consumer reaches `ends` (the topics' ends at start).
-        Balances go out before their commit, so a killed run may have sent more than it
-        stored: sent before then, the stored (older) figures would make decisions go back."""
-        self.held = {key: end for key, end in ends.items() if end > stored.get(key, 0)}
+    def writing(self) -> asyncio.Lock:
+        """Held while a batch is written (or the periods recut), and while a rebalance
+        changes what the instance owns."""
+        return self._writing
 
     async def release(self, records: list[Record]) -> None:
-        """After a batch: once the ends are reached, every balance, once."""
-        if not self.held:
-            return
-        for key, reached in next_offsets(records).items():
-            if self.held.get(key, reached + 1) <= reached:
-                del self.held[key]
-        if not self.held:
-            await self.publish(self.mirror)
+        """After a batch: each restoring partition it brings to the end offset seen at its
+        assignment sends every balance of its users, once. Held back until then because
+        balances go out before their commit: a killed run may have sent more than it
+        stored, and the stored (older) figures would make decisions go back."""
+        if self.book.held and (done := self.book.reached(next_offsets(records))):
+            await self.publish(self.book.users_in(done))
 
     def begin(self, decoded: Decoded) -> store.Applied:
         """Open a decoded batch's transaction to find its new events, and fold them into
@@ -166,14 +167,18 @@ class Projector:
     def complete(self, decoded: Decoded, applied: store.Applied) -> None:
         self.store.finish(applied, decoded.offsets, decoded.rejected)
 
-    async def handle(self, records: list[Record]) -> None:
+    async def handle(self, records: list[Record],
+                     current: Callable[[], bool] = lambda: True) -> None:
         """Fold a batch; if it fails on what it holds, find the record at fault by halves
-        (the rest is counted exactly once) and dead-letter it: no record stops counting."""
+        (the rest is counted exactly once) and dead-letter it: no record stops counting.
+        Not if it is no longer `current` once its turn comes (a rebalance came between:
+        the partitions were sought back to their stored offsets, so folding it now would
+        store older offsets than the file holds)."""
         async with self._writing:
-            if records:
+            if not records:  # woken by a write that ended (see consume): a failed one is
+                await self.drain()  # refolded
+            elif current():
                 await self._handle(records)
-            else:  # woken by a write that ended (see consume): a failed one is refolded
-                await self._drain()
 
     async def follow(self, config: Config) -> None:
         """A reloaded budgets.yaml: its reset schedule and counted tokens apply to the events
@@ -182,7 +187,7 @@ class Projector:
         what `tally replay` of the same events under it gives)."""
         budgets = config.budgets.per_user_budgets
         async with self._writing:
-            await self._drain()
+            await self.drain()
             await self.acked()
             recut = await asyncio.to_thread(store.follow_schedule, self.writer,
                                             budgets.reset_schedule)
@@ -216,7 +221,7 @@ class Projector:
         await self.split(records)
         await self.publish(self.mirror)
 
-    async def _drain(self) -> None:
+    async def drain(self) -> None:
         """Until the write under way is stored (or, if it fails, refolded)."""
         try:
             await self._written()
@@ -251,6 +256,7 @@ class Projector:
         """Balances first, from memory; then the batch's write starts, once the one before
         it is stored (DuckDB releases the GIL: the next batch is handled meanwhile)."""
         self.mirror.update(store.with_rows(self.mirror, new))
+        self.book.note(new, decoded.offsets)  # the position its balances carry
         await self.dead_letter(decoded.skipped)
         sent = await self.send(store.Applied(new).users)
         await self._written()
@@ -264,6 +270,7 @@ class Projector:
         or the balances wait for the commit)."""
         await self._written()
         applied = await asyncio.to_thread(self.begin, decoded)
+        self.book.note(applied.new, decoded.offsets)
         await self.dead_letter(decoded.skipped)
         if publish_first:
             sent = await self.send(applied.users)
@@ -290,6 +297,11 @@ class Projector:
         """After a failed batch (rolled back): the mirror and the recent ids as stored,
         without its part."""
         self.mirror = self.store.load_usages()
+        self.forget_recent()
+
+    def forget_recent(self) -> None:
+        """The recent ids as the ledger holds them (after a rollback, or partitions
+        dropped from the file)."""
         self.recent = RecentIds.load(self.writer, datetime.now(UTC))
 
     async def split(self, records: list[Record]) -> None:
@@ -337,36 +349,43 @@ class Projector:
             await acks
 
     async def send(self, users: Iterable[str]) -> list[asyncio.Future[object]]:
-        """Queue each user's absolute balance; the futures settle when the broker acks."""
-        if self.held:
-            return []  # held back until caught up (see hold_until)
+        """Queue each user's absolute balance, with the position it was folded up to; the
+        futures settle when the broker acks. Only the users of partitions this instance
+        owns and has caught up on (see release and ownership.py)."""
         as_of = datetime.now(UTC)
         return [
             await self.producer.send(self.topics.budget_balances, key=user.encode(),
-                                     value=to_balance(self.mirror[user], as_of)
+                                     value=to_balance(self.mirror[user], as_of,
+                                                      self.book.source(user))
                                      .model_dump_json().encode())
-            for user in sorted(users)
+            for user in self.book.sendable(users)
         ]
 
     async def publish(self, users: Iterable[str]) -> None:
         await asyncio.gather(*await self.send(users))
 
-    async def consume(self, consumer: AIOKafkaConsumer) -> None:
+    async def consume(self, consumer: AIOKafkaConsumer,
+                      generation: Callable[[], int] = lambda: 0) -> None:
+        """Fold what `consumer` reads until cancelled. `generation` changes at each
+        rebalance (ownership.py): a batch read before one is dropped, not folded."""
         # Read ahead while a batch is handled: aiokafka sends the next fetch only once the
         # records it holds are taken, so a reader that waited for each batch's commit left
         # new events at the broker for up to two batch times (~65 ms at 1,000 events/s).
-        ahead: asyncio.Queue[list[Record]] = asyncio.Queue(maxsize=READ_AHEAD)
-        reader = asyncio.ensure_future(_read_ahead(consumer, ahead))
+        ahead: asyncio.Queue[Stamped] = asyncio.Queue(maxsize=READ_AHEAD)
+        reader = asyncio.ensure_future(_read_ahead(consumer, ahead, generation))
         try:
             while True:
-                # A write that fails is refolded at once, not when the next batch comes.
-                records = await _take(ahead, reader,
-                                      None if self._write is None else self._write[0])
+                # Empty when a write ended first (a failed one is refolded at once, not
+                # when the next batch comes), or when all was read before a rebalance.
+                read_in, records = await _take(ahead, reader, generation,
+                                               None if self._write is None else self._write[0])
                 # Shielded: a stop lets the batch under way commit and publish (see finish).
-                self._work = asyncio.ensure_future(self.handle(records))
+                self._work = asyncio.ensure_future(self.handle(
+                    records, _still(read_in, generation)))
                 await asyncio.shield(self._work)
-                self.metrics.count_in(records)
-                await self.release(records)
+                if read_in == generation():  # else dropped, or the holds were set anew
+                    self.metrics.count_in(records)
+                    await self.release(records)
         finally:
             reader.cancel()  # what it read and nobody took is read again after a restart
             if self._write is not None:  # its thread ends before the store can be closed
@@ -376,19 +395,27 @@ class Projector:
         if self._work is not None:
             await self._work
         async with self._writing:
-            await self._drain()
+            await self.drain()
         await self.acked()
 
 
-async def _read_ahead(consumer: AIOKafkaConsumer, ahead: asyncio.Queue[list[Record]]) -> None:
+def _still(read_in: int, generation: Callable[[], int]) -> Callable[[], bool]:
+    """Whether no rebalance has come since a batch was read."""
+    return lambda: generation() == read_in
+
+
+async def _read_ahead(consumer: AIOKafkaConsumer, ahead: asyncio.Queue[Stamped],
+                      generation: Callable[[], int]) -> None:
     async for records in batches(consumer, max_records=BATCH_SIZE):
-        await ahead.put(records)
+        await ahead.put((generation(), records))  # stamped when read, not when queued
 
 
-async def _take(ahead: asyncio.Queue[list[Record]], reader: asyncio.Future[None],
-                write: asyncio.Future[None] | None = None) -> list[Record]:
-    """Everything read ahead (up to about BATCH_SIZE), once there is something; nothing
-    if the `write` under way ends first."""
+async def _take(ahead: asyncio.Queue[Stamped], reader: asyncio.Future[None],
+                generation: Callable[[], int],
+                write: asyncio.Future[None] | None = None) -> Stamped:
+    """Everything read ahead (up to about BATCH_SIZE) in the current generation, once
+    there is something (empty if all of it was read before a rebalance); nothing if the
+    `write` under way ends first."""
     if ahead.empty():
         getting: asyncio.Future[Any] = asyncio.ensure_future(ahead.get())
         waiting: set[asyncio.Future[Any]] = {getting, reader, *([write] if write else [])}
@@ -396,46 +423,59 @@ async def _take(ahead: asyncio.Queue[list[Record]], reader: asyncio.Future[None]
         if not getting.done():
             getting.cancel()  # a batch put meanwhile stays in the queue
             if write is not None and write.done() and not reader.done():
-                return []
+                return generation(), []
             reader.result()  # the reader's error, if it failed
             raise RuntimeError("the projector's reader stopped")
-        records: list[Record] = getting.result()
+        first: Stamped = getting.result()
     else:
-        records = ahead.get_nowait()
+        first = ahead.get_nowait()
+    now = generation()
+    records = first[1] if first[0] == now else []
     while not ahead.empty() and len(records) < BATCH_SIZE:
-        records = records + ahead.get_nowait()
-    return records
+        read_in, more = ahead.get_nowait()
+        if read_in == now:
+            records = records + more
+    return now, records
 
 
 async def run_projector(config: Config, bootstrap: str, topics: Topics, db_path: Path,
                         stop: asyncio.Event, port: int | None = None,
                         partitions: int = 3, publish_before_commit: bool = True,
                         host: str = "127.0.0.1", audit_limits: AuditLimits | None = None,
-                        config_dir: Path | None = None) -> None:
-    """Run until `stop` is set; with a port, serve POST /audit (sandboxed within
-    `audit_limits`, for admins as `config`'s auth says; `config_dir` resolves its key file),
-    GET /history, /metrics, /healthz and /readyz (ready once caught up with usage.events and
-    usage.dlq) on host:port."""
+                        config_dir: Path | None = None,
+                        session_timeout_ms: int = 10_000) -> None:
+    """Run until `stop` is set, as one instance of the group sharing usage.events and
+    usage.dlq (ownership.py; `session_timeout_ms`: how long a silent instance keeps its
+    partitions). With a port, serve POST /audit (sandboxed within `audit_limits`, for
+    admins as `config`'s auth says; `config_dir` resolves its key file), GET /history,
+    /metrics, /healthz and /readyz (ready once caught up with its partitions) on
+    host:port."""
     await ensure_topics(bootstrap, topics, partitions)
     db_path.parent.mkdir(parents=True, exist_ok=True)
     async with contextlib.AsyncExitStack() as stack:
         budgets = config.budgets.per_user_budgets
         con = stack.enter_context(store.connect(db_path, schedule=budgets.reset_schedule,
                                                 counted=budgets.counted_tokens))
-        consumer = await stack.enter_async_context(started(make_consumer(bootstrap)))
+        consumer = await stack.enter_async_context(started(make_consumer(
+            bootstrap, group_id=group_id(topics), session_timeout_ms=session_timeout_ms,
+            )))
         producer = await stack.enter_async_context(started(make_producer(bootstrap)))
         projector = Projector(con, config, topics, producer, publish_before_commit)
-        stored = projector.store.load_offsets()
-        parts = await assign_from(consumer, (topics.usage_events, topics.usage_dlq), stored)
-        if publish_before_commit:
-            projector.hold_until(stored, (await CatchUp.taken(consumer, parts)).by_key())
-        # Heals a crash between a commit and its publish: every balance, once (when held
-        # back, once caught up).
-        await projector.publish(projector.mirror)
-        readiness = Readiness()
-        services = [Part("projector-fold", lambda: _fold_until_stopped(projector, consumer)),
+        # The partitions come from the group (ownership.py); the first assignment seeks
+        # to the stored offsets and sends the balances of the partitions caught up.
+        ownership = Ownership(projector, consumer, topics)
+        consumer.subscribe([topics.usage_events, topics.usage_dlq], listener=ownership)
+        readiness = Readiness(ownership.describe)
+        services = [Part("projector-fold",
+                         lambda: _fold_until_stopped(projector, consumer, ownership)),
+                    Part("projector-ownership", ownership.broken),
                     Part("projector-watch", lambda: watch(consumer, projector.metrics,
-                                                          readiness))]
+                                                          readiness)),
+                    Part("projector-report", lambda: ownership.keep_reporting(
+                        projector.metrics)),
+                    Part("projector-heartbeat", lambda: heartbeat(
+                        producer, topics, instance_id("projector", port), "projector",
+                        f"http://{host}:{port}" if port else None, ownership.describe))]
         # A changed budgets.yaml recuts or recounts; a changed users.yaml (a revoked key, a
         # new admin) applies to the audit and history at once.
         live = LiveConfig(config, config_dir)
@@ -454,11 +494,12 @@ async def run_projector(config: Config, bootstrap: str, topics: Topics, db_path:
         await run_parts(stop, services)
 
 
-async def _fold_until_stopped(projector: Projector, consumer: AIOKafkaConsumer) -> None:
+async def _fold_until_stopped(projector: Projector, consumer: AIOKafkaConsumer,
+                              ownership: Ownership) -> None:
     """Consume until cancelled; then the batch under way commits and its balances are
     acknowledged before the projector stops (exactly-once rests on its stored offsets)."""
     try:
-        await projector.consume(consumer)
+        await projector.consume(consumer, lambda: ownership.generation)
     except asyncio.CancelledError:
         await projector.finish()
         raise
@@ -475,7 +516,8 @@ def run(args: argparse.Namespace) -> int:
     return run_service("tally projector", lambda stop: run_projector(
         config, settings.bootstrap_servers, topics, args.db, stop, port=args.port or None,
         partitions=settings.partitions, publish_before_commit=not args.publish_after_commit,
-        host=args.host, audit_limits=AuditLimits.of(args), config_dir=args.config))
+        host=args.host, audit_limits=AuditLimits.of(args), config_dir=args.config,
+        session_timeout_ms=int(args.session_timeout * 1000)))
 
 
 main = command_main("projector")

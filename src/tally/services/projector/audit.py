@@ -38,6 +38,7 @@ from tally.access import Access
 from tally.auth import AuthError
 from tally.cli import command_main
 from tally.services.projector import store
+from tally.services.projector.fanout import ask_instances
 from tally.services.projector.query import AuditError, QueryResult, check_read_only, run_query
 from tally.services.projector.sandbox import AuditLimits, Auditor, lock_down
 from tally.settings import Settings
@@ -221,6 +222,11 @@ def run(args: argparse.Namespace) -> int:
         check_read_only(args.sql)  # refuse a write before asking anyone
         if args.db is not None:
             result = query_file(args.db, args.sql, AuditLimits())
+        elif args.instances:
+            settings, credential = Settings.from_env(), credential_headers(args.api_key,
+                                                                           args.token)
+            result = ask_instances(settings.bootstrap_servers, settings.topics,
+                                   lambda url: ask_projector(url, args.sql, credential))
         else:
             credential = credential_headers(args.api_key, args.token)
             result = (ask_projector(args.url, args.sql, credential)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -52,6 +52,7 @@ __all__ = [
     "index_event_ids",
     "load_offsets",
     "load_usages",
+    "load_usages_of",
     "no_events",
     "start_column",
     "with_rows",
@@ -515,6 +516,20 @@ def load_usages(con: duckdb.DuckDBPyConnection) -> dict[str, UserUsage]:
     """Every user's usage as stored: what a (re)started projector's mirror begins with."""
     periods = con.execute("SELECT user_id, period, period_start, tokens FROM balances")
     return _usages(periods.fetchall(), _labels(con, "ledger"))
+
+
+def load_usages_of(con: duckdb.DuckDBPyConnection,
+                   partitions: Iterable[int]) -> dict[str, UserUsage]:
+    """The stored usage of the users whose events are in these usage.events partitions:
+    what a projector instance adds to its mirror when it gains them."""
+    wanted = sorted(set(partitions))
+    if not wanted:
+        return {}
+    users = f"(SELECT user_id FROM ledger WHERE topic_partition IN ({', '.join(map(str, wanted))}))"
+    periods = con.execute("SELECT user_id, period, period_start, tokens FROM balances "
+                          f"WHERE user_id IN {users}")
+    source = f"(SELECT * FROM ledger WHERE user_id IN {users})"
+    return _usages(periods.fetchall(), _labels(con, source))
 
 
 def with_rows(usages: Mapping[str, UserUsage], rows: pa.Table) -> dict[str, UserUsage]:

@@ -1,0 +1,319 @@
+"""Projector instances in a consumer group: which usage.events partitions this one owns.
+
+Any number of `tally projector` processes, each with its own DuckDB file, join one consumer
+group (`group_id`) on usage.events and usage.dlq; the broker's group protocol shares the
+partitions out. Offsets stay in each file with the results they produced (nothing is
+committed to Kafka), so exactly-once holds per partition as it did for one instance.
+
+A user's events all go to one usage.events partition (the topic is keyed by user_id), so
+the instance owning the partition owns the user: its ledger rows, balances and the
+balances sent. On each rebalance (`Ownership`, the consumer's rebalance listener):
+
+- revoked: the batch under way finishes (commit and acks) before the group moves on, and
+  whatever was read ahead is dropped (`Ownership.generation`);
+- assigned: the partitions this instance no longer owns are deleted from its file (so each
+  event is in exactly one instance's ledger and audits over all files count it once);
+  every assigned partition is read again from the offset stored with it, a gained one from
+  the beginning if the file lacks it: that replay IS the restore. A partition's balances
+  are held back ("restoring") until it reaches the end offset seen at assignment. A partition
+  kept across a rebalance is not held back: if the instance was fenced meanwhile (a zombie
+  given its partitions back), what it sends while catching up is older than what the other
+  owner sent, and readers ignore it (below).
+
+Zombie fencing. An instance paused past its session timeout (SIGSTOP, a long GC, a frozen
+VM) loses its partitions without knowing; resumed, it may finish a batch and send its
+balances before its consumer learns it was fenced. Those balances cannot change a balance
+or decision: each carries (source_partition, source_offset), the position in the user's
+partition it was folded up to, and a reader keeps the latest position
+(BalanceUpdated.superseded_by). The fold of a partition up to an offset is a function of
+that partition's records alone, so a zombie's balance at offset o equals the new owner's
+at o; the new owner sends nothing below the end offset it saw at assignment, which is past
+every record the zombie held then. So a zombie's balance is either older than what the new
+owner sent (ignored) or the same figure the new owner reaches at that offset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import duckdb
+import pyarrow as pa
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+
+from tally.core.usage import Offsets
+from tally.kafka import Record, end_offsets
+from tally.ops import Metrics
+from tally.services.projector import store
+from tally.topics import Topics
+
+if TYPE_CHECKING:
+    from tally.services.projector.app import Projector
+
+__all__ = ["Ownership", "PartitionBook", "drop_partitions", "group_id", "stored_partitions",
+           "user_partitions"]
+
+log = logging.getLogger(__name__)
+
+Stamped = tuple[int, list[Record]]  # a batch read ahead, with the generation it was read in
+
+
+def group_id(topics: Topics) -> str:
+    """The consumer group of the projector instances on these topics."""
+    return f"tally-projector:{topics.usage_events}"
+
+
+@dataclass
+class PartitionBook:
+    """What this instance owns of usage.events, and where it stands in each partition.
+
+    `owned`: the partitions assigned. `held`: those restoring, with the end offset to reach
+    before their balances go out. `positions`: the next offset folded per partition (a
+    balance's source_offset). `partition_of`: each user's partition, from the ledger rows."""
+
+    topic: str
+    owned: set[int] = field(default_factory=set)
+    held: dict[int, int] = field(default_factory=dict)
+    positions: dict[int, int] = field(default_factory=dict)
+    partition_of: dict[str, int] = field(default_factory=dict)
+
+    def note(self, rows: pa.Table, offsets: Offsets) -> None:
+        """A batch folded: its users' partitions and the partitions' new positions."""
+        users = rows.column("user_id").to_pylist()
+        parts = rows.column("topic_partition").to_pylist()
+        self.partition_of.update(zip(users, parts, strict=True))
+        for (topic, partition), offset in offsets.items():
+            if topic == self.topic:
+                self.positions[partition] = offset
+
+    def source(self, user: str) -> tuple[int, int] | None:
+        partition = self.partition_of.get(user)
+        if partition is None:
+            return None
+        return partition, self.positions.get(partition, 0)
+
+    def sendable(self, users: Iterable[str]) -> list[str]:
+        """Of `users`, those whose partition this instance owns and is not restoring."""
+        return sorted(user for user in users
+                      if (p := self.partition_of.get(user)) in self.owned and p not in self.held)
+
+    def users_in(self, partitions: Iterable[int]) -> set[str]:
+        wanted = set(partitions)
+        return {user for user, p in self.partition_of.items() if p in wanted}
+
+    def hold(self, partitions: Iterable[int], stored: Offsets,
+             ends: Mapping[tuple[str, int], int]) -> None:
+        """Hold back each partition's balances until it reaches its end at assignment."""
+        for p in partitions:
+            at = stored.get((self.topic, p), 0)
+            self.positions[p] = at
+            end = ends.get((self.topic, p), 0)
+            if end > at:
+                self.held[p] = end
+            else:
+                self.held.pop(p, None)
+
+    def reached(self, offsets: Offsets) -> set[int]:
+        """The held partitions `offsets` (a batch's next offsets) bring to their end."""
+        done = {p for (topic, p), at in offsets.items()
+                if topic == self.topic and self.held.get(p, at + 1) <= at}
+        for p in done:
+            del self.held[p]
+        return done
+
+    def forget(self, partitions: Iterable[int]) -> set[str]:
+        """Partitions lost: their users, no longer this instance's."""
+        lost = set(partitions)
+        users = self.users_in(lost)
+        for user in users:
+            del self.partition_of[user]
+        for p in lost:
+            self.held.pop(p, None)
+            self.positions.pop(p, None)
+        self.owned -= lost
+        return users
+
+
+# the file's side ----------------------------------------------------------------------------
+
+
+def user_partitions(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
+    """Each stored user's usage.events partition (of their latest event, should a topic
+    have been re-keyed)."""
+    rows = con.execute("SELECT user_id, arg_max(topic_partition, topic_offset) "
+                       "FROM ledger GROUP BY user_id").fetchall()
+    return {user: int(partition) for user, partition in rows}
+
+
+def stored_partitions(con: duckdb.DuckDBPyConnection, topic: str) -> set[int]:
+    rows = con.execute("SELECT partition FROM offsets WHERE topic = ?", [topic]).fetchall()
+    return {int(p) for (p,) in rows}
+
+
+def drop_partitions(con: duckdb.DuckDBPyConnection, topics: Topics, events: Iterable[int],
+                    dlq: Iterable[int]) -> None:
+    """Delete what the file holds of partitions this instance no longer owns, in one
+    transaction: their users' balances, ledger rows and event id hashes, the rejected
+    records of the usage.dlq partitions, and the offsets (a partition regained is replayed
+    from the beginning)."""
+    lost_events, lost_dlq = sorted(set(events)), sorted(set(dlq))
+    if not lost_events and not lost_dlq:
+        return
+    ev = ", ".join(map(str, lost_events)) or "NULL"
+    dl = ", ".join(map(str, lost_dlq)) or "NULL"
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute(f"""DELETE FROM balances WHERE user_id IN (
+                            SELECT user_id FROM ledger WHERE topic_partition IN ({ev}))""")
+        # A hash another kept event shares stays: dedupe must still know that event.
+        con.execute(f"""DELETE FROM event_ids WHERE h IN (
+                            SELECT hash(event_id) FROM ledger WHERE topic_partition IN ({ev})
+                            EXCEPT
+                            SELECT hash(event_id) FROM ledger
+                            WHERE topic_partition NOT IN ({ev}))""")
+        con.execute(f"DELETE FROM ledger WHERE topic_partition IN ({ev})")
+        con.execute(f"DELETE FROM rejected WHERE partition IN ({dl})")
+        con.execute(f"""DELETE FROM offsets WHERE (topic = ? AND partition IN ({ev}))
+                        OR (topic = ? AND partition IN ({dl}))""",
+                    [topics.usage_events, topics.usage_dlq])
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+
+
+# the rebalance listener ---------------------------------------------------------------------
+
+
+class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
+    """The projector's rebalance listener: see the module doc. A failure in a callback
+    (aiokafka would only log it) is kept in `failed`, which stops the service."""
+
+    def __init__(self, projector: Projector, consumer: AIOKafkaConsumer, topics: Topics,
+                 on_change: Callable[[], None] | None = None) -> None:
+        self.projector = projector
+        self.consumer = consumer
+        self.topics = topics
+        self.generation = 0
+        self.failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.on_change = on_change or (lambda: None)
+        self.assigned: set[TopicPartition] = set()
+        projector.mirror.clear()  # nothing is owned until the group says so
+
+    @property
+    def book(self) -> PartitionBook:
+        return self.projector.book
+
+    def current(self, stamped: Stamped) -> bool:
+        """Whether a batch was read since the last assignment (else it is dropped: every
+        partition is sought anew on assignment, so it would be read twice)."""
+        return stamped[0] == self.generation
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self.generation += 1  # what was read ahead is not folded
+        try:
+            await self.projector.finish()  # the batch under way commits; its acks arrive
+        except BaseException as error:
+            self._fail(error)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        try:
+            await self._take(assigned)
+        except BaseException as error:
+            self.generation += 1
+            self._fail(error)
+
+    async def _take(self, assigned: set[TopicPartition]) -> None:
+        projector, events, dlq = self.projector, self.topics.usage_events, self.topics.usage_dlq
+        mine = {tp.partition for tp in assigned if tp.topic == events}
+        mine_dlq = {tp.partition for tp in assigned if tp.topic == dlq}
+        async with projector.writing():
+            # The write under way (balances go out before it) is stored first: the offsets
+            # sought below and the partitions dropped are then the file's final ones.
+            await projector.drain()
+            con = projector.writer
+            lost = (self.book.owned | stored_partitions(con, events)) - mine
+            lost_dlq = stored_partitions(con, dlq) - mine_dlq
+            if lost or lost_dlq:
+                await asyncio.to_thread(drop_partitions, con, self.topics, lost, lost_dlq)
+                for user in self.book.forget(lost):
+                    projector.mirror.pop(user, None)
+                # The recent ids forget the dropped events too: regained, they are new.
+                await asyncio.to_thread(projector.forget_recent)
+            gained = mine - self.book.owned
+            if gained:
+                await asyncio.to_thread(self._load, gained)
+            stored = projector.store.load_offsets()
+            starts = await self.consumer.beginning_offsets(list(assigned))
+            for tp in assigned:
+                self.consumer.seek(tp, stored.get((tp.topic, tp.partition), starts[tp]))
+            # At once, with no await since the seeks: a batch read from now on was read
+            # from these positions; one read before is dropped (and read again).
+            self.generation += 1
+            ends = {(tp.topic, tp.partition): end
+                    for tp, end in (await end_offsets(self.consumer, assigned)).items()}
+            self.book.owned = mine
+            # A partition still restoring is sought back too: it is held anew.
+            restoring = gained | (mine & set(self.book.held))
+            self.book.hold(restoring, stored, ends)
+            self.assigned = set(assigned)
+            log.info("projector: owns partitions %s of %s (lost %s, gained %s, restoring %s)",
+                     sorted(mine), events, sorted(lost), sorted(gained), sorted(self.book.held))
+            # Heals a crash between a commit and its publish: the balances of the gained
+            # partitions already caught up, once (the restoring ones follow once caught up).
+            await projector.publish(self.book.users_in(restoring))
+        self.on_change()
+
+    def _load(self, gained: set[int]) -> None:
+        con = self.projector.writer
+        self.projector.mirror.update(store.load_usages_of(con, gained))
+        partitions = user_partitions(con)
+        self.book.partition_of.update({u: p for u, p in partitions.items() if p in gained})
+
+    def lag(self) -> dict[int, int]:
+        """Per owned usage.events partition, the records not folded yet (against the high
+        watermark the last fetch saw; a partition not fetched yet counts its end at
+        assignment)."""
+        found = {}
+        for p in sorted(self.book.owned):
+            tp = TopicPartition(self.topics.usage_events, p)
+            try:
+                highwater = self.consumer.highwater(tp)
+            except (AssertionError, KeyError, ValueError):  # revoked meanwhile
+                continue
+            end = highwater if highwater is not None else self.book.held.get(p, 0)
+            found[p] = max(end - self.book.positions.get(p, 0), 0)
+        return found
+
+    def describe(self) -> dict[str, Any]:
+        """What /readyz (and the instances topic) say of this instance's share."""
+        return {"topic": self.topics.usage_events, "partitions": sorted(self.book.owned),
+                "restoring": sorted(self.book.held),
+                "lag": {str(p): n for p, n in self.lag().items()}}
+
+    def report(self, metrics: Metrics) -> None:
+        """The tally_partitions_owned and _restoring gauges, for the partitions owned now."""
+        topic = self.topics.usage_events
+        for gauge, partitions in ((metrics.partitions_owned, self.book.owned),
+                                  (metrics.partitions_restoring, set(self.book.held))):
+            gauge.clear()
+            for p in partitions:
+                gauge.labels(topic, str(p)).set(1)
+
+    async def keep_reporting(self, metrics: Metrics, every: float = 0.5) -> None:
+        """The partition gauges, every `every` seconds, until cancelled."""
+        while True:
+            self.report(metrics)
+            await asyncio.sleep(every)
+
+    async def broken(self) -> None:
+        """Until a rebalance fails, then its error (a part of the service: it stops it)."""
+        await asyncio.shield(self.failed)
+
+    def _fail(self, error: BaseException) -> None:
+        log.error("projector: a rebalance failed: %r", error)
+        if not self.failed.done():
+            self.failed.set_exception(error)
