@@ -5,6 +5,7 @@ wrong password gets."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import shutil
@@ -20,7 +21,9 @@ from tally.decision_cache import DecisionCache
 from tally.kafka import KafkaUnreachable, ensure_topics, read_to_end
 from tally.services.enforcer.app import run_enforcer
 from tally.services.ingest.app import run_ingest
+from tally.services.projector import store
 from tally.services.projector.app import run_projector
+from tally.services.projector.replay import replay
 from tally.topics import Topics
 from tally_dev import localkafka
 from tests.paths import project_root
@@ -66,6 +69,10 @@ async def test_the_pipeline_runs_through_a_sasl_listener(
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", bootstrap)
     monkeypatch.setenv("TALLY_TOPIC_NAMESPACE", topics.namespace)
     assert await asyncio.to_thread(topicadmin.main, ["check"]) == 0  # the CLI too
+    # replay reads with librdkafka, signed in through the same settings
+    await replay(config, bootstrap, topics, tmp_path / "replayed.db", out=io.StringIO())
+    with store.connect(tmp_path / "replayed.db", read_only=True) as con:
+        assert con.execute("SELECT user_id, tokens FROM ledger").fetchall() == [("alice", 800)]
 
 
 def test_the_openclaw_plugin_signs_in_from_the_gateways_environment(

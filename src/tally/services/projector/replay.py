@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import sys
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import TextIO
 
 import duckdb
+import pyarrow as pa
 
 from tally.cli import command_main
 from tally.config.loader import load_config
@@ -26,13 +28,16 @@ from tally.config.models import Config
 from tally.errors import InputError
 from tally.kafka import ensure_topics
 from tally.kafka_bulk import Columns, TopicReader
+from tally.service import error_text
 from tally.services.projector import store
-from tally.services.projector.app import Decoded
+from tally.services.projector.app import RECORD_FAULTS, Decoded
 from tally.services.projector.decode import Decoder, Skipped, rejected
 from tally.settings import Settings
 from tally.topics import Topics
 
-__all__ = ["REPLAY_BATCH", "Progress", "decode", "main", "replay"]
+__all__ = ["REPLAY_BATCH", "Progress", "apply_or_split", "decode", "main", "replay"]
+
+log = logging.getLogger(__name__)
 
 # Records per transaction. Replay reads a backlog, so it takes batches 12x the live ones:
 # exactly one DuckDB row group, which DuckDB writes straight to the file instead of
@@ -128,7 +133,40 @@ async def _write_next(con: duckdb.DuckDBPyConnection, decoded: Decoded,
                       ) -> asyncio.Future[set[str]]:
     if writing is not None:
         await writing
-    return asyncio.ensure_future(asyncio.to_thread(decoded.apply, store.DuckDBStore(con)))
+    return asyncio.ensure_future(asyncio.to_thread(apply_or_split, con, decoded))
+
+
+def apply_or_split(con: duckdb.DuckDBPyConnection, decoded: Decoded) -> set[str]:
+    """The batch in one transaction; if it fails on what it holds, the live projector's
+    answer (Projector.split): its events by halves, each piece in a transaction of its own,
+    down to each event that fails even alone, which is skipped and logged by topic,
+    partition and offset (the live projector dead-letters it; replay writes nothing but its
+    file), then the batch's rejected records and offsets. Users of the events written."""
+    try:
+        return decoded.apply(store.DuckDBStore(con))
+    except RECORD_FAULTS as error:
+        log.error("a batch of %d events failed (%s): looking for the events at fault",
+                  decoded.events.num_rows, error_text(error))
+    users = _apply_halves(con, decoded.events)
+    store.apply_batch(con, store.no_events(), decoded.offsets, decoded.rejected)
+    return users
+
+
+def _apply_halves(con: duckdb.DuckDBPyConnection, events: pa.Table) -> set[str]:
+    if events.num_rows == 1:
+        [event] = events.select(["topic_partition", "topic_offset", "event_id"]).to_pylist()
+        log.error("skipping usage event at partition %(topic_partition)d offset "
+                  "%(topic_offset)d (event_id %(event_id)r): it fails the fold even alone",
+                  event)
+        return set()
+    middle = events.num_rows // 2
+    users: set[str] = set()
+    for piece in (events.slice(0, middle), events.slice(middle)):
+        try:
+            users |= store.apply_batch(con, piece, {}).users
+        except RECORD_FAULTS:
+            users |= _apply_halves(con, piece)
+    return users
 
 
 def decode(decoder: Decoder, batch: Columns) -> Decoded:
