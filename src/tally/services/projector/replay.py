@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
+import functools
 import logging
 import os
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -86,46 +88,44 @@ async def replay(config: Config, bootstrap: str, topics: Topics, db_path: Path,
     await ensure_topics(bootstrap, topics, partitions)
     reader = await asyncio.to_thread(TopicReader, bootstrap,
                                      [topics.usage_events, topics.usage_dlq], topics.usage_events)
+    # The reader's own thread: on the way out (an error, Ctrl-C) a read still running is
+    # waited for before the consumer closes under it.
+    reading = ThreadPoolExecutor(1, thread_name_prefix="replay-read")
     try:
         progress = Progress(reader.total, out)
         schedule = config.budgets.per_user_budgets.reset_schedule
         with store.connect(db_path, schedule=schedule) as con:
             con.execute(f"SET memory_limit = '{REPLAY_DUCKDB_MEMORY}'")
-            await _fold(reader, con, Decoder.of(config.budgets.per_user_budgets), progress)
+            await _fold(functools.partial(reader.next_batch, REPLAY_BATCH), reading, con,
+                        Decoder.of(config.budgets.per_user_budgets), progress)
         progress.draw(time.monotonic())
         out.write("\n")
         return progress
     finally:
+        reading.shutdown(wait=True, cancel_futures=True)
         reader.close()
 
 
-async def _fold(reader: TopicReader, con: duckdb.DuckDBPyConnection, decoder: Decoder,
-                progress: Progress) -> None:
+async def _fold(read: Callable[[], Columns | None], reading: ThreadPoolExecutor,
+                con: duckdb.DuckDBPyConnection, decoder: Decoder, progress: Progress) -> None:
     """A three-stage pipeline, each stage in a thread of its own: batch n+2 is read
     (librdkafka's C, the GIL released while it waits), batch n+1 decoded (mostly in
     Arrow's C++, the GIL released) and batch n written by DuckDB (the GIL released). Each
     stage takes its batches in order, so commits stay in offset order."""
-    reading = _read_next(reader)
+    loop = asyncio.get_running_loop()
+    next_batch = loop.run_in_executor(reading, read)
     decoding: asyncio.Future[Decoded] | None = None
     writing: asyncio.Future[set[str]] | None = None
-    try:
-        while (batch := await reading) is not None:
-            reading = _read_next(reader)
-            if decoding is not None:
-                writing = await _write_next(con, await decoding, writing)
-            decoding = asyncio.ensure_future(asyncio.to_thread(decode, decoder, batch))
-            progress.add(len(batch))
+    while (batch := await next_batch) is not None:
+        next_batch = loop.run_in_executor(reading, read)
         if decoding is not None:
             writing = await _write_next(con, await decoding, writing)
-        if writing is not None:
-            await writing
-    finally:  # the reader is closed after this: no read may still be running in it
-        with contextlib.suppress(BaseException):
-            await reading
-
-
-def _read_next(reader: TopicReader) -> asyncio.Future[Columns | None]:
-    return asyncio.ensure_future(asyncio.to_thread(reader.next_batch, REPLAY_BATCH))
+        decoding = asyncio.ensure_future(asyncio.to_thread(decode, decoder, batch))
+        progress.add(len(batch))
+    if decoding is not None:
+        writing = await _write_next(con, await decoding, writing)
+    if writing is not None:
+        await writing
 
 
 async def _write_next(con: duckdb.DuckDBPyConnection, decoded: Decoded,
