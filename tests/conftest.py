@@ -197,3 +197,20 @@ def kafka_sasl() -> Iterator[tuple[str, localkafka.SaslUser]]:
         yield bootstrap, SASL_USER
     finally:
         localkafka.stop(SASL_DATA_DIR)
+
+
+# The TLS broker of tests/test_tls.py: one SSL listener on TEST_PORT+30, its CA made in its
+# data dir by `tally kafka start --tls`.
+TLS_PORT = TEST_PORT + 30
+TLS_DATA_DIR = project_root() / ".local" / "kafka-tls-test"
+
+
+@pytest.fixture(scope="session")
+def kafka_tls() -> Iterator[tuple[str, Path]]:
+    """A broker that speaks only TLS, and the CA file its clients trust; stopped at
+    session end."""
+    bootstrap = localkafka.start(TLS_PORT, TLS_PORT + 1, TLS_DATA_DIR, tls=True)
+    try:
+        yield bootstrap, TLS_DATA_DIR / "config" / "tls" / "ca.pem"
+    finally:
+        localkafka.stop(TLS_DATA_DIR)

@@ -23,12 +23,10 @@ from aiokafka.errors import GroupCoordinatorNotAvailableError
 
 from tally.config.loader import load_config
 from tally.kafka import (
+    Record,
     ensure_topics,
-    fetch,
     make_admin,
-    make_consumer,
     make_producer,
-    partitions_of,
     read_to_end,
 )
 from tally.services.enforcer.app import run_enforcer
@@ -37,7 +35,7 @@ from tally.services.projector.app import run_projector
 from tally.topics import Topics
 from tally.wire import BudgetAlerted, BudgetDecided
 from tally_dev import localkafka
-from tests.test_pipeline import NOON, eventually, running
+from tests.test_pipeline import NOON, eventually, following, running
 
 pytestmark = pytest.mark.kafka
 
@@ -76,25 +74,14 @@ def raw(k: int) -> bytes:
 
 @contextlib.asynccontextmanager
 async def watched(bootstrap: str, topics: Topics, timeline: Timeline) -> AsyncIterator[None]:
-    consumer = make_consumer(bootstrap)
-    await consumer.start()
-    consumer.assign(await partitions_of(consumer, topics.budget_decisions))
+    def handle(records: list[Record]) -> None:
+        for record in records:
+            decision = BudgetDecided.model_validate_json(record.value or b"")
+            timeline.latest[decision.user_id] = decision
+            timeline.decisions.append(time.monotonic())
 
-    async def follow() -> None:
-        while True:
-            for record in await fetch(consumer, 1000, 50):
-                decision = BudgetDecided.model_validate_json(record.value or b"")
-                timeline.latest[decision.user_id] = decision
-                timeline.decisions.append(time.monotonic())
-
-    task = asyncio.create_task(follow())
-    try:
+    async with following(bootstrap, [topics.budget_decisions], handle):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await consumer.stop()
 
 
 async def steady_usage(bootstrap: str, topic: str, count: int) -> int:

@@ -106,3 +106,24 @@ def test_a_sasl_broker_takes_only_scram_clients(tmp_path: Path) -> None:
     assert localkafka.configured_port(text) == 9192
     assert user.format_args() == ["--add-scram", "SCRAM-SHA-256=[name=tally,password=pw]",
                                   "--add-scram", "SCRAM-SHA-512=[name=tally,password=pw]"]
+
+
+def test_a_tls_broker_encrypts_its_one_listener_with_a_certificate_for_loopback(
+        tmp_path: Path) -> None:
+    from cryptography import x509
+
+    from tally_dev.localtls import ensure_tls_files
+    files = ensure_tls_files(tmp_path / "tls", "127.0.0.1")
+    user = localkafka.SaslUser("tally", "pw")
+    config = properties(localkafka.render_server_properties(9292, 9293, tmp_path, sasl=user,
+                                                            tls=files))
+    assert config["listeners"] == "SASL_SSL://127.0.0.1:9292,CONTROLLER://127.0.0.1:9293"
+    assert config["ssl.keystore.location"] == str(files.keystore)
+    assert "listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config" in config
+    chain = x509.load_pem_x509_certificates(files.keystore.read_bytes())
+    ca = x509.load_pem_x509_certificate(files.ca.read_bytes())
+    assert chain[0].issuer == ca.subject and chain[1] == ca
+    names = chain[0].extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    made = files.ca.read_bytes()
+    assert ensure_tls_files(tmp_path / "tls", "127.0.0.1").ca.read_bytes() == made  # once

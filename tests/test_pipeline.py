@@ -20,7 +20,7 @@ import yaml
 
 from tally.config.loader import load_config
 from tally.decision_cache import DecisionCache
-from tally.kafka import make_producer, read_to_end
+from tally.kafka import Record, fetch, make_consumer, make_producer, partitions_of, read_to_end
 from tally.services.enforcer.app import run_enforcer
 from tally.services.ingest.app import run_ingest
 from tally.services.projector.app import run_projector
@@ -37,6 +37,8 @@ BUDGETS = {"per_user_budgets": {
                  {"at_percent": 90, "message": "90% of {period} used"}],
     "on_limit_exceeded": {"action": "hard_stop",
                           "hard_stop": {"message": "Stopped until {reset_time}."}},
+    # The events are of fixed dates (May 2026): a ten-year window keeps them acceptable.
+    "event_time_window": {"max_age_days": 3650},
 }}
 USERS = {"user_identification": {"users": [
     {"id": "alice", "api_key": "ak_alice_0123456789", "identities": ["openai-user:alice"]},
@@ -175,3 +177,26 @@ def read_ids(db: Path) -> list[str]:
     """The ledger's event ids, read once the projector has closed its file."""
     with duckdb.connect(str(db), read_only=True) as con:
         return [r[0] for r in con.execute("SELECT event_id FROM ledger ORDER BY 1").fetchall()]
+
+
+@contextlib.asynccontextmanager
+async def following(bootstrap: str, topics: list[str],
+                    handle: Callable[[list[Record]], None]) -> AsyncIterator[None]:
+    """Every batch read from `topics` (all partitions, from the start) goes to `handle`
+    while inside: what the services publish, read live."""
+    consumer = make_consumer(bootstrap)
+    await consumer.start()
+    consumer.assign([tp for topic in topics for tp in await partitions_of(consumer, topic)])
+
+    async def follow() -> None:
+        while True:
+            handle(await fetch(consumer, 1000, 100))
+
+    task = asyncio.create_task(follow())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await consumer.stop()

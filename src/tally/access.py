@@ -18,12 +18,14 @@ API and budgets API, and the projector's POST /audit.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from starlette.requests import Request
 
 from tally.auth import Authenticator, AuthError
+from tally.config.loader import LiveConfig
 from tally.config.models import Config
 from tally.identity import Principal
 
@@ -38,11 +40,22 @@ ANONYMOUS_ADMIN = Principal("anonymous", ADMIN_ROLE)
 class Access:
     """Checks a request's credentials; raises AuthError (401 or 403) with the reason."""
 
-    authenticator: Authenticator
+    authenticators: Callable[[], Authenticator]  # the current one: users.yaml may change
 
     @classmethod
     def build(cls, config: Config, config_dir: Path | None = None) -> Access:
-        return cls(Authenticator.build(config, config_dir))
+        """Under one config, for good."""
+        authenticator = Authenticator.build(config, config_dir)
+        return cls(lambda: authenticator)
+
+    @classmethod
+    def following(cls, live: LiveConfig, config_dir: Path | None = None) -> Access:
+        """Under the config as it is reloaded."""
+        return cls(live.derived(lambda config: Authenticator.build(config, config_dir)))
+
+    @property
+    def authenticator(self) -> Authenticator:
+        return self.authenticators()
 
     def caller(self, request: Request) -> Principal:
         """The authenticated caller of a personal endpoint."""

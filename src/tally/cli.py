@@ -130,6 +130,9 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     sub.add_argument("--sasl", action="store_true",
                      help="a SASL_PLAINTEXT SCRAM listener; the user is KAFKA_SASL_USERNAME "
                           "and KAFKA_SASL_PASSWORD (default tally / tally-secret)")
+    sub.add_argument("--tls", action="store_true",
+                     help="encrypt the listener (SSL, or SASL_SSL with --sasl) with a "
+                          "certificate from a CA made in the data dir (config/tls/ca.pem)")
     sub.add_argument("--brokers", type=int, default=1,
                      help="nodes (broker+controller each); ports step by 2 from --port")
 
@@ -167,6 +170,10 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
 
     sub = command("enforcer", "config", "http")
     sub.set_defaults(port=settings.enforcer_port)
+    sub.add_argument("--session-timeout", type=float, default=10.0,
+                     help="seconds a silent instance keeps its partitions before the other "
+                          "instances take them over (default: %(default)s; the broker's "
+                          "group.min.session.timeout.ms, 6 s by default, is the floor)")
 
     sub = command("replay", "config", "store")
     sub.add_argument("--force", action="store_true", help="replace an existing file")

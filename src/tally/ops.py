@@ -62,6 +62,12 @@ class Metrics:
         self.alert_deliveries = Counter("tally_alert_deliveries", "Alerts handed to the "
                                         "webhook (delivered) or given up on (failed)",
                                         ["result"], registry=r)
+        self.partitions_owned = Gauge("tally_partitions_owned", "1 for each partition the "
+                                      "instance owns in its consumer group, 0 once given up",
+                                      ["topic", "partition"], registry=r)
+        self.restoring = Gauge("tally_restoring", "1 while the instance restores what it "
+                               "needs for partitions it was given, before it acts on them",
+                               registry=r)
         self.alert_delivery_errors = Counter("tally_alert_delivery_errors", "Failed webhook "
                                              "attempts, retried or not, by reason", ["reason"],
                                              registry=r)
@@ -100,6 +106,9 @@ class Readiness:
         self.ready = False
         self.detail = "starting"
         self._targets = CatchUp({})
+        # What an instance of a group adds to /readyz: the partitions it owns, whether it
+        # is restoring them (kept current by the service; shown ready or not).
+        self.facts: dict[str, object] = {}
 
     async def check(self, consumer: AIOKafkaConsumer) -> bool:
         if self.ready:
@@ -141,8 +150,9 @@ def ops_routes(metrics: Metrics, readiness: Readiness) -> list[Route]:
 
     async def readyz(request: Request) -> Response:
         if readiness.ready:
-            return JSONResponse({"status": "ready"})
-        return JSONResponse({"status": "not ready", "detail": readiness.detail}, 503)
+            return JSONResponse({"status": "ready", **readiness.facts})
+        return JSONResponse({"status": "not ready", "detail": readiness.detail,
+                             **readiness.facts}, 503)
 
     return [Route("/metrics", serve_metrics, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, NamedTuple, get_args
 
 from pydantic import (
     AfterValidator,
@@ -53,6 +53,7 @@ __all__ = [
     "PeriodName",
     "PeriodStatus",
     "RejectedEvent",
+    "SourcePosition",
     "StatusName",
     "UsageRecorded",
     "bounded_text",
@@ -166,6 +167,22 @@ def _period_starts(periods: dict[str, int]) -> dict[str, int]:
 PeriodTotals = Annotated[dict[str, Amount], AfterValidator(_period_starts)]
 
 
+class SourcePosition(NamedTuple):
+    """Where a balance came from: its usage.events partition and offset (None: unknown).
+    A reader keeps this alone per user, not the whole balance, to order the next one."""
+
+    partition: int | None
+    offset: int | None
+
+    def superseded_by(self, other: SourcePosition) -> bool:
+        """See BalanceUpdated.superseded_by."""
+        if (self.partition is None or other.partition is None
+                or self.partition != other.partition
+                or self.offset is None or other.offset is None):
+            return True
+        return other.offset >= self.offset
+
+
 class BalanceUpdated(Wire):
     """A user's absolute usage per period (budget.balances, compacted by user_id).
 
@@ -192,14 +209,14 @@ class BalanceUpdated(Wire):
     source_partition: int | None = Field(default=None, ge=0, le=1_000_000)
     source_offset: int | None = Field(default=None, ge=0)
 
+    @property
+    def source(self) -> SourcePosition:
+        return SourcePosition(self.source_partition, self.source_offset)
+
     def superseded_by(self, other: BalanceUpdated) -> bool:
         """Whether `other`, a later record for the same user, replaces this one: anything
         but an older position in the same partition (equal is a resend or a recut)."""
-        if (self.source_partition is None or other.source_partition is None
-                or self.source_partition != other.source_partition
-                or self.source_offset is None or other.source_offset is None):
-            return True
-        return other.source_offset >= self.source_offset
+        return self.source.superseded_by(other.source)
 
     @model_validator(mode="before")
     @classmethod

@@ -23,6 +23,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from pathlib import Path
 from tally.cli import command_main
 from tally.errors import ClusterError
 from tally.topics import min_insync_replicas
+from tally_dev.localtls import TlsFiles, client_context, ensure_tls_files
 
 __all__ = [
     "KafkaStartError",
@@ -115,6 +117,10 @@ class Layout:
     def lock_file(self) -> Path:
         return self.root / ".lock"
 
+    @property
+    def tls(self) -> TlsFiles:
+        return TlsFiles(self.root / "config" / "tls")
+
 
 def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
@@ -147,12 +153,12 @@ class SaslUser:
     username: str
     password: str
 
-    def server_settings(self) -> dict[str, str]:
+    def server_settings(self, listener: str) -> dict[str, str]:
         login = ("org.apache.kafka.common.security.scram.ScramLoginModule required "
                  f'username="{self.username}" password="{self.password}";')
         return {"sasl.enabled.mechanisms": ",".join(SCRAM_MECHANISMS),
                 "sasl.mechanism.inter.broker.protocol": SCRAM_MECHANISMS[0]} | {
-            f"listener.name.sasl_plaintext.{m.lower()}.sasl.jaas.config": login
+            f"listener.name.{listener.lower()}.{m.lower()}.sasl.jaas.config": login
             for m in SCRAM_MECHANISMS}
 
     def format_args(self) -> list[str]:
@@ -164,14 +170,16 @@ class SaslUser:
 
 def render_server_properties(port: int, controller_port: int, log_dirs: Path,
                              node_id: int = 1, voters: str | None = None,
-                             sasl: SaslUser | None = None) -> str:
+                             sasl: SaslUser | None = None, tls: TlsFiles | None = None,
+                             ) -> str:
     """server.properties for one combined broker+controller on 127.0.0.1: node.id 1 alone,
     or one node of a cluster whose controller quorum is `voters` ("1@host:port,...").
     With `sasl`, clients (and the broker itself) sign in with SCRAM on a SASL_PLAINTEXT
-    listener; the credentials are created when the storage is formatted."""
+    listener; the credentials are created when the storage is formatted. With `tls`, the
+    listener is encrypted (SSL, or SASL_SSL with both) with the certificate in its files."""
     voters = voters or f"{node_id}@{HOST}:{controller_port}"
     replicas = voters.count("@")
-    listener = "SASL_PLAINTEXT" if sasl else "PLAINTEXT"
+    listener = listener_protocol(sasl is not None, tls is not None)
     settings = {
         "process.roles": "broker,controller",
         "node.id": str(node_id),
@@ -199,10 +207,18 @@ def render_server_properties(port: int, controller_port: int, log_dirs: Path,
         "log.retention.check.interval.ms": str(RETENTION_CHECK_MS),
     }
     if sasl is not None:
-        settings |= sasl.server_settings()
+        settings |= sasl.server_settings(listener)
+    if tls is not None:  # the broker's own connections to itself trust the same CA
+        settings |= {"ssl.keystore.type": "PEM", "ssl.keystore.location": str(tls.keystore),
+                     "ssl.truststore.type": "PEM", "ssl.truststore.location": str(tls.ca),
+                     "ssl.client.auth": "none"}
     if replicas > 1:  # a killed node is fenced, and its partitions led elsewhere, in ~3 s
         settings |= {"broker.session.timeout.ms": "3000", "broker.heartbeat.interval.ms": "500"}
     return "".join(f"{key}={value}\n" for key, value in settings.items())
+
+
+def listener_protocol(sasl: bool, tls: bool) -> str:
+    return ("SASL_" if sasl else "") + ("SSL" if tls else "PLAINTEXT")
 
 
 def configured_port(properties: str) -> int | None:
@@ -259,14 +275,19 @@ def probe(host: str, port: int, timeout: float = 2.0) -> bool:
     return broker_count(host, port, timeout) > 0
 
 
-def answers_api_versions(host: str, port: int, timeout: float = 2.0) -> bool:
+def answers_api_versions(host: str, port: int, timeout: float = 2.0,
+                         tls: ssl.SSLContext | None = None) -> bool:
     """True when a broker answers ApiVersions: the one request a SASL listener takes before
-    the client signs in (a Metadata request there is answered by closing the connection)."""
+    the client signs in (a Metadata request there is answered by closing the connection);
+    over TLS when given the context to connect with."""
     correlation_id = int(time.monotonic_ns() % 2**31)
     client_id = b"tally-localkafka"
     payload = struct.pack(">hhih", 18, 0, correlation_id, len(client_id)) + client_id
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
+        with contextlib.ExitStack() as stack:
+            sock = stack.enter_context(socket.create_connection((host, port), timeout=timeout))
+            if tls is not None:
+                sock = stack.enter_context(tls.wrap_socket(sock, server_hostname=host))
             sock.sendall(struct.pack(">i", len(payload)) + payload)
             (size,) = struct.unpack(">i", _recv_exact(sock, 4))
             answer = _recv_exact(sock, size)
@@ -513,14 +534,23 @@ def _failure(layout: Layout, what: str) -> KafkaStartError:
 
 def _await_broker(layout: Layout, pid: int, port: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    sasl = "SASL_" in layout.config_file.read_text()
-    while not (answers_api_versions(HOST, port) if sasl else probe(HOST, port)):
+    while not _answers(layout, port):
         if not _alive(pid):
             layout.pid_file.unlink(missing_ok=True)
             raise _failure(layout, f"Kafka (pid {pid}) exited during startup")
         if time.monotonic() > deadline:
             raise _failure(layout, f"Kafka did not answer on {HOST}:{port} within {timeout:.0f} s")
         time.sleep(0.2)
+
+
+def _answers(layout: Layout, port: int) -> bool:
+    """Whether the broker answers on its listener, however that listener is secured."""
+    properties = layout.config_file.read_text()
+    if "ssl.keystore.location" in properties:
+        return answers_api_versions(HOST, port, tls=client_context(layout.tls.ca))
+    if "SASL_" in properties:
+        return answers_api_versions(HOST, port)
+    return probe(HOST, port)
 
 
 def _check_ports_free(port: int, controller_port: int) -> None:
@@ -549,10 +579,13 @@ def start(
     data_dir: Path | None = None,
     timeout: float = 90.0,
     sasl: SaslUser | None = None,
+    tls: bool = False,
 ) -> str:
     """Start the broker (or find it running) and return its bootstrap "127.0.0.1:PORT".
     With `sasl`, its one listener is SASL_PLAINTEXT with SCRAM, for that user only (a data
-    dir formatted without it has no such user: use another data dir)."""
+    dir formatted without it has no such user: use another data dir). With `tls`, that
+    listener is encrypted, with a certificate from a CA made in the data dir (clients
+    trust `<data dir>/tls/ca.pem`)."""
     layout = _layout(data_dir)
     with _locked(layout):
         pid = _running_pid(layout)
@@ -562,8 +595,9 @@ def start(
         java = _java()
         ensure_jars()
         began = time.monotonic()
+        certificates = ensure_tls_files(layout.tls.directory, HOST) if tls else None
         _write_config(layout, render_server_properties(port, controller_port, layout.data,
-                                                       sasl=sasl))
+                                                       sasl=sasl, tls=certificates))
         _format_storage(layout, java, new_cluster_id(), sasl)
         pid = _spawn(layout, java)
         try:
@@ -729,11 +763,19 @@ def _node_status(layout: Layout) -> int:
 
 
 def _sasl_user() -> SaslUser:
-    user = SaslUser(os.environ.get("KAFKA_SASL_USERNAME", "tally"),
+    return SaslUser(os.environ.get("KAFKA_SASL_USERNAME", "tally"),
                     os.environ.get("KAFKA_SASL_PASSWORD", "tally-secret"))
-    say(f"clients: KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT KAFKA_SASL_MECHANISM=SCRAM-SHA-256 "
-        f"KAFKA_SASL_USERNAME={user.username} KAFKA_SASL_PASSWORD=...")
-    return user
+
+
+def _client_settings(layout: Layout, sasl: SaslUser | None, tls: bool) -> str:
+    """The environment a client of this broker needs (the password left out)."""
+    settings = [f"KAFKA_SECURITY_PROTOCOL={listener_protocol(sasl is not None, tls)}"]
+    if sasl is not None:
+        settings += ["KAFKA_SASL_MECHANISM=SCRAM-SHA-256",
+                     f"KAFKA_SASL_USERNAME={sasl.username}", "KAFKA_SASL_PASSWORD=..."]
+    if tls:
+        settings.append(f"KAFKA_SSL_CA_FILE={layout.tls.ca.resolve()}")
+    return " ".join(settings)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -749,7 +791,10 @@ def run(args: argparse.Namespace) -> int:
         print(start_cluster(args.brokers, args.port, args.controller_port, data_dir))
     else:
         sasl = _sasl_user() if args.sasl else None
-        print(start(args.port, args.controller_port, data_dir, sasl=sasl))
+        bootstrap = start(args.port, args.controller_port, data_dir, sasl=sasl, tls=args.tls)
+        if sasl is not None or args.tls:
+            say("clients: " + _client_settings(_layout(data_dir), sasl, args.tls))
+        print(bootstrap)
     return 0
 
 

@@ -40,6 +40,8 @@ BUDGETS: dict[str, Any] = {"per_user_budgets": {
     "warnings": [{"at_percent": 75, "message": "You've used 75% of your {period} budget"}],
     "on_limit_exceeded": {"action": "hard_stop", "hard_stop": {
         "message": "Stopped until {reset_time}.", "notify_admin": True}},
+    # The events are of fixed dates (May 2026): a ten-year window keeps them acceptable.
+    "event_time_window": {"max_age_days": 3650},
 }}
 # Enough for every status: bob warns, dave is over, alice and erin are fine.
 USAGE = {"alice": 300, "bob": 800, "dave": 1200}

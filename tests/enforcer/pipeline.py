@@ -69,3 +69,4 @@ async def ready(client: httpx.AsyncClient, base_url: str) -> bool:
         return (await client.get(f"{base_url}/readyz")).status_code == 200
     except httpx.TransportError:  # not listening yet
         return False
+

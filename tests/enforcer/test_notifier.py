@@ -183,6 +183,11 @@ async def test_no_duplicate_delivery_after_a_restart(kafka_bootstrap: str,
     assert posted in (["bob", "bob", "dave", "erin"], ["bob", "dave", "dave", "erin"])
     assert sample(metrics, "tally_alert_delivery_errors_total", reason="http_500") == 1
     assert sample(metrics, "tally_events_in_total", source=topics.budget_alerts) == 3
+    # The lag of budget.alerts is seen through FastStream's consumer: none left behind.
+    lags = {partition: metrics.registry.get_sample_value(
+                "tally_consumer_lag", {"topic": topics.budget_alerts, "partition": partition})
+            for partition in "012"}
+    assert lags == {"0": 0.0, "1": 0.0, "2": 0.0}
 
 
 async def publish(bootstrap: str, topics: Topics, alerts: list[BudgetAlerted]) -> None:

@@ -17,7 +17,7 @@ import pytest
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from tally.config.loader import load_config
-from tally.kafka import ensure_topics, fetch, make_admin, make_consumer, partitions_of
+from tally.kafka import Record, ensure_topics, make_admin, make_consumer, partitions_of
 from tally.services.enforcer.app import run_enforcer
 from tally.services.ingest.app import run_ingest
 from tally.services.projector.app import run_projector
@@ -29,6 +29,7 @@ from tests.test_pipeline import (
     NOON,
     Clock,
     eventually,
+    following,
     produce,
     raw,
     running,
@@ -63,23 +64,12 @@ async def retention_checked_within_seconds(bootstrap: str) -> bool:
 async def collected_alerts(bootstrap: str, topic: str) -> AsyncIterator[list[BudgetAlerted]]:
     """Every alert published while inside, read live (before retention deletes it)."""
     found: list[BudgetAlerted] = []
-    consumer = make_consumer(bootstrap)
-    await consumer.start()
-    consumer.assign(await partitions_of(consumer, topic))
 
-    async def follow() -> None:
-        while True:
-            found.extend(BudgetAlerted.model_validate_json(r.value or b"")
-                         for r in await fetch(consumer, 1000, 100))
+    def handle(records: list[Record]) -> None:
+        found.extend(BudgetAlerted.model_validate_json(r.value or b"") for r in records)
 
-    task = asyncio.create_task(follow())
-    try:
+    async with following(bootstrap, [topic], handle):
         yield found
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await consumer.stop()
 
 
 async def log_start(bootstrap: str, topic: str) -> int:

@@ -2,13 +2,15 @@
 projector and the enforcer; a user over the weekly limit (and under the daily one) is
 stopped at the gateway's decision cache, the admin API shows the brief's row with the weekly
 figures beside it, and the dashboard shows the weekly bar. Then budgets.yaml moves the
-week's reset day while everything runs, and the new week applies at once. Screenshot:
+week's reset day, then the time zone, then the counted tokens while everything runs, and
+each applies at once. Screenshot:
 test-artifacts/dashboard-weekly.png."""
 
 from __future__ import annotations
 
 import asyncio
 import copy
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -113,10 +115,19 @@ async def test_a_user_over_the_weekly_limit_is_stopped_and_the_dashboard_shows_t
         local = now.astimezone(ZoneInfo("Asia/Kolkata"))
         midnight = local.replace(hour=0, minute=0, second=0, microsecond=0).astimezone(UTC)
 
-        async def day_recut() -> bool:
-            day = (await me(client, url, "alice")).get("decision", {}).get("daily") or {}
-            return bool(day.get("period_start")) and (
-                datetime.fromisoformat(day["period_start"]), day.get("tokens_used")) == (
-                midnight, 300)
+        def alices_day_is(start: datetime, used: int) -> Callable[[], Awaitable[bool]]:
+            async def check() -> bool:
+                day = (await me(client, url, "alice")).get("decision", {}).get("daily") or {}
+                return bool(day.get("period_start")) and (
+                    datetime.fromisoformat(day["period_start"]), day.get("tokens_used")) == (
+                    start, used)
+            return check
 
-        await until(day_recut)
+        await until(alices_day_is(midnight, 300))
+
+        # Counting output tokens only (these events have none): the projector counts every
+        # stored event anew, as a replay under the new config would, and today reads 0.
+        kolkata["per_user_budgets"]["counted_tokens"] = ["output_tokens"]
+        (config_dir / "budgets.yaml").write_text(yaml.safe_dump(kolkata))
+
+        await until(alices_day_is(midnight, 0))

@@ -1,5 +1,5 @@
-// The plugin's Kafka link (src/kafka.js) against a SASL broker, for tests/test_sasl.py:
-// settings from the environment (KAFKA_SECURITY_PROTOCOL, KAFKA_SASL_*) as on a gateway.
+// The plugin's Kafka link (src/kafka.js) against a SASL or TLS broker (tests/secured.py):
+// settings from the environment (KAFKA_SECURITY_PROTOCOL, KAFKA_SASL_*, KAFKA_SSL_*) as on a gateway.
 // Usage: node sasl_link.mjs BOOTSTRAP NAMESPACE; prints {"sent": n, "ready": bool}.
 import { BudgetBook } from "../../integrations/openclaw/src/budget.js";
 import { resolveConfig } from "../../integrations/openclaw/src/config.js";

@@ -301,3 +301,31 @@ def test_a_changed_schedule_recuts_every_period(tmp_path: Path) -> None:
         assert not store.follow_schedule(con, tokyo.reset_schedule)
     with store.connect(path, schedule=MIGRATION_BUDGETS.reset_schedule) as con:  # and back
         assert store.load_usages(con) == fold_events(events, MIGRATION_BUDGETS)
+
+
+def test_changed_counted_tokens_count_every_stored_event_anew(tmp_path: Path) -> None:
+    """Folded counting every kind of token, opened counting output tokens only: every
+    stored event is counted anew, as the fold (and a replay) under the new config would;
+    opened again the same way, nothing changes; and back."""
+    path = tmp_path / "p.duckdb"
+    events = [e.model_copy(update={"output_tokens": 3 + i, "cache_read_tokens": 100})
+              for i, e in enumerate(migration_events())]
+    records = [Record(TOPIC, 0, i, None, e.model_dump_json().encode(), 0)
+               for i, e in enumerate(events)]
+    every = MIGRATION_BUDGETS
+    with store.connect(path, schedule=every.reset_schedule,
+                       counted=every.counted_tokens) as con:
+        store.DuckDBStore(con).apply(Decoder.of(every).events(records)[0],
+                                     {(TOPIC, 0): len(records)})
+        assert store.load_usages(con) == fold_events(events, every)
+    output_only = every.model_copy(update={"counted_tokens": ("output_tokens",)})
+    with store.connect(path, schedule=every.reset_schedule,
+                       counted=output_only.counted_tokens) as con:
+        assert store.load_usages(con) == fold_events(events, output_only)
+        assert store.load_usages(con) != fold_events(events, every)
+        assert balances(con) == recount(con)
+        assert store.load_offsets(con) == {(TOPIC, 0): len(records)}
+        assert not store.follow_counting(con, output_only.counted_tokens)
+    with store.connect(path, schedule=every.reset_schedule,
+                       counted=every.counted_tokens) as con:
+        assert store.load_usages(con) == fold_events(events, every)

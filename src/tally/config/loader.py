@@ -17,9 +17,10 @@ one ConfigError, each as "file: key.path: reason".
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,7 +42,7 @@ from tally.config.models import (
     user_problems,
 )
 
-__all__ = ["USAGE", "ConfigWatcher", "load_config", "main"]
+__all__ = ["USAGE", "ConfigWatcher", "LiveConfig", "load_config", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ USAGE = "usage: tally config check DIR"
 FILE_ORDER = (AUTH_FILE, USERS_FILE, BUDGETS_FILE)
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 Loaded = tuple[M | None, list[ConfigProblem]]
 
 
@@ -270,3 +272,42 @@ class ConfigWatcher:
             return None
         log.info("reloaded the config from %s", self.directory)
         return config
+
+
+class LiveConfig:
+    """The config a service runs under, followed while it runs (`follow`): a changed file
+    replaces `current` (a bad one is refused and the old config stays), and what a service
+    builds from the config (`derived`) is rebuilt once per new config, so a key revoked in
+    users.yaml stops working at every port within a second, without a restart."""
+
+    def __init__(self, config: Config, directory: Path | None) -> None:
+        self.current = config
+        self._watcher = ConfigWatcher(directory) if directory is not None else None
+
+    def refresh(self) -> Config | None:
+        """Look at the files once: the new config if they changed and load."""
+        if self._watcher is None or (config := self._watcher.changed_config()) is None:
+            return None
+        self.current = config
+        return config
+
+    def derived(self, build: Callable[[Config], T]) -> Callable[[], T]:
+        """`build` of the current config, built again only when the config changed."""
+        built: list[tuple[Config, T]] = []
+
+        def current() -> T:
+            config = self.current
+            if not built or built[0][0] is not config:
+                built[:] = [(config, build(config))]
+            return built[0][1]
+
+        return current
+
+    async def follow(self, on_change: Callable[[Config], Awaitable[None]] | None = None,
+                     every: float = 1.0) -> None:
+        """Until cancelled: refresh every `every` seconds, telling `on_change` of a new
+        config (the projector recuts its periods on one)."""
+        while True:
+            await asyncio.sleep(every)
+            if (config := self.refresh()) is not None and on_change is not None:
+                await on_change(config)

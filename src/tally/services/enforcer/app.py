@@ -1,11 +1,15 @@
 """The enforcer shell: budget.balances in; budget.decisions and budget.alerts out.
 
-On start it reads what earlier runs published (decisions, alert memory), then consumes the
-compacted budget.balances from the beginning and follows it. A clock tick ends periods
-without new usage, and a changed budgets.yaml is reloaded (a bad one is refused and the
-old policy stays). In the same event loop it serves the budgets API and the dashboard
+On start it reads what earlier runs published (decisions, alert memory: heard.py), then
+consumes the compacted budget.balances from the beginning and follows it. A clock tick ends
+periods without new usage, and a changed budgets.yaml is reloaded (a bad one is refused and
+the old policy stays). In the same event loop it serves the budgets API and the dashboard
 (api.py; ready on /readyz once caught up with budget.balances) and delivers alerts to the
 configured webhook (notifier.py).
+
+Any number of instances share the work (group.py): each decides and alerts for the users of
+the budget.balances partitions the enforcers' consumer group gives it, and hears what the
+others decide, so each answers the API for every user.
 """
 
 from __future__ import annotations
@@ -16,10 +20,9 @@ import logging
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from pydantic import BaseModel
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from tally.cli import command_main
 from tally.config.loader import ConfigWatcher, load_config
@@ -31,7 +34,6 @@ from tally.kafka import (
     make_consumer,
     make_producer,
     partitions_of,
-    read_to_end,
 )
 from tally.ops import Metrics, Readiness, observe_lag
 from tally.service import (
@@ -45,15 +47,14 @@ from tally.service import (
     watches_stop,
 )
 from tally.services.enforcer.api import create_app
-from tally.services.enforcer.board import MAX_ALERTS, Board
-from tally.services.enforcer.memory import AlertsSent
+from tally.services.enforcer.board import Board
+from tally.services.enforcer.group import Membership
+from tally.services.enforcer.heard import Heard, decode_all
 from tally.services.enforcer.notifier import run_notifier
-from tally.services.enforcer.state import Enforcer, Outcome
+from tally.services.enforcer.state import Enforcer, Outcome, Ownership
 from tally.settings import Settings
 from tally.topics import Topics
-from tally.wire import BalanceUpdated, BudgetAlerted, BudgetDecided, bounded_text
-
-W = TypeVar("W", bound=BaseModel)
+from tally.wire import BalanceUpdated
 
 __all__ = ["main", "run_enforcer"]
 
@@ -64,37 +65,6 @@ Clock = Callable[[], datetime]
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-async def restore(board: Board, bootstrap: str, topics: Topics) -> None:
-    """What earlier runs said: each user's decision and the alerts sent in the current
-    periods (compacted topics: one record per key), and the recent alerts for the board.
-    Only the tail of budget.alerts is read, so its retention and length do not matter.
-    A record that is none of these is logged and skipped."""
-    decisions = decode_all(BudgetDecided,
-                           await read_to_end(bootstrap, topics.budget_decisions))
-    memory = decode_all(AlertsSent, await read_to_end(bootstrap, topics.budget_alert_memory))
-    recent = decode_all(BudgetAlerted,
-                        await read_to_end(bootstrap, topics.budget_alerts, last=MAX_ALERTS))
-    board.enforcer.restore(decisions, memory, recent)
-    board.restore_alerts(recent)
-    log.info("restored %d decisions, %d alert memory records, %d recent alerts",
-             len(decisions), len(memory), len(recent))
-
-
-def decode_all(model: type[W], records: Iterable[Record]) -> list[W]:
-    """Every record that is a valid `model`; the others are logged and skipped (a
-    tombstone, value None, is skipped quietly)."""
-    found = []
-    for record in records:
-        if record.value is None:
-            continue
-        try:
-            found.append(model.model_validate_json(record.value))
-        except ValueError as error:
-            log.warning("skipping an undecodable %s at %s: %s", model.__name__, record.source,
-                        bounded_text(str(error), 500))
-    return found
 
 
 def decode_balances(records: Iterable[Record]) -> list[BalanceUpdated]:
@@ -133,15 +103,18 @@ async def run_enforcer(
     metrics: Metrics | None = None,
     projector_url: str | None = None,
     config: Config | None = None,
+    session_timeout_ms: int = 10_000,
 ) -> None:
     """Run until `stop` is set. `clock` is injectable so tests can cross a reset; with a
     `port`, serve the API and dashboard (api.py) on host:port, the usage history relayed
     from the projector at `projector_url`. `config`: the one loaded from `config_dir`
-    already (else it is loaded here)."""
+    already (else it is loaded here). `session_timeout_ms`: how long the enforcers' group
+    waits for a silent instance before its partitions go to the others."""
     board = Board(Enforcer(config or load_config(config_dir)), metrics)
     readiness = Readiness()
     await ensure_topics(bootstrap, topics, partitions)
-    loop = Loop(board, ConfigWatcher(config_dir), readiness, topics, clock)
+    loop = Loop(board, ConfigWatcher(config_dir), readiness, topics, clock,
+                session_timeout_ms=session_timeout_ms)
     # The loop and the notifier watch their stop Events: each ends its work under way.
     notifier_stop = asyncio.Event()
 
@@ -169,25 +142,132 @@ def webhook_of(board: Board) -> AlertWebhook | None:
     return board.enforcer.config.budgets.per_user_budgets.alert_webhook
 
 
+# Users judged between two awaits when many are (all those of partitions gained, everyone
+# at a reset): one long judgement would hold up the event loop, and the group's heartbeats
+# with it, past the session timeout (about 0.3 ms a user on a loaded 2-core machine).
+SLICE = 2000
+
+
 class Loop:
     """budget.balances in, decisions and alerts out, the board kept current."""
 
+    # Set by `run` once the clients are started.
+    heard: Heard
+    membership: Membership
+    partitions: list[TopicPartition]  # of budget.balances
+    consumer: AIOKafkaConsumer  # reads every partition of budget.balances
+    producer: AIOKafkaProducer
+    stop: asyncio.Event
+
     def __init__(self, board: Board, watcher: ConfigWatcher, readiness: Readiness,
-                 topics: Topics, clock: Clock) -> None:
+                 topics: Topics, clock: Clock, *, session_timeout_ms: int = 10_000) -> None:
         self.board, self.watcher, self.readiness = board, watcher, readiness
         self.topics, self.clock = topics, clock
+        self.session_timeout_ms = session_timeout_ms
 
     async def run(self, bootstrap: str, stop: asyncio.Event, tick_seconds: float) -> None:
-        """What earlier runs said, then budget.balances to its end, then follow it."""
-        await restore(self.board, bootstrap, self.topics)
+        """What earlier runs said (heard.py), then budget.balances to its end, then follow
+        it, in the enforcers' group (group.py): deciding for the users of the partitions
+        it gives this instance, and for nobody before."""
+        self.heard = Heard(bootstrap, self.topics, self.board)
         async with (started(make_producer(bootstrap)) as producer,
                     started(make_consumer(bootstrap)) as consumer):
             parts = await partitions_of(consumer, self.topics.budget_balances)
-            consumer.assign(parts)
-            await consumer.seek_to_beginning(*parts)
-            if await self._caught_up(consumer, stop):
-                await self.publish(producer, self.board.enforcer.on_tick(self.clock()))
-                await self._follow(consumer, producer, stop, tick_seconds)
+            self.partitions = parts
+            self._lost(frozenset())
+            # The follower ends (on `stop`) before its consumer is stopped.
+            async with started(self.heard), asyncio.TaskGroup() as tasks:
+                tasks.create_task(self.heard.follow(stop))
+                if not await self.heard.caught_up(stop):
+                    return
+                consumer.assign(parts)
+                await consumer.seek_to_beginning(*parts)
+                if await self._caught_up(consumer, stop):
+                    await self.publish(producer, self.board.enforcer.on_tick(self.clock()))
+                    await self._in_group(bootstrap, consumer, producer, stop, tick_seconds)
+
+    async def _in_group(self, bootstrap: str, consumer: AIOKafkaConsumer,
+                        producer: AIOKafkaProducer, stop: asyncio.Event,
+                        tick_seconds: float) -> None:
+        self.membership = Membership(bootstrap, self.topics, self.session_timeout_ms,
+                                     self._lost)
+        self.consumer, self.producer, self.stop = consumer, producer, stop
+        async with started(self.membership), asyncio.TaskGroup() as tasks:
+            tasks.create_task(self.membership.keep_polling(stop))
+            await self._follow(consumer, producer, stop, tick_seconds)
+
+    def _lost(self, owned: frozenset[int]) -> None:
+        """Decide for the users of `owned` only (some partitions were given up), and show
+        it. Also the start: nobody, and every decision heard is taken as it is."""
+        self.board.enforcer.lose(Ownership(owned, len(self.partitions)))
+        self._show(owned, restoring=False)
+
+    def _show(self, owned: frozenset[int], restoring: bool) -> None:
+        """/readyz and /metrics: the partitions owned, and whether they are restoring."""
+        self.readiness.facts = {"partitions": sorted(owned), "restoring": restoring}
+        for tp in self.partitions:
+            self.board.metrics.partitions_owned.labels(tp.topic, str(tp.partition)).set(
+                tp.partition in owned)
+        self.board.metrics.restoring.set(restoring)
+
+    async def _turn(self, records: list[Record]) -> None:
+        """Judge a batch of balances and publish what it brings, in this instance's turn:
+        the group takes no partition away meanwhile. Partitions just given are taken
+        first; the group is asked first whether this instance still belongs, when its
+        last answer is getting old (group.py)."""
+        async with self.membership.turn():
+            await self._take_given()
+            await self._publish_confirmed(self.board.enforcer.restate())
+            if records:
+                await self.membership.confirm(self.consumer)
+                await self._publish_confirmed(self._judge(records))
+
+    async def _tick_turn(self) -> None:
+        """Periods ending on the clock, or a changed budgets.yaml."""
+        async with self.membership.turn():
+            await self._take_given()
+            config, enforcer = self.watcher.changed_config(), self.board.enforcer
+            await self._judge_many(enforcer.reconfigure(config) if config
+                                   else enforcer.tick(self.clock()))
+
+    async def _judge_many(self, users: set[str]) -> None:
+        """Judge these users in slices of SLICE, publishing each (under the turn)."""
+        enforcer, now = self.board.enforcer, self.clock()
+        owned = sorted(u for u in users if enforcer.ownership.owns(u))
+        for start in range(0, len(owned), SLICE):
+            await self.membership.confirm(self.consumer)
+            await self._publish_confirmed(enforcer.evaluate(set(owned[start:start + SLICE]),
+                                                            now))
+
+    async def _publish_confirmed(self, outcome: Outcome) -> None:
+        """Publish, unless judging took seconds (a stall, a pause) and the group dropped
+        this instance meanwhile: then the outcome is dropped, for another instance judges
+        these users now. The state had taken it as said; hearing what the new owner
+        publishes puts that right (a decision it sends replaces the one held; an alert id
+        held but not sent is one the new owner sends, being due)."""
+        if not outcome:
+            return
+        if not await self.membership.confirm(self.consumer):
+            log.warning("dropped from the enforcers' group while judging: %d decisions and "
+                        "%d alerts not sent", len(outcome.decisions), len(outcome.alerts))
+            return
+        await self.publish(self.producer, outcome)
+
+    async def _take_given(self) -> None:
+        """Partitions the group has given: hear everything published until now (their
+        last owner's last batch included), then judge their users (group.py, heard.py)."""
+        given = self.membership.given
+        if given is None:
+            return
+        self._show(self.membership.owned, restoring=True)
+        if not await self.heard.caught_up(self.stop):
+            return
+        gained = self.board.enforcer.gain(Ownership(given, len(self.partitions)))
+        self.membership.took(given)
+        await self._judge_many(gained)
+        self._show(self.membership.owned, restoring=False)
+        log.info("deciding for the users of budget.balances partitions %s (%d users judged "
+                 "on taking them)", sorted(given), len(gained))
 
     async def _caught_up(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> bool:
         """Read budget.balances to its end before judging anyone: judged on no usage (or
@@ -207,19 +287,18 @@ class Loop:
 
     async def _follow(self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer,
                       stop: asyncio.Event, tick_seconds: float) -> None:
-        enforcer, metrics = self.board.enforcer, self.board.metrics
+        metrics = self.board.metrics
         clock = asyncio.get_running_loop().time
         next_tick = clock() + tick_seconds
         while not stop.is_set():
             records = await fetch(consumer, 10_000, 50)
-            if records:
-                metrics.count_in(records)
-                await self.publish(producer, self._judge(records))
+            metrics.count_in(records)
+            await self._turn(records)
             await observe_lag(metrics, consumer)
             await self.readiness.check(consumer)
             if clock() >= next_tick:
                 next_tick = clock() + tick_seconds
-                await self.publish(producer, _tick(enforcer, self.watcher, self.clock()))
+                await self._tick_turn()
 
 
     def _judge(self, records: list[Record]) -> Outcome:
@@ -242,11 +321,6 @@ class Loop:
         return outcome
 
 
-def _tick(enforcer: Enforcer, watcher: ConfigWatcher, now: datetime) -> Outcome:
-    config = watcher.changed_config()
-    return enforcer.on_config(config, now) if config else enforcer.on_tick(now)
-
-
 def run(args: argparse.Namespace) -> int:
     """`tally enforcer` (options: tally.cli)."""
     settings = Settings.from_env()
@@ -259,7 +333,8 @@ def run(args: argparse.Namespace) -> int:
         await run_enforcer(args.config, settings.bootstrap_servers, settings.topics, stop,
                            partitions=settings.partitions, port=port, host=args.host,
                            projector_url=f"http://127.0.0.1:{settings.projector_port}",
-                           config=config)
+                           config=config,
+                           session_timeout_ms=round(args.session_timeout * 1000))
 
     return run_service("tally enforcer", service)
 

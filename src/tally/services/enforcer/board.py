@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter, deque
-from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, get_args
 
@@ -19,7 +18,7 @@ from tally.ops import Metrics
 from tally.services.enforcer.responses import dashboard_row, my_budget
 from tally.services.enforcer.state import Enforcer, Outcome
 from tally.services.enforcer.stream import Hub, sse_frame
-from tally.wire import BudgetAlerted, StatusName
+from tally.wire import BudgetAlerted, BudgetDecided, StatusName
 
 __all__ = ["MAX_ALERTS", "STATUSES", "Board", "Filters"]
 
@@ -40,10 +39,6 @@ class Board:
         self._alerts: deque[BudgetAlerted] = deque(maxlen=max_alerts)
         self.count_statuses()
 
-    def restore_alerts(self, alerts: Iterable[BudgetAlerted]) -> None:
-        """Alerts an earlier run published; partitions interleave, so order them by time."""
-        self._alerts.extend(sorted(alerts, key=lambda a: a.as_of))
-
     def record(self, outcome: Outcome) -> None:
         """After a publish: count it, keep the alerts, push both to every open stream."""
         for decision in outcome.decisions:
@@ -55,6 +50,19 @@ class Board:
             self.count_statuses()
         if outcome and len(self.hub):
             self.hub.publish(self._frames(outcome))
+
+    def hear(self, decisions: list[BudgetDecided], alerts: list[BudgetAlerted]) -> None:
+        """What was read back from the topics (heard.py): the other instances' decisions,
+        and every alert (an earlier run's, at start). Shown and streamed, not counted as
+        published here; an alert this instance sent itself is in the list already.
+        Partitions interleave, so the alerts are ordered by time."""
+        kept = {a.alert_id for a in self._alerts}
+        fresh = sorted((a for a in alerts if a.alert_id not in kept), key=lambda a: a.as_of)
+        self._alerts.extend(fresh)
+        if decisions:
+            self.count_statuses()
+        if (decisions or fresh) and len(self.hub):
+            self.hub.publish(self._frames(Outcome(decisions, fresh)))
 
     def count_statuses(self) -> None:
         counts: Counter[str] = Counter(d.status for d, _ in self.enforcer.current())

@@ -30,18 +30,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from aiokafka import AIOKafkaConsumer
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
 
 from tally.config.models import AlertWebhook
 from tally.kafka import Record, faststream_security
-from tally.ops import Metrics
+from tally.ops import Metrics, observe_lag
 from tally.service import decimal
 from tally.topics import Topics
 from tally.wire import BudgetAlerted
 
 __all__ = ["MAX_BACKOFF", "Notifier", "alert_broker", "backoff", "group_id", "run_notifier",
-           "slack_text"]
+           "slack_text", "watch_lag"]
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,22 @@ async def run_notifier(bootstrap: str, topics: Topics, webhook: Callable[[], Ale
         broker = alert_broker(bootstrap, topics, Notifier(client, metrics, sleep), webhook)
         async with broker:
             await broker.start()
-            await stop.wait()
+            watching = asyncio.ensure_future(watch_lag(broker, metrics))
+            try:
+                await stop.wait()
+            finally:
+                watching.cancel()
+
+
+async def watch_lag(broker: KafkaBroker, metrics: Metrics, every: float = 0.5) -> None:
+    """tally_consumer_lag of budget.alerts, from the aiokafka consumer FastStream runs
+    under the subscriber (looked up each time: FastStream makes a new one on a restart)."""
+    while True:
+        for subscriber in broker.subscribers:
+            consumer = getattr(subscriber, "consumer", None)
+            if isinstance(consumer, AIOKafkaConsumer):
+                await observe_lag(metrics, consumer)
+        await asyncio.sleep(every)
 
 
 def alert_broker(bootstrap: str, topics: Topics, notifier: Notifier,

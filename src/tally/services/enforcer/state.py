@@ -3,6 +3,10 @@
 State is rebuilt on every start from compacted topics: budget.balances (usage),
 budget.decisions and budget.alert_memory (what was already said, memory.py), so a restart
 or a replay repeats no decision and no alert.
+
+With more than one instance (group.py), each holds every user's usage (a shared budget sums
+users of every partition) but decides only for the users its `Ownership` names; what the
+others decide it hears back from the topics (`hear`), to answer for everyone.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+
+from aiokafka.partitioner import murmur2
 
 from tally.config.models import Config
 from tally.core import (
@@ -25,9 +31,9 @@ from tally.core.report import with_identities
 from tally.core.usage import UserUsage
 from tally.services.enforcer.memory import AlertMemory, AlertsSent
 from tally.topics import spec_for
-from tally.wire import BalanceUpdated, BudgetAlerted, BudgetDecided
+from tally.wire import BalanceUpdated, BudgetAlerted, BudgetDecided, SourcePosition
 
-__all__ = ["Enforcer", "Outcome", "same_decision"]
+__all__ = ["Enforcer", "Outcome", "Ownership", "partition_of", "same_decision"]
 
 # An alert memory key is kept as long as the topic keeps it: past that its period is over.
 MEMORY_SPAN = timedelta(milliseconds=spec_for("budget.alert_memory").retention_ms)
@@ -46,6 +52,32 @@ class Outcome:
         return bool(self.decisions or self.alerts)
 
 
+def partition_of(user_id: str, partitions: int) -> int:
+    """The budget.balances partition of a user's balances: the Kafka clients' default
+    partitioner (murmur2 of the key, as Java's), which the projector's keyed sends use.
+    Computed rather than learnt from records, so a user no balance has named yet (in
+    users.yaml, never used) still has exactly one owner among the instances."""
+    hashed: int = murmur2(user_id.encode())
+    return (hashed & 0x7FFFFFFF) % partitions
+
+
+@dataclass(frozen=True)
+class Ownership:
+    """The users this instance decides and alerts for: those of the budget.balances
+    partitions the group gave it. `partitions` None: every user (a lone instance, tests,
+    `tally simulate`)."""
+
+    partitions: frozenset[int] | None = None
+    count: int = 1  # partitions of budget.balances
+
+    @classmethod
+    def nobody(cls, count: int) -> Ownership:
+        return cls(frozenset(), count)
+
+    def owns(self, user_id: str) -> bool:
+        return self.partitions is None or partition_of(user_id, self.count) in self.partitions
+
+
 def same_decision(a: BudgetDecided | None, b: BudgetDecided) -> bool:
     """Equal in everything a gateway acts on; `as_of` alone is not a change."""
     return a is not None and a.model_copy(update={"as_of": b.as_of}) == b
@@ -59,49 +91,143 @@ class Enforcer:
         self.usages: dict[str, UserUsage] = {}
         self.published: dict[str, BudgetDecided] = {}
         self.memory = AlertMemory()
+        self.ownership = Ownership()
+        self._sources: dict[str, SourcePosition] = {}  # the usage.events position of each
+        # Per owned user, decisions this instance sent and has not yet heard back, and the
+        # owned users whose latest decision on the topic is not the one held (`restate`).
+        self._unheard: dict[str, int] = {}
+        self._contradicted: set[str] = set()
+        # Per owned user, the latest decision read back when it is not the held one (one
+        # of this instance's still to be overtaken, or another's): the user's decision
+        # once this instance no longer decides for them (`lose`).
+        self._on_topic: dict[str, BudgetDecided] = {}
         self._daily: Window | None = None
 
     def restore(self, decisions: Iterable[BudgetDecided], memory: Iterable[AlertsSent] = (),
                 alerts: Iterable[BudgetAlerted] = ()) -> None:
         """Remember what earlier runs already published (latest decision wins)."""
-        for decision in decisions:
-            self.published[decision.user_id] = decision
-        self.memory.restore(memory, alerts)
+        self._said(decisions, memory, alerts)
 
     def on_balances(self, balances: Iterable[BalanceUpdated], now: datetime) -> Outcome:
         return self.evaluate(self._affected(self.remember(balances)), now)
 
     def remember(self, balances: Iterable[BalanceUpdated]) -> set[str]:
-        """Take in usage without judging anyone (catching up at start); the users in it."""
+        """Take in usage without judging anyone (catching up at start); the users in it.
+
+        A balance from an older usage.events position than the one held is ignored: a
+        projector that lost the partition (a zombie finishing its batch) sent it after
+        the new owner had sent a later one."""
         changed = set()
         for balance in balances:
+            held = self._sources.get(balance.user_id)
+            if held is not None and not held.superseded_by(balance.source):
+                continue
+            self._sources[balance.user_id] = balance.source
             self.usages[balance.user_id] = from_balance(balance)
             changed.add(balance.user_id)
         return changed
 
+    def take(self, ownership: Ownership, now: datetime) -> Outcome:
+        return self.evaluate(self.gain(ownership), now)
+
+    def gain(self, ownership: Ownership) -> set[str]:
+        """Decide for these users from now on; the users gained, to judge at once: their
+        usage is known already (every instance reads every balance), so whatever the last
+        owner left unsaid is said then. `hear` first, or what it did say is said again."""
+        before, self.ownership = self.ownership, ownership
+        gained = {uid for uid in self._everyone()
+                  if ownership.owns(uid) and not before.owns(uid)}
+        for uid in gained:  # all heard before gaining: nothing of this instance's is due
+            self._unheard.pop(uid, None)
+        return gained
+
+    def lose(self, ownership: Ownership) -> None:
+        """Decide only for these users from now on. For those lost, what was read back
+        last stands; anything published since is heard as it comes."""
+        self.ownership = ownership
+        for user_id in [u for u in self._on_topic if not ownership.owns(u)]:
+            self.published[user_id] = self._on_topic.pop(user_id)
+        for user_id in [u for u in self._unheard if not ownership.owns(u)]:
+            del self._unheard[user_id]
+
+    def hear(self, decisions: Iterable[BudgetDecided], memory: Iterable[AlertsSent] = (),
+             alerts: Iterable[BudgetAlerted] = ()) -> list[BudgetDecided]:
+        """What the instances published, read back from the topics; the decisions taken.
+
+        Decisions only of users this instance does not decide for: its own it holds
+        already, and reading back one of them can be older than what it has sent since.
+        Alerts and alert memory of everyone: the memory only grows, and holding the
+        others' makes taking their users over repeat none of their alerts."""
+        decisions = list(decisions)
+        taken = [d for d in decisions if not self.ownership.owns(d.user_id)]
+        self._said(taken, memory, alerts)
+        for decision in decisions:
+            if self.ownership.owns(decision.user_id):
+                self._heard_own(decision)
+        return taken
+
+    def _heard_own(self, decision: BudgetDecided) -> None:
+        """A decision read back for a user this instance decides for: its own, or (none of
+        its own being due) another's, sent after losing the user (a zombie's late batch).
+        The topic's latest must be the held one, or gateways keep the other."""
+        user_id = decision.user_id
+        if same_decision(self.published.get(user_id), decision):
+            self._on_topic.pop(user_id, None)
+        else:
+            self._on_topic[user_id] = decision
+        due = self._unheard.pop(user_id, 0)
+        if due > 1:
+            self._unheard[user_id] = due - 1
+        elif not due and not same_decision(self.published.get(user_id), decision):
+            self._contradicted.add(user_id)
+
+    def restate(self) -> Outcome:
+        """The held decisions of owned users whose latest one on the topic is another's:
+        to send again, so that the topic ends with them."""
+        users = sorted(u for u in self._contradicted
+                       if self.ownership.owns(u) and u in self.published)
+        self._contradicted.clear()
+        outcome = Outcome(decisions=[self.published[u] for u in users])
+        self._count_sent(outcome)
+        return outcome
+
+    def _count_sent(self, outcome: Outcome) -> None:
+        for decision in outcome.decisions:
+            self._unheard[decision.user_id] = self._unheard.get(decision.user_id, 0) + 1
+
+    def _said(self, decisions: Iterable[BudgetDecided], memory: Iterable[AlertsSent],
+              alerts: Iterable[BudgetAlerted]) -> None:
+        for decision in decisions:
+            self.published[decision.user_id] = decision
+        self.memory.restore(memory, alerts)
+
     def on_config(self, config: Config, now: datetime) -> Outcome:
-        """New limits: everyone is judged again."""
+        return self.evaluate(self.reconfigure(config), now)
+
+    def reconfigure(self, config: Config) -> set[str]:
+        """New limits: everyone is judged again (the users to judge)."""
         self.config = config
-        return self.evaluate_everyone(now)
+        return set(self._everyone())
 
     def on_tick(self, now: datetime) -> Outcome:
-        """Periods end on the clock: at a reset, everyone is judged again."""
+        return self.evaluate(self.tick(now), now)
+
+    def tick(self, now: datetime) -> set[str]:
+        """Periods end on the clock: at a reset, everyone is judged again (the users to
+        judge; none between resets)."""
         schedule = self.config.budgets.per_user_budgets.reset_schedule
         if self._daily is not None and now in self._daily:
-            return Outcome()
+            return set()
         self._daily = calendar_for(schedule).daily_window(now)
         self.memory.forget_before(now - MEMORY_SPAN)
-        return self.evaluate_everyone(now)
-
-    def evaluate_everyone(self, now: datetime) -> Outcome:
-        return self.evaluate(set(self._everyone()), now)
+        return set(self._everyone())
 
     def evaluate(self, user_ids: set[str], now: datetime) -> Outcome:
         everyone = self._everyone()
         groups = group_usage(everyone.values()) if self._has_group_budgets() else None
         budgets = self.config.budgets.per_user_budgets
         outcome = Outcome()
-        for user_id in sorted(user_ids):
+        for user_id in sorted(u for u in user_ids if self.ownership.owns(u)):
             decision = with_identities(decide(everyone[user_id], budgets, now, groups),
                                        self.config)
             previous = self.published.get(user_id)
@@ -110,6 +236,7 @@ class Enforcer:
                 self.published[user_id] = decision
                 outcome.decisions.append(decision)
         outcome.memory = self.memory.add(outcome.alerts)
+        self._count_sent(outcome)
         return outcome
 
     def decision_for(self, user_id: str, now: datetime) -> BudgetDecided:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +26,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import CommitFailedError
 
 from tally.cli import command_main
-from tally.config.loader import load_config
+from tally.config.loader import LiveConfig, load_config
 from tally.config.models import Config, EventTimeWindow
 from tally.identity import Directory
 from tally.kafka import Record, commit_offsets, ensure_topics, fetch, make_consumer, make_producer
@@ -107,13 +107,14 @@ def triage_records(
 
 
 async def consume(
-    consumer: AIOKafkaConsumer, publisher: KafkaPublisher, intake: Intake,
+    consumer: AIOKafkaConsumer, publisher: KafkaPublisher, intake: Callable[[], Intake],
     metrics: Metrics, readiness: Readiness,
 ) -> None:
+    """Until cancelled; each batch under the `intake` of the config as it is then."""
     while True:
         batch = await fetch(consumer, 10_000, 50)
         if batch:
-            await handle(batch, consumer, publisher, intake, metrics)
+            await handle(batch, consumer, publisher, intake(), metrics)
         # Also when idle: an empty usage.raw is caught up too.
         await observe_lag(metrics, consumer)
         await readiness.check(consumer)
@@ -164,11 +165,14 @@ async def run_ingest(
         ops = (metrics or Metrics(), Readiness())
         # Bound before the parts start: a busy port fails the start.
         sock = bind(host, port) if port is not None else None
+        # A changed users.yaml (a new user, a revoked key) applies to both paths at once.
+        live = LiveConfig(config, config_dir)
         # Cancelled on stop: uncommitted work is redone after a restart (at-least-once).
-        parts = [Part("ingest-kafka", lambda: consume(consumer, publisher, Intake.of(config),
-                                                      *ops))]
+        parts = [Part("ingest-kafka", lambda: consume(consumer, publisher,
+                                                      live.derived(Intake.of), *ops)),
+                 Part("ingest-config", live.follow)]
         if sock is not None:
-            app = create_app(config, publisher, config_dir=config_dir, metrics=ops[0],
+            app = create_app(live, publisher, config_dir=config_dir, metrics=ops[0],
                              readiness=ops[1])
             log.info("ingest HTTP on http://%s:%d/v1/usage", host, sock.getsockname()[1])
             parts.append(http_part("ingest-http", app, sock))

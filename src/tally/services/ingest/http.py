@@ -35,6 +35,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from tally.auth import Authenticator, AuthError
+from tally.config.loader import LiveConfig
 from tally.config.models import Config, EventTimeWindow
 from tally.errors import RequestRefused
 from tally.identity import Directory, Principal
@@ -140,16 +141,16 @@ def forbidden(accepted: Sequence[UsageRecorded], principal: Principal | None) ->
 
 @dataclass(frozen=True)
 class UsageEndpoint:
-    authenticator: Authenticator
-    directory: Directory
-    window: EventTimeWindow
+    # The current ones, read per request: users.yaml and budgets.yaml may change.
+    authenticators: Callable[[], Authenticator]
+    windows: Callable[[], EventTimeWindow]
     publisher: Publisher
     clock: Callable[[], datetime]
     metrics: Metrics
 
     async def handle(self, request: Request) -> Response:
         try:
-            principal = self.authenticator.authenticate(request.headers)
+            principal = self.authenticators().authenticate(request.headers)
             body = await read_body(request)
         except AuthError as error:
             return error_response(error.status, error.reason)
@@ -161,7 +162,8 @@ class UsageEndpoint:
         items = parse_batch(body)
         if isinstance(items, str):
             return await self.refuse_body(body, items)
-        result = triage(items, body, principal, self.directory, self.window, self.clock())
+        result = triage(items, body, principal, self.authenticators().directory,
+                        self.windows(), self.clock())
         others = forbidden(result.accepted, principal)
         if others:
             return error_response(403, "you may only report your own usage",
@@ -197,7 +199,7 @@ class UsageEndpoint:
 
 
 def create_app(
-    config: Config,
+    config: Config | LiveConfig,
     publisher: Publisher,
     *,
     config_dir: Path | None = None,
@@ -206,12 +208,14 @@ def create_app(
     readiness: Readiness | None = None,
 ) -> Starlette:
     """The ingest HTTP app, with /metrics, /healthz and /readyz (ready once the usage.raw
-    loop has caught up); `config_dir` resolves a relative `public_key_file`."""
-    authenticator = Authenticator.build(config, config_dir)
+    loop has caught up); `config_dir` resolves a relative `public_key_file`. Under a
+    LiveConfig, a reloaded auth.yaml, users.yaml or budgets.yaml applies to the next request."""
+    live = config if isinstance(config, LiveConfig) else LiveConfig(config, None)
     metrics = metrics or Metrics()
-    endpoint = UsageEndpoint(authenticator, authenticator.directory,
-                             config.budgets.per_user_budgets.event_time_window, publisher,
-                             clock, metrics)
+    endpoint = UsageEndpoint(
+        live.derived(lambda current: Authenticator.build(current, config_dir)),
+        lambda: live.current.budgets.per_user_budgets.event_time_window,
+        publisher, clock, metrics)
     return Starlette(routes=[
         Route("/v1/usage", endpoint.handle, methods=["POST"]),
         *ops_routes(metrics, readiness or Readiness()),

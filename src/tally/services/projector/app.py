@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from tally.access import Access
 from tally.cli import command_main
-from tally.config.loader import ConfigWatcher, load_config
+from tally.config.loader import LiveConfig, load_config
 from tally.config.models import Config
 from tally.core.usage import Offsets, UserUsage, to_balance
 from tally.kafka import (
@@ -161,20 +161,24 @@ class Projector:
             await self._handle(records)
 
     async def follow(self, config: Config) -> None:
-        """A reloaded budgets.yaml: its reset schedule cuts the periods of the events to
-        come, and if it changed, every stored period is cut anew and every balance sent,
-        so the balances follow the schedule the enforcer decides by."""
+        """A reloaded budgets.yaml: its reset schedule and counted tokens apply to the events
+        to come, and if either changed, every stored event is cut or counted anew and every
+        balance sent, so the balances follow the config the enforcer decides by (and equal
+        what `tally replay` of the same events under it gives)."""
         budgets = config.budgets.per_user_budgets
         async with self._writing:
             await self.acked()
             recut = await asyncio.to_thread(store.follow_schedule, self.writer,
                                             budgets.reset_schedule)
+            recounted = await asyncio.to_thread(store.follow_counting, self.writer,
+                                                budgets.counted_tokens)
             self.decoder = Decoder.of(budgets)
-            if recut:
+            if recut or recounted:
                 self.mirror = await asyncio.to_thread(self.store.load_usages)
                 await self.publish(self.mirror)
-                log.info("the reset schedule changed: every period recut, %d balances sent",
-                         len(self.mirror))
+                log.info("the %s changed: every stored event %s, %d balances sent",
+                         "reset schedule" if recut else "counted tokens",
+                         "cut anew" if recut else "counted anew", len(self.mirror))
 
     async def _handle(self, records: list[Record]) -> None:
         try:
@@ -322,8 +326,9 @@ async def run_projector(config: Config, bootstrap: str, topics: Topics, db_path:
     await ensure_topics(bootstrap, topics, partitions)
     db_path.parent.mkdir(parents=True, exist_ok=True)
     async with contextlib.AsyncExitStack() as stack:
-        con = stack.enter_context(store.connect(db_path, schedule=config.budgets
-                                                .per_user_budgets.reset_schedule))
+        budgets = config.budgets.per_user_budgets
+        con = stack.enter_context(store.connect(db_path, schedule=budgets.reset_schedule,
+                                                counted=budgets.counted_tokens))
         consumer = await stack.enter_async_context(started(make_consumer(bootstrap)))
         producer = await stack.enter_async_context(started(make_producer(bootstrap)))
         projector = Projector(con, config, topics, producer, publish_before_commit)
@@ -338,14 +343,15 @@ async def run_projector(config: Config, bootstrap: str, topics: Topics, db_path:
         services = [Part("projector-fold", lambda: _fold_until_stopped(projector, consumer)),
                     Part("projector-watch", lambda: watch(consumer, projector.metrics,
                                                           readiness))]
-        if config_dir is not None:
-            watcher = ConfigWatcher(config_dir)
-            services.append(Part("projector-config", lambda: _follow_config(projector, watcher)))
+        # A changed budgets.yaml recuts or recounts; a changed users.yaml (a revoked key, a
+        # new admin) applies to the audit and history at once.
+        live = LiveConfig(config, config_dir)
+        services.append(Part("projector-config", lambda: live.follow(projector.follow)))
         if port is not None:
             limits = audit_limits or AuditLimits()
             lock_down(con, limits)
             auditor = Auditor(con, limits)
-            access = Access.build(config, config_dir)
+            access = Access.following(live, config_dir)
             routes = [*ops_routes(projector.metrics, readiness),
                       *history_routes(con, config, lambda: datetime.now(UTC), access)]
             # Running audits are interrupted first, so the server stops promptly.
@@ -353,14 +359,6 @@ async def run_projector(config: Config, bootstrap: str, topics: Topics, db_path:
                                       bind(host, port), before_stop=auditor.stop))
         log.info("projector: %d users, reading %s", len(projector.mirror), topics.usage_events)
         await run_parts(stop, services)
-
-
-async def _follow_config(projector: Projector, watcher: ConfigWatcher) -> None:
-    """Until cancelled: a changed config, once a second, as the enforcer reloads it."""
-    while True:
-        await asyncio.sleep(1)
-        if (config := watcher.changed_config()) is not None:
-            await projector.follow(config)
 
 
 async def _fold_until_stopped(projector: Projector, consumer: AIOKafkaConsumer) -> None:

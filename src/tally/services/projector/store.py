@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -31,7 +31,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tally.config.models import ResetSchedule
+from tally.config.models import ResetSchedule, TokenField
 from tally.core.periods import Calendar, Window, calendar_for, window_of
 from tally.core.usage import LABELS, Fold, Offsets, Stamped, UsageStore, UserUsage
 from tally.services.projector import dedupe
@@ -213,10 +213,12 @@ def default_db_path(data_dir: Path) -> Path:
 
 
 def connect(path: Path | str, read_only: bool = False,
-            schedule: ResetSchedule | None = None) -> duckdb.DuckDBPyConnection:
+            schedule: ResetSchedule | None = None,
+            counted: Sequence[TokenField] | None = None) -> duckdb.DuckDBPyConnection:
     """Open the store; a writable one gets the schema (idempotent) first, and a file written
     before a period kind existed gets that kind's column and balances, computed under
-    `schedule` (StoreError without one)."""
+    `schedule` (StoreError without one). Given the schedule and the counted tokens, stored
+    periods and totals are cut and counted anew if the file was written under others."""
     con = duckdb.connect(str(path), read_only=read_only)
     con.execute("SET TimeZone = 'UTC'")  # period starts are UTC instants: show them as such
     if not read_only:
@@ -225,6 +227,8 @@ def connect(path: Path | str, read_only: bool = False,
             _add_missing_periods(con, schedule)
             if schedule is not None:
                 follow_schedule(con, schedule)
+            if counted is not None:
+                follow_counting(con, counted)
             con.execute(dedupe.EVENT_IDS_SQL)
             con.execute(VIEWS_SQL)
             dedupe.rehash_if_changed(con)
@@ -268,7 +272,6 @@ def _cut_period(con: duckdb.DuckDBPyConnection, calendar: Calendar, kind: Period
     column = start_column(kind)
     [(first, last)] = con.execute(
         "SELECT min(occurred_at), max(occurred_at) FROM ledger").fetchall()
-    con.execute("DELETE FROM balances WHERE period = ?", [kind])
     if first is not None:
         windows = list(_windows_between(calendar, kind, first, last))
         con.register("period_windows", pa.table({
@@ -280,10 +283,16 @@ def _cut_period(con: duckdb.DuckDBPyConnection, calendar: Calendar, kind: Period
                               AND ledger.occurred_at < w.period_end""")
         finally:
             con.unregister("period_windows")
-        con.execute(f"INSERT INTO balances {_sums_sql(kind, 'ledger')}")
+    _sum_balances(con, kind)
 
 
-# the reset schedule the periods were cut under ----------------------------------------------
+def _sum_balances(con: duckdb.DuckDBPyConnection, kind: PeriodName) -> None:
+    """The balances of `kind` summed from the ledger anew."""
+    con.execute("DELETE FROM balances WHERE period = ?", [kind])
+    con.execute(f"INSERT INTO balances {_sums_sql(kind, 'ledger')}")
+
+
+# the reset schedule and the counted tokens the store was written under ---------------------
 
 _SCHEDULE_SQL = """
 CREATE TABLE IF NOT EXISTS store_settings (name VARCHAR PRIMARY KEY, value VARCHAR NOT NULL);
@@ -295,19 +304,41 @@ def follow_schedule(con: duckdb.DuckDBPyConnection, schedule: ResetSchedule) -> 
     changed time zone, reset time or reset day in budgets.yaml), in one transaction, so the
     balances follow the schedule the enforcer decides by. True if they were recut. A file
     that never recorded its schedule is taken as cut under this one."""
+    def recut() -> None:
+        calendar = calendar_for(schedule)
+        for kind in PERIOD_NAMES:
+            _cut_period(con, calendar, kind)
+
+    return _follow_setting(con, "reset_schedule", schedule.model_dump_json(), recut)
+
+
+def follow_counting(con: duckdb.DuckDBPyConnection, counted: Sequence[TokenField]) -> bool:
+    """Count every stored event anew with `counted` (budgets.yaml counted_tokens) if the
+    store counted others, in one transaction: the live store then holds what `tally
+    replay` of the same events under the same config would. True if recounted. A file that
+    never recorded its counting is taken as counted this way."""
+    def recount() -> None:
+        total = " + ".join(counted) or "0"
+        con.execute(f"UPDATE ledger SET tokens = {total}")
+        for kind in PERIOD_NAMES:
+            _sum_balances(con, kind)
+
+    return _follow_setting(con, "counted_tokens", ",".join(counted), recount)
+
+
+def _follow_setting(con: duckdb.DuckDBPyConnection, name: str, wanted: str,
+                    redo: Callable[[], None]) -> bool:
+    """Run `redo` and record `wanted` as setting `name`, in one transaction, if the store
+    recorded another value; only record it if none. True if `redo` ran."""
     con.execute(_SCHEDULE_SQL)
-    wanted = schedule.model_dump_json()
-    stored = con.execute(
-        "SELECT value FROM store_settings WHERE name = 'reset_schedule'").fetchall()
+    stored = con.execute("SELECT value FROM store_settings WHERE name = ?", [name]).fetchall()
     if stored and stored[0][0] == wanted:
         return False
     with _transaction(con):
         if stored:
-            calendar = calendar_for(schedule)
-            for kind in PERIOD_NAMES:
-                _cut_period(con, calendar, kind)
-        con.execute("INSERT INTO store_settings VALUES ('reset_schedule', ?) "
-                    "ON CONFLICT DO UPDATE SET value = excluded.value", [wanted])
+            redo()
+        con.execute("INSERT INTO store_settings VALUES (?, ?) "
+                    "ON CONFLICT DO UPDATE SET value = excluded.value", [name, wanted])
     return bool(stored)
 
 
