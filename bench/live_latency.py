@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import bisect
 import contextlib
+import dataclasses
 import os
 import shutil
 import socket
@@ -60,9 +61,10 @@ class WatchedCache(DecisionCache):
         now = time.time()
         for record in batch:
             user = (record.key or b"").decode()
-            decision = self.get(user)
-            if decision is not None and record.value is not None:
-                used = decision.daily.tokens_used
+            if record.value is not None and user in self._table.rows:
+                # The JSON the cache took, not a model built again (20 us a decision of
+                # this process's CPU, which the services share).
+                used = orjson.loads(record.value)["daily"]["tokens_used"]
                 self.sent[user].append((used, record.timestamp_ms / 1000))
                 self.seen[user].append((used, now))
 
@@ -93,24 +95,51 @@ def free_port() -> int:
         return port
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a process has used so far (Linux /proc), 0 if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclasses.dataclass
+class Running:
+    """The services' environment (ports) and their processes."""
+
+    env: dict[str, str]
+    children: dict[str, subprocess.Popen[bytes]]
+
+    def cpu(self) -> dict[str, float]:
+        return {name: cpu_seconds(child.pid) for name, child in self.children.items()}
+
+
+CPU: dict[str, float] = {}  # the last run's CPU seconds per service during the steady send
+
+
 @contextlib.contextmanager
 def services(bootstrap: str, topics: Topics, data: Path, after_commit: bool,
-             projector_args: Sequence[str] = ()) -> Iterator[dict[str, str]]:
+             projector_args: Sequence[str] = (), code: Path = ROOT) -> Iterator[Running]:
     """The three services as child processes, with their environment (ports) for the block;
-    SIGTERM (then SIGKILL) at the end."""
+    SIGTERM (then SIGKILL) at the end. `code`: the checkout whose services (and config)
+    run, e.g. a baseline's `git worktree`."""
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
            "TALLY_TOPIC_NAMESPACE": topics.namespace, "TALLY_DATA_DIR": str(data),
-           "TALLY_CONFIG_DIR": str(CONFIG_DIR), "TALLY_INGEST_PORT": str(free_port()),
+           "TALLY_CONFIG_DIR": str(code / CONFIG_DIR.relative_to(ROOT)),
+           "TALLY_INGEST_PORT": str(free_port()),
            "TALLY_PROJECTOR_PORT": str(free_port()), "TALLY_ENFORCER_PORT": str(free_port())}
+    if code != ROOT:
+        env["PYTHONPATH"] = f"{code / 'src'}:{code}"
     data.mkdir(parents=True, exist_ok=True)
     logs = [(data / f"{name}.log").open("w") for name in SERVICES]
     extra = {"projector": [*(["--publish-after-commit"] if after_commit else []),
                            *projector_args]}
     children = [subprocess.Popen([sys.executable, "-m", "tally.cli", name, *extra.get(name, [])],
-                                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                                 cwd=code, env=env, stdout=log, stderr=subprocess.STDOUT)
                 for name, log in zip(SERVICES, logs, strict=True)]
     try:
-        yield env
+        yield Running(env, dict(zip(SERVICES, children, strict=True)))
     finally:
         for child in children:
             child.terminate()
@@ -196,12 +225,14 @@ async def no_load(projector_url: str) -> AsyncIterator[None]:
 
 async def one_run(bootstrap: str, rate: int, seconds: float, users: int,
                   after_commit: bool, load: Load = no_load,
-                  projector_args: Sequence[str] = ()) -> dict[str, tuple[list[float], int]]:
+                  projector_args: Sequence[str] = (),
+                  code: Path = ROOT) -> dict[str, tuple[list[float], int]]:
     """`load`, given the projector's URL, runs beside the steady events (e.g. audits)."""
     topics = Topics(f"live-{uuid.uuid4().hex[:8]}")
     data = BENCH_DATA / topics.namespace
     await ensure_topics(bootstrap, topics, 3)
-    with services(bootstrap, topics, data, after_commit, projector_args) as env:
+    with services(bootstrap, topics, data, after_commit, projector_args, code) as running:
+        env = running.env
         async with following(bootstrap, topics) as cache:
             producer = make_producer(bootstrap)
             await producer.start()
@@ -212,9 +243,15 @@ async def one_run(bootstrap: str, rate: int, seconds: float, users: int,
                              in ((topics.usage_events, events),
                                  (topics.budget_balances, balances))]
                 await warm_up(producer, topics, cache)
+                before = running.cpu()
+                own = time.process_time()
                 async with load(f"http://127.0.0.1:{env['TALLY_PROJECTOR_PORT']}"):
                     sent = await steady(producer, topics, rate, seconds, users)
                 await asyncio.sleep(3)  # the last events' decisions
+                after = running.cpu()
+                CPU.clear()
+                CPU.update({name: after[name] - before[name] for name in SERVICES})
+                CPU["bench process"] = time.process_time() - own
             finally:
                 for task in followers:
                     task.cancel()
@@ -239,6 +276,9 @@ def main() -> None:
     parser.add_argument("--designs", default="before,after",
                         help="before: balances sent before the DuckDB commit (the default "
                              "projector); after: --publish-after-commit")
+    parser.add_argument("--code", type=Path, default=ROOT,
+                        help="the checkout whose services run (a baseline's worktree, e.g. "
+                             "`git worktree add /tmp/base <commit>`); default: this one")
     args = parser.parse_args()
     rows = []
     with bench_broker() as bootstrap:
@@ -247,11 +287,16 @@ def main() -> None:
         for run in range(args.runs):
             for design in args.designs.split(","):
                 figures = asyncio.run(one_run(bootstrap, args.rate, args.seconds,
-                                              args.users, design == "after"))
+                                              args.users, design == "after",
+                                              code=args.code.resolve()))
                 for what, (found, missing) in figures.items():
                     rows.append((f"publish {design} commit, run {run + 1}", what, len(found),
                                  missing, *(quantile(found, q) for q in (0.5, 0.95, 0.99)),
                                  max(found)))
+                events = args.rate * args.seconds
+                print(f"publish {design} commit, run {run + 1}: CPU per event (us): " + ", ".join(
+                    f"{name} {seconds / events * 1e6:,.0f}" for name, seconds in CPU.items())
+                    + f"; load average {os.getloadavg()[0]:.1f} at the end")
     print_table(("design", "from send to", "events", "never", "p50 ms", "p95 ms", "p99 ms",
                  "max ms"),
                 [(name, what, f"{n:,}", m, *(f"{v:,.1f}" for v in qs))

@@ -9,6 +9,7 @@ import logging
 import shutil
 import sys
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 
 from bench.faults import Broker, Plan, render, run_faults
@@ -23,6 +24,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--kills", type=int, default=20, help="SIGKILLs over the 3 services")
     parser.add_argument("--rate", type=float, default=2_000.0, help="messages per second")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--span-minutes", type=float, default=360,
+                        help="events' occurred_at spread over the last N minutes of today "
+                             "(2: all inside the projector's recent ids, judged in memory)")
     parser.add_argument("--port", type=int, default=18092, help="the dedicated broker's port")
     parser.add_argument("--controller-port", type=int, default=18093)
     parser.add_argument("--data-dir", type=Path,
@@ -37,7 +41,8 @@ async def _run(args: argparse.Namespace, work_dir: Path) -> bool:
     broker = Broker(args.port, args.controller_port, args.data_dir)
     await asyncio.to_thread(broker.start)
     try:
-        plan = Plan(events=args.events, kills=args.kills, rate=args.rate, seed=args.seed)
+        plan = Plan(events=args.events, kills=args.kills, rate=args.rate, seed=args.seed,
+                    span=timedelta(minutes=args.span_minutes))
         figures = await run_faults(plan, broker, work_dir)
         print(render(figures), flush=True)
         passed = not figures.failures()

@@ -48,6 +48,10 @@ class Plan:
     seed: int = 1
     settle: float = 5.0
     drain_timeout: float = 600.0
+    # How far back the events' occurred_at go (within today, UTC). A few minutes keeps
+    # every batch inside the projector's recent ids (judged in memory, recent.py); hours
+    # send most batches to DuckDB's dedupe first.
+    span: timedelta = timedelta(hours=6)
 
     def produce_seconds(self, sends: int) -> float:
         return sends / self.rate
@@ -73,8 +77,7 @@ def prepare(plan: Plan, work_dir: Path) -> Setup:
     """Events with occurred_at earlier today (UTC), and a config sized to them."""
     now = datetime.now(UTC)
     midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
-    workload = make_workload(plan.events, plan.seed, max(midnight, now - timedelta(hours=6)),
-                             now)
+    workload = make_workload(plan.events, plan.seed, max(midnight, now - plan.span), now)
     config_dir = work_dir / "config"
     config_dir.mkdir(parents=True, exist_ok=True)
     (config_dir / "users.yaml").write_text(yaml.safe_dump(users_yaml()))

@@ -83,6 +83,13 @@ def make_events(count: int, seed: int, prefix: str = "e") -> list[UsageRecorded]
     ]
 
 
+def of_the_last_minutes(events: list[UsageRecorded]) -> list[UsageRecorded]:
+    """The events moved to the last 90 seconds: the projector judges them in memory."""
+    now = datetime.now(UTC)
+    return [e.model_copy(update={"occurred_at": now - timedelta(seconds=i % 90)})
+            for i, e in enumerate(events)]
+
+
 def with_duplicates(events: list[UsageRecorded], every: int) -> list[UsageRecorded]:
     """Each `every`-th event is sent twice, the copy a little later in the stream."""
     out: list[UsageRecorded] = []
@@ -364,12 +371,15 @@ def failing_on(culprit: str | None) -> Any:
     return finish
 
 
+@pytest.mark.parametrize("recent", [False, True], ids=["judged-by-duckdb", "judged-in-memory"])
 async def test_a_batch_that_fails_as_a_whole_is_split_until_the_culprit_is_found(
     kafka_bootstrap: str, unique_name: str, config: Config, tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, recent: bool,
 ) -> None:
+    """In memory, the failing write overlaps the next batch, or is the last one."""
     topics = Topics(f"split-{unique_name}")
     events = make_events(400, seed=4)
+    events = of_the_last_minutes(events) if recent else events
     culprit = events[137].event_id
     monkeypatch.setattr(store, "finish_batch", failing_on(culprit))
     db, port = tmp_path / "split.duckdb", free_port()
@@ -406,3 +416,34 @@ async def test_a_store_that_fails_every_write_blames_no_record(
         await asyncio.wait_for(run, 60)
     dlq = await read_to_end(kafka_bootstrap, topics.usage_dlq)
     assert dlq == []
+
+
+async def test_recent_events_are_judged_in_memory_and_duckdb_stays_the_authority(
+    kafka_bootstrap: str, unique_name: str, config: Config, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Events of the last minutes take the in-memory path (balances before the write, the
+    write overlapping the next batch), copies among them counted once; a "copy" of an old
+    stored event that states a recent time is new to the window but not to DuckDB: the
+    batch is refolded from the store and the balances stay exact."""
+    topics = Topics(f"recent-{unique_name}")
+    now = datetime.now(UTC)
+    old = make_events(1, seed=7, prefix="old")[0].model_copy(
+        update={"occurred_at": now - timedelta(days=2)})
+    recent = of_the_last_minutes(make_events(600, seed=8, prefix="r"))
+    stream = with_duplicates(recent, every=25)
+    stream.insert(300, old.model_copy(update={"occurred_at": now}))
+    db, port = tmp_path / "recent.duckdb", free_port()
+    async with projector_task(config, kafka_bootstrap, topics, db, port):
+        await produce(kafka_bootstrap, topics.usage_events, usage_messages([old]))
+        await wait_for_offsets(port, topics.usage_events, 1)
+        await produce(kafka_bootstrap, topics.usage_events, usage_messages(stream),
+                      pause_every=20)
+        await wait_for_offsets(port, topics.usage_events, 1 + len(stream))
+        published = await latest_balances(kafka_bootstrap, topics.budget_balances, len(USERS))
+    want = expected([old, *stream], config)
+    assert db_rows(db, "SELECT count(*), count(DISTINCT event_id) FROM ledger") == {
+        (1 + len(recent), 1 + len(recent))}
+    assert db_rows(db, BALANCES) == period_rows(want)
+    assert period_rows({u: from_balance(b) for u, b in published.items()}) == period_rows(want)
+    assert "WindowMissed" in caplog.text  # the old event's "copy": DuckDB said so

@@ -75,14 +75,21 @@ async def publish(producer: AIOKafkaProducer, topics: Topics, outcome: Outcome) 
     """Decisions and alerts, then (once they are acknowledged) the alert memory: a crash
     between the two can leave an alert unremembered (restore finds it in budget.alerts),
     never remembered but unsent."""
-    await _sent([await producer.send(topics.budget_decisions, d.model_dump_json().encode(),
-                                     key=d.user_id.encode()) for d in outcome.decisions]
-                + [await producer.send(topics.budget_alerts, a.model_dump_json().encode(),
-                                       key=a.user_id.encode()) for a in outcome.alerts])
+    await _sent(await queue(producer, topics, outcome))
     await _sent([await producer.send(topics.budget_alert_memory, m.model_dump_json().encode(),
                                      key=m.key.encode()) for m in outcome.memory])
     for alert in outcome.alerts:
         log.info("alert %s: %s", alert.alert_id, alert.message.strip())
+
+
+async def queue(producer: AIOKafkaProducer, topics: Topics,
+                outcome: Outcome) -> list[asyncio.Future[Any]]:
+    """The outcome's decisions and alerts handed to the producer; the futures settle when
+    the broker acknowledges them."""
+    return ([await producer.send(topics.budget_decisions, d.model_dump_json().encode(),
+                                 key=d.user_id.encode()) for d in outcome.decisions]
+            + [await producer.send(topics.budget_alerts, a.model_dump_json().encode(),
+                                   key=a.user_id.encode()) for a in outcome.alerts])
 
 
 async def _sent(sends: list[asyncio.Future[Any]]) -> None:
@@ -164,6 +171,7 @@ class Loop:
         self.board, self.watcher, self.readiness = board, watcher, readiness
         self.topics, self.clock = topics, clock
         self.session_timeout_ms = session_timeout_ms
+        self._acks: asyncio.Future[list[Any]] | None = None  # decisions not yet acknowledged
 
     async def run(self, bootstrap: str, stop: asyncio.Event, tick_seconds: float) -> None:
         """What earlier runs said (heard.py), then budget.balances to its end, then follow
@@ -190,11 +198,12 @@ class Loop:
                         producer: AIOKafkaProducer, stop: asyncio.Event,
                         tick_seconds: float) -> None:
         self.membership = Membership(bootstrap, self.topics, self.session_timeout_ms,
-                                     self._lost)
+                                     self._lost, settled=self.acked)
         self.consumer, self.producer, self.stop = consumer, producer, stop
         async with started(self.membership), asyncio.TaskGroup() as tasks:
             tasks.create_task(self.membership.keep_polling(stop))
             await self._follow(consumer, producer, stop, tick_seconds)
+            await self.acked()
 
     def _lost(self, owned: frozenset[int]) -> None:
         """Decide for the users of `owned` only (some partitions were given up), and show
@@ -282,8 +291,21 @@ class Loop:
         return True
 
     async def publish(self, producer: AIOKafkaProducer, outcome: Outcome) -> None:
-        await publish(producer, self.topics, outcome)
+        """An outcome of decisions alone does not wait for the broker's acknowledgement: the
+        next batch of balances is read meanwhile, and the acks are awaited before its sends
+        (a failure raises there). Decisions are absolute and a restart judges everyone
+        again, so one never acknowledged is made good; alerts keep the strict order."""
+        await self.acked()
+        if outcome.alerts or outcome.memory:
+            await publish(producer, self.topics, outcome)
+        elif outcome.decisions:
+            self._acks = asyncio.gather(*await queue(producer, self.topics, outcome))
         self.board.record(outcome)
+
+    async def acked(self) -> None:
+        if self._acks is not None:
+            acks, self._acks = self._acks, None
+            await acks
 
     async def _follow(self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer,
                       stop: asyncio.Event, tick_seconds: float) -> None:

@@ -38,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
@@ -67,11 +67,14 @@ class Membership(ConsumerRebalanceListener):  # type: ignore[misc]
     the group has given it and the loop has not yet taken (restored), and the turn."""
 
     def __init__(self, bootstrap: str, topics: Topics, session_timeout_ms: int,
-                 lost: Callable[[frozenset[int]], None]) -> None:
+                 lost: Callable[[frozenset[int]], None],
+                 settled: Callable[[], Awaitable[None]] | None = None) -> None:
         """`lost` is told the partitions still owned whenever some are lost, at once:
         the state must stop deciding for their users, and take their new owner's
-        decisions when it hears them."""
-        self.topic, self.lost = topics.budget_balances, lost
+        decisions when it hears them. `settled` waits until what was published is
+        acknowledged (the loop does not wait for decisions' acks between batches): a
+        partition is given up only then, so its new owner hears the last decisions."""
+        self.topic, self.lost, self.settled = topics.budget_balances, lost, settled
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap, **security_options(), group_id=group_id(topics),
             enable_auto_commit=False, auto_offset_reset="latest",
@@ -97,7 +100,12 @@ class Membership(ConsumerRebalanceListener):  # type: ignore[misc]
             yield
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        async with self.lock:  # the batch under way is published first
+        async with self.lock:  # the batch under way is published (and acknowledged) first
+            if self.settled is not None:
+                try:
+                    await self.settled()
+                except Exception:  # the next send fails the same way, in the loop
+                    log.exception("decisions sent before giving partitions up failed")
             lost = {tp.partition for tp in revoked}
             self.owned, self.given = self.owned - lost, None
             self.lost(self.owned)

@@ -23,7 +23,7 @@ import contextlib
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ __all__ = [
     "connect",
     "default_db_path",
     "finish_batch",
+    "first_of_each",
     "index_event_ids",
     "load_offsets",
     "load_usages",
@@ -57,6 +58,7 @@ __all__ = [
 ]
 
 _TS = pa.timestamp("us", tz="UTC")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def start_column(kind: PeriodName) -> str:
@@ -423,7 +425,7 @@ def begin_batch(con: duckdb.DuckDBPyConnection, events: pa.Table) -> Applied:
     `finish_batch` writes the rest and commits. A failure here rolls back."""
     con.execute("BEGIN TRANSACTION")
     try:
-        new = _first_of_each(events)
+        new = first_of_each(events)
         return Applied(dedupe.not_stored(con, new) if new.num_rows else new)
     except BaseException:
         con.execute("ROLLBACK")
@@ -456,7 +458,7 @@ def _append(con: duckdb.DuckDBPyConnection, table: str, rows: pa.Table) -> None:
         con.unregister("batch_rows")
 
 
-def _first_of_each(events: pa.Table) -> pa.Table:
+def first_of_each(events: pa.Table) -> pa.Table:
     """One row per event_id: the first in (partition, offset) order."""
     if pc.count_distinct(events.column("event_id")).as_py() == events.num_rows:
         return events  # the usual case: no copies inside the batch
@@ -521,12 +523,24 @@ def with_rows(usages: Mapping[str, UserUsage], rows: pa.Table) -> dict[str, User
     live batch of a few rows that takes microseconds, where a DuckDB statement takes
     milliseconds."""
     names = ["user_id", "event_id", "occurred_at", "tokens", *START_COLUMNS, *LABELS]
-    columns = rows.select(names).to_pydict().values()
+    columns = [_python(rows.column(name)) for name in names]
     fold, kinds = Fold(usages), len(START_COLUMNS)
     for user_id, event_id, at, tokens, *rest in zip(*columns, strict=True):
         fold.add(user_id, event_id, at, tokens, zip(PERIOD_NAMES, rest[:kinds], strict=True),
                  zip(LABELS, rest[kinds:], strict=True))
     return fold.changed()
+
+
+def _python(column: pa.ChunkedArray) -> list[Any]:
+    """A column as Python values; UTC timestamps built from their microseconds, each
+    distinct one once: pyarrow's own conversion of zoned timestamps took ~35 us a value
+    (7 ms for a 50-row live batch's four time columns, 0.6 ms this way)."""
+    if column.type != _TS or column.null_count:
+        values: list[Any] = column.to_pylist()
+        return values
+    built: dict[int, datetime] = {}
+    return [built[us] if us in built else built.setdefault(us, _EPOCH + timedelta(microseconds=us))
+            for us in pc.cast(column, pa.int64()).to_pylist()]
 
 
 def _labels(con: duckdb.DuckDBPyConnection, source: str) -> list[tuple[Any, ...]]:
