@@ -5,6 +5,7 @@ every service, the CLI, the decision cache and the OpenClaw plugin take them."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import shutil
@@ -20,7 +21,9 @@ from tally.decision_cache import DecisionCache
 from tally.kafka import ensure_topics, read_to_end
 from tally.services.enforcer.app import run_enforcer
 from tally.services.ingest.app import run_ingest
+from tally.services.projector import store
 from tally.services.projector.app import run_projector
+from tally.services.projector.replay import replay
 from tally.topics import Topics
 from tests.paths import project_root
 from tests.test_pipeline import BUDGETS, NOON, eventually, produce, raw, running, write_config
@@ -28,8 +31,8 @@ from tests.test_pipeline import BUDGETS, NOON, eventually, produce, raw, running
 
 async def pipeline_round_trip(bootstrap: str, topics: Topics, tmp_path: Path,
                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """A usage message through the three services to a decision in a DecisionCache, and
-    `tally topics check` on the same cluster."""
+    """A usage message through the three services to a decision in a DecisionCache,
+    `tally topics check` on the same cluster, and a replay of it."""
     config_dir = tmp_path / "config"
     write_config(config_dir, BUDGETS)
     config = load_config(config_dir)
@@ -54,6 +57,10 @@ async def pipeline_round_trip(bootstrap: str, topics: Topics, tmp_path: Path,
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", bootstrap)
     monkeypatch.setenv("TALLY_TOPIC_NAMESPACE", topics.namespace)
     assert await asyncio.to_thread(topicadmin.main, ["check"]) == 0  # the CLI too
+    # replay reads with librdkafka, signed in through the same settings
+    await replay(config, bootstrap, topics, tmp_path / "replayed.db", out=io.StringIO())
+    with store.connect(tmp_path / "replayed.db", read_only=True) as con:
+        assert con.execute("SELECT user_id, tokens FROM ledger").fetchall() == [("alice", 800)]
 
 
 def plugin_round_trip(bootstrap: str, topics: Topics) -> None:

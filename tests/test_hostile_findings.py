@@ -16,9 +16,9 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from aiokafka import ConsumerRecord, TopicPartition
 
 from tally.kafka import Record
+from tally.kafka_bulk import Columns
 from tally.ops import Metrics
 from tally.service import EscapingFormatter
 from tally.services.enforcer.api import ApiError, limit_of
@@ -106,19 +106,14 @@ def test_two_events_of_5e18_tokens_cannot_overflow_a_balance() -> None:
 
 def test_replay_skips_what_the_live_projector_dead_letters() -> None:
     decoder = Decoder.of(make_config().budgets.per_user_budgets)
-
     topics = Topics("t")
-
-    def message(offset: int, value: bytes) -> ConsumerRecord[bytes, bytes]:
-        return ConsumerRecord(topics.usage_events, 0, offset, 0, 0, None, value, None, 0,
-                              len(value), ())
-
-    fetched = {TopicPartition(topics.usage_events, 0): [
-        message(0, orjson.dumps(pill("year 9999"))),
-        message(1, orjson.dumps(usage("ok", occurred_at=RECENT)))]}
-    decoded = replay_decode(decoder, topics, fetched)
+    fetched = Columns(topics.usage_events, [orjson.dumps(pill("year 9999")),
+                                            orjson.dumps(usage("ok", occurred_at=RECENT))],
+                      [0, 0], [0, 1], next_offsets={(topics.usage_events, 0): 2})
+    decoded = replay_decode(decoder, fetched)
     assert decoded.events.column("event_id").to_pylist() == ["ok"]
     assert [r.offset for r, _ in decoded.skipped] == [0]
+    assert decoded.offsets == {(topics.usage_events, 0): 2}
 
 
 # 2. an oversized record stops the ingest --------------------------------------------------

@@ -5,10 +5,11 @@ Reading 200,000 records of usage.events and doing nothing with them
 (`python -m bench.faststream_fit`, bench/RESULTS.md, 2 cores under load 11): aiokafka's
 `getmany` of 10,000 (`batches` below) 212,000 records/s; FastStream's batch subscriber
 75,000/s (2.8x slower: its per-message wrapping, acks and middlewares); its per-message
-subscriber 1,400/s (150x slower). The ingest, the projector, replay and the enforcer read
-in batches of up to 10,000, and the projector also seeks, on each assignment of its
-group, to the offsets stored in DuckDB with its results (exactly-once): a consumer
-group's commits cannot hold them. Only the notifier, one alert at a time in a consumer group with
+subscriber 1,400/s (150x slower). The ingest, the projector and the enforcer read
+in batches of up to 10,000 (replay reads whole topics with librdkafka instead:
+tally.kafka_bulk), and the projector also seeks, on each assignment of its group, to the
+offsets stored in DuckDB with its results (exactly-once): a consumer group's commits
+cannot hold them. Only the notifier, one alert at a time in a consumer group with
 a commit after each, fits FastStream, and uses it (enforcer/notifier.py).
 """
 

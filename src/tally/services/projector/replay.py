@@ -10,30 +10,36 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import logging
 import os
 import sys
 import time
-from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import duckdb
-from aiokafka import AIOKafkaConsumer, TopicPartition
+import pyarrow as pa
 
 from tally.cli import command_main
 from tally.config.loader import load_config
 from tally.config.models import Config
 from tally.errors import InputError
-from tally.kafka import CatchUp, Record, ensure_topics, make_consumer
+from tally.kafka import ensure_topics
+from tally.kafka_bulk import Columns, TopicReader
+from tally.service import error_text
 from tally.services.projector import store
-from tally.services.projector.app import Decoded, assign_from
+from tally.services.projector.app import RECORD_FAULTS, Decoded
 from tally.services.projector.decode import Decoder, Skipped, rejected
 from tally.settings import Settings
 from tally.topics import Topics
 
-__all__ = ["REPLAY_BATCH", "Progress", "decode", "main", "replay"]
+__all__ = ["REPLAY_BATCH", "Progress", "apply_or_split", "decode", "main", "replay"]
+
+log = logging.getLogger(__name__)
 
 # Records per transaction. Replay reads a backlog, so it takes batches 12x the live ones:
 # exactly one DuckDB row group, which DuckDB writes straight to the file instead of
@@ -80,39 +86,42 @@ async def replay(config: Config, bootstrap: str, topics: Topics, db_path: Path,
                  out: TextIO = sys.stderr, partitions: int = 3) -> Progress:
     """Fold both topics from their start up to their end at call time into db_path."""
     await ensure_topics(bootstrap, topics, partitions)
-    consumer = make_consumer(bootstrap, fetch_max_wait_ms=100)
-    await consumer.start()
+    reader = await asyncio.to_thread(TopicReader, bootstrap,
+                                     [topics.usage_events, topics.usage_dlq], topics.usage_events)
+    # The reader's own thread: on the way out (an error, Ctrl-C) a read still running is
+    # waited for before the consumer closes under it.
+    reading = ThreadPoolExecutor(1, thread_name_prefix="replay-read")
     try:
-        parts = await assign_from(consumer, (topics.usage_events, topics.usage_dlq), {})
-        catch_up = await CatchUp.taken(consumer, parts)
-        ends = catch_up.ends
-        starts = await consumer.beginning_offsets(parts)
-        progress = Progress(sum(ends[tp] - starts[tp] for tp in parts), out)
+        progress = Progress(reader.total, out)
         schedule = config.budgets.per_user_budgets.reset_schedule
         with store.connect(db_path, schedule=schedule) as con:
             con.execute(f"SET memory_limit = '{REPLAY_DUCKDB_MEMORY}'")
-            await _fold(consumer, con, Decoder.of(config.budgets.per_user_budgets), topics,
-                        catch_up, progress)
+            await _fold(functools.partial(reader.next_batch, REPLAY_BATCH), reading, con,
+                        Decoder.of(config.budgets.per_user_budgets), progress)
         progress.draw(time.monotonic())
         out.write("\n")
         return progress
     finally:
-        await consumer.stop()
+        reading.shutdown(wait=True, cancel_futures=True)
+        reader.close()
 
 
-async def _fold(consumer: AIOKafkaConsumer, con: duckdb.DuckDBPyConnection, decoder: Decoder,
-                topics: Topics, catch_up: CatchUp, progress: Progress) -> None:
-    """A three-stage pipeline: batch n+2 is fetched (Python, holding the GIL) while batch
-    n+1 is decoded (mostly in Arrow's C++, GIL released) and DuckDB writes batch n (GIL
-    released); each stage runs in order, so commits stay in offset order."""
-    pending = set(await catch_up.behind(consumer))
+async def _fold(read: Callable[[], Columns | None], reading: ThreadPoolExecutor,
+                con: duckdb.DuckDBPyConnection, decoder: Decoder, progress: Progress) -> None:
+    """A three-stage pipeline, each stage in a thread of its own: batch n+2 is read
+    (librdkafka's C, the GIL released while it waits), batch n+1 decoded (mostly in
+    Arrow's C++, the GIL released) and batch n written by DuckDB (the GIL released). Each
+    stage takes its batches in order, so commits stay in offset order."""
+    loop = asyncio.get_running_loop()
+    next_batch = loop.run_in_executor(reading, read)
     decoding: asyncio.Future[Decoded] | None = None
     writing: asyncio.Future[set[str]] | None = None
-    async for fetched in _until_ends(consumer, pending, catch_up.ends):
+    while (batch := await next_batch) is not None:
+        next_batch = loop.run_in_executor(reading, read)
         if decoding is not None:
             writing = await _write_next(con, await decoding, writing)
-        decoding = asyncio.ensure_future(asyncio.to_thread(decode, decoder, topics, fetched))
-        progress.add(sum(map(len, fetched.values())))
+        decoding = asyncio.ensure_future(asyncio.to_thread(decode, decoder, batch))
+        progress.add(len(batch))
     if decoding is not None:
         writing = await _write_next(con, await decoding, writing)
     if writing is not None:
@@ -124,60 +133,50 @@ async def _write_next(con: duckdb.DuckDBPyConnection, decoded: Decoded,
                       ) -> asyncio.Future[set[str]]:
     if writing is not None:
         await writing
-    return asyncio.ensure_future(asyncio.to_thread(decoded.apply, store.DuckDBStore(con)))
+    return asyncio.ensure_future(asyncio.to_thread(apply_or_split, con, decoded))
 
 
-Fetched = dict[TopicPartition, list[Any]]  # aiokafka ConsumerRecords per partition
+def apply_or_split(con: duckdb.DuckDBPyConnection, decoded: Decoded) -> set[str]:
+    """The batch in one transaction; if it fails on what it holds, the live projector's
+    answer (Projector.split): its events by halves, each piece in a transaction of its own,
+    down to each event that fails even alone, which is skipped and logged by topic,
+    partition and offset (the live projector dead-letters it; replay writes nothing but its
+    file), then the batch's rejected records and offsets. Users of the events written."""
+    try:
+        return decoded.apply(store.DuckDBStore(con))
+    except RECORD_FAULTS as error:
+        log.error("a batch of %d events failed (%s): looking for the events at fault",
+                  decoded.events.num_rows, error_text(error))
+    users = _apply_halves(con, decoded.events)
+    store.apply_batch(con, store.no_events(), decoded.offsets, decoded.rejected)
+    return users
 
 
-def decode(decoder: Decoder, topics: Topics, fetched: Fetched) -> Decoded:
-    """Decoded.of without a Record per message: columns straight from aiokafka's records."""
-    events = [(tp, ms) for tp, ms in fetched.items() if tp.topic == topics.usage_events]
-    values = [m.value for _, ms in events for m in ms]
-    table = decoder.whole(values, [tp.partition for tp, ms in events for _ in ms],
-                          [m.offset for _, ms in events for m in ms])
+def _apply_halves(con: duckdb.DuckDBPyConnection, events: pa.Table) -> set[str]:
+    if events.num_rows == 1:
+        [event] = events.select(["topic_partition", "topic_offset", "event_id"]).to_pylist()
+        log.error("skipping usage event at partition %(topic_partition)d offset "
+                  "%(topic_offset)d (event_id %(event_id)r): it fails the fold even alone",
+                  event)
+        return set()
+    middle = events.num_rows // 2
+    users: set[str] = set()
+    for piece in (events.slice(0, middle), events.slice(middle)):
+        try:
+            users |= store.apply_batch(con, piece, {}).users
+        except RECORD_FAULTS:
+            users |= _apply_halves(con, piece)
+    return users
+
+
+def decode(decoder: Decoder, batch: Columns) -> Decoded:
+    """Decoded.of without a Record per message: the events column-wise straight from the
+    reader's columns; usage.dlq's few records one by one."""
+    table = decoder.whole(batch.values, batch.partitions, batch.offsets)
     skipped: Skipped = []
     if table is None:  # a record skipped here was dead-lettered by the live projector
-        table, skipped = decoder.one_by_one(_records(events))
-    dlq = _records([(tp, ms) for tp, ms in fetched.items() if tp.topic == topics.usage_dlq])
-    offsets = {(tp.topic, tp.partition): ms[-1].offset + 1 for tp, ms in fetched.items() if ms}
-    return Decoded(table, rejected(dlq), offsets, skipped)
-
-
-def _records(fetched: list[tuple[TopicPartition, list[Any]]]) -> list[Record]:
-    return [Record(m.topic, m.partition, m.offset, m.key, m.value, m.timestamp)
-            for _, ms in fetched for m in ms]
-
-
-async def _until_ends(consumer: AIOKafkaConsumer, pending: set[TopicPartition],
-                      ends: dict[TopicPartition, int]) -> AsyncIterator[Fetched]:
-    """Batches of REPLAY_BATCH records (the last one smaller) cut at the end offsets;
-    stops once every partition has reached its end."""
-    batch: Fetched = defaultdict(list)
-    while pending:
-        fetched = await consumer.getmany(timeout_ms=100, max_records=REPLAY_BATCH)
-        for tp, messages in fetched.items():
-            batch[tp].extend(m for m in messages if m.offset < ends[tp])
-        for tp in list(pending):
-            if await consumer.position(tp) >= ends[tp]:
-                pending.discard(tp)
-                consumer.pause(tp)  # what arrives later is the live projector's business
-        while sum(map(len, batch.values())) >= REPLAY_BATCH:
-            full, batch = _cut(batch, REPLAY_BATCH)
-            yield full
-    if batch:
-        yield batch
-
-
-def _cut(batch: Fetched, size: int) -> tuple[Fetched, Fetched]:
-    """The first `size` records (a prefix of each partition's) and the rest."""
-    head: Fetched = {}
-    rest: Fetched = defaultdict(list)
-    for tp, messages in batch.items():
-        take = min(size, len(messages))
-        head[tp], rest[tp] = messages[:take], messages[take:]
-        size -= take
-    return head, rest
+        table, skipped = decoder.one_by_one(batch.records())
+    return Decoded(table, rejected(batch.others), batch.next_offsets, skipped)
 
 
 # the command -------------------------------------------------------------------------------
