@@ -25,7 +25,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from tally.cli import command_main
-from tally.config.loader import ConfigWatcher, load_config
+from tally.config.loader import LiveConfig, load_config
 from tally.config.models import AlertWebhook, Config
 from tally.kafka import (
     Record,
@@ -117,10 +117,11 @@ async def run_enforcer(
     from the projector at `projector_url`. `config`: the one loaded from `config_dir`
     already (else it is loaded here). `session_timeout_ms`: how long the enforcers' group
     waits for a silent instance before its partitions go to the others."""
-    board = Board(Enforcer(config or load_config(config_dir)), metrics)
+    live = LiveConfig(config or load_config(config_dir), config_dir)
+    board = Board(Enforcer(live.current), metrics)
     readiness = Readiness()
     await ensure_topics(bootstrap, topics, partitions)
-    loop = Loop(board, ConfigWatcher(config_dir), readiness, topics, clock,
+    loop = Loop(board, live, readiness, topics, clock,
                 session_timeout_ms=session_timeout_ms)
     # The loop and the notifier watch their stop Events: each ends its work under way.
     notifier_stop = asyncio.Event()
@@ -166,9 +167,9 @@ class Loop:
     producer: AIOKafkaProducer
     stop: asyncio.Event
 
-    def __init__(self, board: Board, watcher: ConfigWatcher, readiness: Readiness,
+    def __init__(self, board: Board, live: LiveConfig, readiness: Readiness,
                  topics: Topics, clock: Clock, *, session_timeout_ms: int = 10_000) -> None:
-        self.board, self.watcher, self.readiness = board, watcher, readiness
+        self.board, self.live, self.readiness = board, live, readiness
         self.topics, self.clock = topics, clock
         self.session_timeout_ms = session_timeout_ms
         self._acks: asyncio.Future[list[Any]] | None = None  # decisions not yet acknowledged
@@ -237,7 +238,7 @@ class Loop:
         """Periods ending on the clock, or a changed budgets.yaml."""
         async with self.membership.turn():
             await self._take_given()
-            config, enforcer = self.watcher.changed_config(), self.board.enforcer
+            config, enforcer = self.live.refresh(), self.board.enforcer
             await self._judge_many(enforcer.reconfigure(config) if config
                                    else enforcer.tick(self.clock()))
 
