@@ -25,10 +25,8 @@ from tally.topics import Topics
 from tally.wire import BalanceUpdated, UsageRecorded
 from tests.projector.test_projector_kafka import (
     BALANCES,
-    BUDGETS,
     RECOUNT,
     ROOT,
-    USERS_YAML,
     db_rows,
     expected,
     free_port,
@@ -44,15 +42,6 @@ pytestmark = pytest.mark.kafka
 
 PARTITIONS = 6
 SESSION_S = 6  # the broker's group.min.session.timeout.ms: the fastest takeover it allows
-
-
-@pytest.fixture
-def config_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "config"
-    directory.mkdir()
-    (directory / "budgets.yaml").write_text(BUDGETS)
-    (directory / "users.yaml").write_text(USERS_YAML)
-    return directory
 
 
 @asynccontextmanager

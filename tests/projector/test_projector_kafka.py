@@ -55,15 +55,6 @@ USERS = ("alice", "bob", "carol", "dave", "erin")
 
 
 @pytest.fixture
-def config_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "config"
-    directory.mkdir()
-    (directory / "budgets.yaml").write_text(BUDGETS)
-    (directory / "users.yaml").write_text(USERS_YAML)
-    return directory
-
-
-@pytest.fixture
 def config(config_dir: Path) -> Config:
     return load_config(config_dir)
 
