@@ -187,11 +187,14 @@ async def test_two_projectors_and_two_enforcers_survive_a_kill_and_a_rolling_res
             await until(lambda: all_back(client, projectors, enforcers), 90)
             producing = asyncio.create_task(produce_paced(
                 kafka_bootstrap, topics.usage_events, sends, STREAM_S, key=user_key))
+            streaming = time.monotonic()
             total_tokens = sum(e.tokens for e in events)
             await until(lambda: _true(flow.tokens() >= total_tokens // 6), 60)
             await lose_a_machine(client, flow, projectors, enforcers)
             assert not producing.done(), "the kill should land in the middle of the stream"
+            restarted = time.monotonic() - streaming
             await roll(client, projectors, enforcers)
+            rolled = time.monotonic() - streaming
             produced = await producing
             assert produced.acked == len(sends)
             total = await records_on(kafka_bootstrap, topics.usage_events)
@@ -223,8 +226,9 @@ async def test_two_projectors_and_two_enforcers_survive_a_kill_and_a_rolling_res
         if end.date() == setup.began_at.date():  # no period ended during the run
             assert missing_alerts(events, config, end, ids) == []
     print(f"\nscale-out: {len(sends):,} messages ({len(events):,} distinct) in "
-          f"{produced.seconds:.0f} s; {len(evidence.decisions):,} decisions, {len(ids)} "
-          f"alerts; the test took {time.monotonic() - began:.0f} s")
+          f"{produced.seconds:.0f} s; the killed two back {restarted:.0f} s and the rolling "
+          f"restart done {rolled:.0f} s into the stream; {len(evidence.decisions):,} "
+          f"decisions, {len(ids)} alerts; the test took {time.monotonic() - began:.0f} s")
 
 
 async def lose_a_machine(client: httpx.AsyncClient, flow: Flow, projectors: list[Instance],
