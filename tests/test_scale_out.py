@@ -251,10 +251,12 @@ async def lose_a_machine(client: httpx.AsyncClient, flow: Flow, projectors: list
     moved = await first_move(client, survivors, shares_before)
     before, after = flow.used_at(killed), flow.used_at(moved)
     grew = sorted(u for u in users if after.get(u, 0) > before.get(u, 0))
+    orphans = {u for u in flow.latest if partition_of(u, PARTITIONS) in e_shares[dead_e]}
     print(f"\nkilled projector-{dead_p} and enforcer-{dead_e}; the survivors share "
           f"partitions {sorted(kept)} ({len(users)} users): {len(grew)} of them decided "
           f"anew in the {moved - killed:.1f} s before the group moved the others "
-          f"({flow.decided_between(killed, moved, users)} decisions)")
+          f"({flow.decided_between(killed, moved, users)} decisions; the killed enforcer's "
+          f"{len(orphans)} users: {flow.decided_between(killed, moved, orphans)})")
     assert grew, "the survivors' users got no decision while the others waited"
     for instance in survivors:
         await until(functools.partial(sole_owner, client, instance), 60)
