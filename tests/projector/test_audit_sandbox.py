@@ -180,7 +180,8 @@ async def test_rows_are_capped(kafka_bootstrap: str, unique_name: str,
     limits = AuditLimits(max_rows=5)
     async with projector(kafka_bootstrap, unique_name, tmp_path / "p.duckdb", limits) as live:
         body = (await live.audit("SELECT * FROM range(100)")).json()
-    assert body == {"columns": ["range"], "rows": [[n] for n in range(5)], "truncated": True}
+    assert body == {"columns": ["range"], "rows": [[n] for n in range(5)], "truncated": True,
+                    "restoring": []}
 
 
 # how long and on which threads -------------------------------------------------------------

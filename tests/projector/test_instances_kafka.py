@@ -12,6 +12,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import pytest
 
 from tally.config.loader import load_config
 from tally.core.usage import from_balance
+from tally.instances import InstanceSeen
 from tally.kafka import ensure_topics, read_to_end
 from tally.topics import Topics
 from tally.wire import BalanceUpdated, UsageRecorded
@@ -28,6 +30,7 @@ from tests.projector.test_projector_kafka import (
     BALANCES,
     RECOUNT,
     ROOT,
+    VIEWER,
     db_rows,
     expected,
     free_port,
@@ -143,6 +146,8 @@ async def test_two_instances_share_the_partitions_and_survive_a_kill(
             await settled(ports, topics.usage_events, len(sent))
             await check_status(kafka_bootstrap, topics, ports)
             await check_audit_over_instances(kafka_bootstrap, topics, len(events))
+            await check_audit_endpoint_over_instances(kafka_bootstrap, topics, ports,
+                                                      len(events))
             # Both stop before either could take the other's share over (that waits for a
             # session timeout): each file keeps exactly the partitions its instance owns.
             survivor.send_signal(signal.SIGKILL)
@@ -189,6 +194,31 @@ async def check_audit_over_instances(bootstrap: str, topics: Topics, events: int
     header, *rows = out.splitlines()
     assert header == "instance,n" and len(rows) == 2
     assert sum(int(row.rsplit(",", 1)[1]) for row in rows) == events
+
+
+async def check_audit_endpoint_over_instances(bootstrap: str, topics: Topics,
+                                              ports: list[int], events: int) -> None:
+    """POST /audit {"instances": true} to either instance: a row per instance, whose
+    counts add up to every event; a non-admin is refused; and an instance listed that does
+    not answer is an error naming it, not a smaller sum."""
+    query = {"sql": "SELECT count(*) AS n FROM ledger", "instances": True}
+    async with httpx.AsyncClient(timeout=60) as client:
+        for port in ports:
+            answer = (await client.post(f"http://127.0.0.1:{port}/audit", json=query,
+                                        headers=ADMIN)).json()
+            assert answer["columns"] == ["instance", "n"] and len(answer["rows"]) == 2
+            assert sum(n for _, n in answer["rows"]) == events
+        refused = await client.post(f"http://127.0.0.1:{ports[0]}/audit", json=query,
+                                    headers=VIEWER)
+        assert refused.status_code == 403
+        ghost = InstanceSeen(instance="projector@ghost:1", role="projector",
+                             url=f"http://127.0.0.1:{free_port()}", topic=topics.usage_events,
+                             partitions=[0], at=datetime.now(UTC))
+        await produce(bootstrap, topics.instances,
+                      [(ghost.instance.encode(), ghost.model_dump_json().encode())])
+        missing = await client.post(f"http://127.0.0.1:{ports[0]}/audit", json=query,
+                                    headers=ADMIN)
+        assert missing.status_code == 502 and "projector@ghost:1" in missing.json()["error"]
 
 
 def spread(events: list[UsageRecorded], users: int) -> list[UsageRecorded]:

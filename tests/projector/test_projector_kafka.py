@@ -48,8 +48,10 @@ USERS_YAML = """
 user_identification:
   users:
     - {id: auditor, api_key: ak_auditor_0123456789, role: admin}
+    - {id: viewer, api_key: ak_viewer_01234567890}
 """
 ADMIN = {"X-API-Key": "ak_auditor_0123456789"}
+VIEWER = {"X-API-Key": "ak_viewer_01234567890"}  # known, not an admin
 START = datetime(2025, 2, 20, tzinfo=UTC)  # the span crosses the US DST change of March 9
 USERS = ("alice", "bob", "carol", "dave", "erin")
 

@@ -41,7 +41,7 @@ from tally.kafka import (
 from tally.ops import Metrics, Readiness, ops_routes, watch
 from tally.service import Part, bind, error_text, http_part, run_parts, run_service, started
 from tally.services.projector import store
-from tally.services.projector.audit import audit_app
+from tally.services.projector.audit import audit_app, instances_asker
 from tally.services.projector.decode import Decoder, Skipped, rejected
 from tally.services.projector.history import history_routes
 from tally.services.projector.ownership import Ownership, PartitionBook, Stamped, group_id
@@ -488,7 +488,11 @@ async def run_projector(config: Config, bootstrap: str, topics: Topics, db_path:
             routes = [*ops_routes(projector.metrics, readiness),
                       *history_routes(con, config, lambda: datetime.now(UTC), access)]
             # Running audits are interrupted first, so the server stops promptly.
-            services.append(http_part("projector-http", audit_app(auditor, access, routes),
+            # An instance asked for its share gets its own query time and a margin.
+            fan_out = instances_asker(bootstrap, topics, limits.timeout_seconds + 5)
+            services.append(http_part("projector-http",
+                                      audit_app(auditor, access, routes, fan_out,
+                                                lambda: sorted(projector.book.held)),
                                       bind(host, port), before_stop=auditor.stop))
         log.info("projector: %d users, reading %s", len(projector.mirror), topics.usage_events)
         await run_parts(stop, services)

@@ -11,7 +11,10 @@ caller that names this host; the query runs sandboxed (`sandbox`: no files, no e
 a time and a memory limit, a cap on rows, threads of its own), in the projector and in a
 file opened read-only alike.
 
-Errors: `AuditError` (`query`, `sandbox`); its `status` is the HTTP answer.
+With {"instances": true} in the body, the projector answering asks every projector
+instance (fanout.py) and answers with all their rows, each led by its instance.
+
+Errors: `AuditError` (`query`, `sandbox`, `fanout`); its `status` is the HTTP answer.
 """
 
 from __future__ import annotations
@@ -21,13 +24,13 @@ import asyncio
 import csv
 import io
 import sys
-import urllib.error
-import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import duckdb
+import httpx
 import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -38,21 +41,23 @@ from tally.access import Access
 from tally.auth import AuthError
 from tally.cli import command_main
 from tally.services.projector import store
-from tally.services.projector.fanout import ask_instances
+from tally.services.projector.fanout import LOCAL_HOSTS, ask_instances
 from tally.services.projector.query import AuditError, QueryResult, check_read_only, run_query
 from tally.services.projector.sandbox import AuditLimits, Auditor, lock_down
 from tally.settings import Settings
+from tally.topics import Topics
 
-__all__ = ["AuditError", "QueryResult", "audit_app", "check_read_only", "main", "run_query"]
+__all__ = ["AuditError", "FanOut", "QueryResult", "audit_app", "check_read_only",
+           "instances_asker", "main", "run_query"]
 
-LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 CREDENTIAL_HINT = "the audit needs an admin credential: set TALLY_API_KEY (or TALLY_TOKEN)"
 
 
 def to_json(result: QueryResult) -> bytes:
     # Decimal (avg) and INTERVAL have no JSON type: they travel as text; so do integers
     # past 64 bits (a HUGEINT sum), which orjson refuses.
-    body = {"columns": result.columns, "rows": result.rows, "truncated": result.truncated}
+    body = {"columns": result.columns, "rows": result.rows, "truncated": result.truncated,
+            "restoring": result.restoring}
     try:
         return orjson.dumps(body, default=str)
     except TypeError:
@@ -72,25 +77,52 @@ def _json_safe(value: Any) -> Any:
 
 # the endpoint ------------------------------------------------------------------------------
 
+# The query and the caller's credential headers -> every instance's answer (fanout.py).
+FanOut = Callable[[str, dict[str, str]], Coroutine[Any, Any, QueryResult]]
+# The only headers forwarded to the instances asked: the caller's credential, which each
+# instance checks again as its own users.yaml says (no cookie, no Host, nothing else).
+CREDENTIAL_HEADERS = ("X-API-Key", "Authorization")
 
-def audit_app(auditor: Auditor, access: Access, more: Sequence[BaseRoute] = ()) -> Starlette:
+
+def audit_app(auditor: Auditor, access: Access, more: Sequence[BaseRoute] = (),
+              fan_out: FanOut | None = None,
+              restoring: Callable[[], Sequence[int]] = tuple) -> Starlette:
     """POST /audit {"sql": "..."} -> {"columns", "rows", "truncated"}; else {"error"} with
     400 (bad query, file asked for, wrong Host), 401/403 (no admin credential), 408 (past
     the time limit), 413 (body too big), 415 (not JSON), 429 (audit threads busy).
+    {"sql": "...", "instances": true}: every instance's rows, led by an "instance" column,
+    through `fan_out` (502 an instance not answering, 503 one restoring, 504 one too slow).
+    `restoring`: the partitions restoring now, which an answer names ("restoring").
     `more`: routes served beside it (the projector's /metrics, /healthz, /readyz)."""
 
     async def audit(request: Request) -> Response:
         try:
             _check_host(request)
-            access.admin(request)
-            sql = await _sql_of(request, auditor.limits.max_body_bytes)
-            result = await auditor.run(sql, request.is_disconnected)
+            access.admin(request)  # before anything is asked of anyone
+            sql, everywhere = await _query_of(request, auditor.limits.max_body_bytes)
+            if everywhere:
+                result = await _fanned_out(sql, request)
+            else:
+                holding = tuple(restoring())  # as the query begins
+                result = replace(await auditor.run(sql, request.is_disconnected),
+                                 restoring=holding)
         except AuthError as e:
             return _error(e.reason, e.status, {"WWW-Authenticate": "Bearer"}
                           if e.status == 401 else None)
         except AuditError as e:
             return _error(str(e), e.status)
         return Response(to_json(result), media_type="application/json")
+
+    async def _fanned_out(sql: str, request: Request) -> QueryResult:
+        # Opt-in, not the default: each instance is asked for its own share with a plain
+        # request (itself included), which must not fan out again; and one instance's own
+        # file stays askable (a move under way, a file to compare).
+        if fan_out is None:
+            raise AuditError("this projector does not know its instances (no Kafka)", 501)
+        check_read_only(sql)  # refused here once, not by each instance
+        credential = {name: value for name in CREDENTIAL_HEADERS
+                      if (value := request.headers.get(name)) is not None}
+        return await fan_out(sql, credential)
 
     return Starlette(routes=[Route("/audit", audit, methods=["POST"]), *more])
 
@@ -103,8 +135,9 @@ def _check_host(request: Request) -> None:
                          f"{', '.join(sorted(LOCAL_HOSTS))} only")
 
 
-async def _sql_of(request: Request, limit: int) -> str:
-    """The body's "sql", from a JSON body of at most `limit` bytes."""
+async def _query_of(request: Request, limit: int) -> tuple[str, bool]:
+    """The body's "sql" and "instances" (false if absent), from a JSON body of at most
+    `limit` bytes."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind != "application/json":
         raise AuditError(f"expected Content-Type application/json, not {kind or 'none'}", 415)
@@ -114,12 +147,13 @@ async def _sql_of(request: Request, limit: int) -> str:
         if len(body) > limit:
             raise AuditError(f"the body is over the audit's limit of {limit:,} bytes", 413)
     try:
-        sql = orjson.loads(body)["sql"]
-    except (orjson.JSONDecodeError, KeyError, TypeError):
-        sql = None
-    if not isinstance(sql, str):
-        raise AuditError('expected a JSON body {"sql": "..."}')
-    return sql
+        fields = orjson.loads(body)
+        sql, everywhere = fields["sql"], fields.get("instances", False)
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+        sql = everywhere = None
+    if not isinstance(sql, str) or not isinstance(everywhere, bool):
+        raise AuditError('expected a JSON body {"sql": "...", "instances": false}')
+    return sql, everywhere
 
 
 def _error(message: str, status: int, headers: dict[str, str] | None = None) -> Response:
@@ -130,21 +164,38 @@ def _error(message: str, status: int, headers: dict[str, str] | None = None) -> 
 # the command -------------------------------------------------------------------------------
 
 
-def ask_projector(url: str, sql: str, credential: dict[str, str],
-                  timeout: float = 60.0) -> QueryResult | None:
-    """The running projector's answer; None when nobody listens at `url`."""
-    request = urllib.request.Request(f"{url.rstrip('/')}/audit", orjson.dumps({"sql": sql}),
-                                     {"Content-Type": "application/json", **credential})
+async def ask_projector(url: str, sql: str, credential: dict[str, str],
+                        timeout: float = 60.0) -> QueryResult | None:
+    """The running projector's answer; None when nobody listens at `url`. No redirect is
+    followed and no proxy used: the credential goes to `url` and nowhere else."""
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            body = orjson.loads(response.read())
-    except urllib.error.HTTPError as e:
-        raise AuditError(_error_text(e), e.code) from e
-    except TimeoutError as e:
-        raise AuditError(f"the projector at {url} did not answer within {timeout:g} s") from e
-    except (urllib.error.URLError, ConnectionError):
+        async with httpx.AsyncClient(timeout=timeout, trust_env=False) as client:
+            response = await client.post(f"{url.rstrip('/')}/audit", json={"sql": sql},
+                                         headers=credential)
+    except httpx.TimeoutException as e:
+        raise AuditError(f"the projector at {url} did not answer within {timeout:g} s",
+                         504) from e
+    except httpx.TransportError:
         return None
-    return QueryResult(body["columns"], [tuple(r) for r in body["rows"]], body["truncated"])
+    try:
+        body = orjson.loads(response.content)
+        if response.status_code == 200:
+            return QueryResult(body["columns"], [tuple(r) for r in body["rows"]],
+                               body["truncated"], tuple(body.get("restoring", ())))
+        text = str(body["error"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        text = f"{url}/audit: HTTP {response.status_code}"
+    status = response.status_code if response.is_error else 502
+    raise AuditError(f"{CREDENTIAL_HINT} ({text})" if status in (401, 403) else text, status)
+
+
+def instances_asker(bootstrap: str, topics: Topics, timeout: float) -> FanOut:
+    """The projector's fan-out: every instance asked with the caller's credential, each
+    given `timeout` seconds (its own audit's time limit, and a margin)."""
+    async def fan_out(sql: str, credential: dict[str, str]) -> QueryResult:
+        return await ask_instances(bootstrap, topics,
+                                   lambda url: ask_projector(url, sql, credential, timeout))
+    return fan_out
 
 
 def credential_headers(api_key: str | None, token: str | None) -> dict[str, str]:
@@ -154,14 +205,6 @@ def credential_headers(api_key: str | None, token: str | None) -> dict[str, str]
     if token:
         return {"Authorization": f"Bearer {token}"}
     return {"X-API-Key": api_key} if api_key else {}
-
-
-def _error_text(e: urllib.error.HTTPError) -> str:
-    try:
-        text = str(orjson.loads(e.read())["error"])
-    except (orjson.JSONDecodeError, KeyError, TypeError):
-        text = f"{e.url}: HTTP {e.code}"
-    return f"{CREDENTIAL_HINT} ({text})" if e.code in (401, 403) else text
 
 
 def query_file(db: Path, sql: str, limits: AuditLimits) -> QueryResult:
@@ -225,11 +268,11 @@ def run(args: argparse.Namespace) -> int:
         elif args.instances:
             settings, credential = Settings.from_env(), credential_headers(args.api_key,
                                                                            args.token)
-            result = ask_instances(settings.bootstrap_servers, settings.topics,
-                                   lambda url: ask_projector(url, args.sql, credential))
+            result = asyncio.run(instances_asker(settings.bootstrap_servers, settings.topics,
+                                                 60.0)(args.sql, credential))
         else:
             credential = credential_headers(args.api_key, args.token)
-            result = (ask_projector(args.url, args.sql, credential)
+            result = (asyncio.run(ask_projector(args.url, args.sql, credential))
                       or query_file(default_db, args.sql, AuditLimits()))
     except AuditError as e:
         print(f"tally audit: {e}", file=sys.stderr)
