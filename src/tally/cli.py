@@ -203,7 +203,8 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
 
     sub = command("status")
     sub.add_argument("--instances", action="store_true",
-                     help="list the running projector instances, their partitions and lag")
+                     help="list the running projector and enforcer instances, their "
+                          "partitions and lag")
     return parser
 
 

@@ -1,7 +1,7 @@
 """Which service instances are running, and their share of the work: the instances topic.
 
-Each instance of a service that scales out in a consumer group (the projector; the enforcer
-may use it the same way) sends a small record, keyed by its instance id, every few
+Each instance of a service that scales out in a consumer group (the projector, the
+enforcer) sends a small record, keyed by its instance id, every few
 seconds: its role, where it serves HTTP, the partitions it owns, those it is restoring and
 its lag per partition. The topic is compacted (a record per instance) and deletes records
 after a day (instances long gone). A clean stop sends a tombstone. `tally status

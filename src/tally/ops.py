@@ -18,7 +18,7 @@ import contextlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -86,16 +86,20 @@ class Metrics:
         return _generate_latest(self.registry)
 
 
-async def observe_lag(metrics: Metrics, consumer: AIOKafkaConsumer) -> None:
-    """Set the lag of every assigned partition whose high watermark a fetch has seen."""
+async def observe_lag(metrics: Metrics,
+                      consumer: AIOKafkaConsumer) -> dict[TopicPartition, int]:
+    """Set the lag of every assigned partition whose high watermark a fetch has seen; the
+    lags set."""
     # A rebalance may revoke a partition while we look, or the broker be away: the loop
     # itself must not fail for a metric. Look again next time.
+    lags: dict[TopicPartition, int] = {}
     with contextlib.suppress(KafkaError):
         for tp in consumer.assignment():
             highwater = consumer.highwater(tp)
             if highwater is not None:
-                lag = max(highwater - await consumer.position(tp), 0)
+                lags[tp] = lag = max(highwater - await consumer.position(tp), 0)
                 metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(lag)
+    return lags
 
 
 class Readiness:

@@ -27,6 +27,7 @@ import httpx
 import pytest
 
 from tally.config.loader import load_config
+from tally.instances import read_instances
 from tally.kafka import Record, ensure_topics, make_producer
 from tally.service import started
 from tally.services.enforcer.heard import decode_all
@@ -74,6 +75,10 @@ class Instance:
     def signal(self, number: int) -> None:
         assert self.process is not None and self.process.poll() is None, self.name
         self.process.send_signal(number)
+
+    def wait(self) -> int:
+        assert self.process is not None
+        return self.process.wait(30)
 
     def end(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -168,6 +173,7 @@ async def test_two_enforcers_share_the_users_survive_a_kill_and_a_zombie(
                 return all(used.get(user) == tokens for user in USERS)
 
             await until(split, 60)
+            await listed_as_enforcers(kafka_bootstrap, topics, [a, b], env)
             a_parts = set(await a.owned(client) or [])
             a_users = [u for u in USERS if partition_of(u, PARTITIONS) in a_parts]
             b_users = [u for u in USERS if u not in a_users]
@@ -209,6 +215,9 @@ async def test_two_enforcers_share_the_users_survive_a_kill_and_a_zombie(
             a.signal(signal.SIGCONT)
             await until(split, 60)
             await until(lambda: answers_for_all(a, ROUNDS[4]), 30)  # b's decisions too
+            a.signal(signal.SIGTERM)  # a clean stop takes it off the list at once
+            assert await asyncio.to_thread(a.wait) == 0
+            assert a.url not in {s.url for s in await read_instances(kafka_bootstrap, topics)}
 
     ids = [alert.alert_id for alert in seen.alerts]
     assert len(ids) == len(set(ids)), "an alert was sent twice"
@@ -219,6 +228,26 @@ async def test_two_enforcers_share_the_users_survive_a_kill_and_a_zombie(
     assert len(ids) == len(USERS) * thresholds  # every crossing, once
     assert set(ids) == {alert.alert_id for alert in expected.alerts}
     assert all(same_decision(seen.decisions[d.user_id], d) for d in expected.decisions)
+
+
+async def listed_as_enforcers(bootstrap: str, topics: Topics, running: list[Instance],
+                              env: dict[str, str]) -> None:
+    """Until the instances topic has each with its share of budget.balances (a heartbeat
+    comes every 2 s); then `tally status --instances` lists them as enforcers."""
+    urls = sorted(instance.url for instance in running)
+
+    async def heard() -> bool:
+        seen = [s for s in await read_instances(bootstrap, topics) if s.role == "enforcer"]
+        shares = sorted(p for s in seen for p in s.partitions)
+        return sorted(str(s.url) for s in seen) == urls and shares == list(range(PARTITIONS))
+
+    await until(heard, 30)
+    status = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "tally.cli",
+                                                      "status", "--instances"],
+                                     env=env, capture_output=True, text=True, timeout=60)
+    rows = [line.split() for line in status.stdout.splitlines()[1:]]
+    assert status.returncode == 0, status.stderr
+    assert sorted(row[2] for row in rows if row[1] == "enforcer") == urls
 
 
 async def _true(value: bool) -> bool:

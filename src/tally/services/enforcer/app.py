@@ -9,7 +9,9 @@ configured webhook (notifier.py).
 
 Any number of instances share the work (group.py): each decides and alerts for the users of
 the budget.balances partitions the enforcers' consumer group gives it, and hears what the
-others decide, so each answers the API for every user.
+others decide, so each answers the API for every user. Like a projector's, each instance
+says in the instances topic (tally.instances) what it decides for and its lag
+(`tally status --instances`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from tally.cli import command_main
 from tally.config.loader import LiveConfig, load_config
 from tally.config.models import AlertWebhook, Config
+from tally.instances import heartbeat, instance_id
 from tally.kafka import (
     Record,
     ensure_topics,
@@ -122,7 +125,8 @@ async def run_enforcer(
     readiness = Readiness()
     await ensure_topics(bootstrap, topics, partitions)
     loop = Loop(board, live, readiness, topics, clock,
-                session_timeout_ms=session_timeout_ms)
+                session_timeout_ms=session_timeout_ms, instance=instance_id("enforcer", port),
+                url=f"http://{host}:{port}" if port else None)
     # The loop and the notifier watch their stop Events: each ends its work under way.
     notifier_stop = asyncio.Event()
 
@@ -168,10 +172,15 @@ class Loop:
     stop: asyncio.Event
 
     def __init__(self, board: Board, live: LiveConfig, readiness: Readiness,
-                 topics: Topics, clock: Clock, *, session_timeout_ms: int = 10_000) -> None:
+                 topics: Topics, clock: Clock, *, session_timeout_ms: int = 10_000,
+                 instance: str | None = None, url: str | None = None) -> None:
+        """`instance` and `url`: how this instance is named and reached in the instances
+        topic (instances.py)."""
         self.board, self.live, self.readiness = board, live, readiness
         self.topics, self.clock = topics, clock
         self.session_timeout_ms = session_timeout_ms
+        self.instance, self.url = instance or instance_id("enforcer", None), url
+        self._lags: dict[int, int] = {}  # per budget.balances partition, at the last batch
         self._acks: asyncio.Future[list[Any]] | None = None  # decisions not yet acknowledged
 
     async def run(self, bootstrap: str, stop: asyncio.Event, tick_seconds: float) -> None:
@@ -203,8 +212,21 @@ class Loop:
         self.consumer, self.producer, self.stop = consumer, producer, stop
         async with started(self.membership), asyncio.TaskGroup() as tasks:
             tasks.create_task(self.membership.keep_polling(stop))
+            beating = tasks.create_task(heartbeat(producer, self.topics, self.instance,
+                                                  "enforcer", self.url, self.describe))
             await self._follow(consumer, producer, stop, tick_seconds)
             await self.acked()
+            beating.cancel()  # its tombstone: a stopped instance leaves the list at once
+
+    def describe(self) -> dict[str, Any]:
+        """What the instances topic says of this instance's share: the budget.balances
+        partitions it decides for or has been given (restoring until it has heard what
+        their last owner said and judged their users), and its lag in them."""
+        given = self.membership.given or frozenset()
+        mine = self.membership.owned | given
+        return {"topic": self.topics.budget_balances, "partitions": sorted(mine),
+                "restoring": sorted(given),
+                "lag": {str(p): n for p, n in sorted(self._lags.items()) if p in mine}}
 
     def _lost(self, owned: frozenset[int]) -> None:
         """Decide for the users of `owned` only (some partitions were given up), and show
@@ -319,7 +341,8 @@ class Loop:
             records = await fetch(consumer, 10_000, 50)
             metrics.count_in(records)
             await self._turn(records)
-            await observe_lag(metrics, consumer)
+            lags = await observe_lag(metrics, consumer)
+            self._lags = {tp.partition: n for tp, n in lags.items()}
             await self.readiness.check(consumer)
             if clock() >= next_tick:
                 next_tick = clock() + tick_seconds
