@@ -45,6 +45,7 @@ from tally.services.projector.audit import audit_app, instances_asker
 from tally.services.projector.decode import Decoder, Skipped, rejected
 from tally.services.projector.history import history_routes
 from tally.services.projector.ownership import Ownership, PartitionBook, Stamped, group_id
+from tally.services.projector.partitioncount import check_partition_count, keep_partition_count
 from tally.services.projector.recent import RecentIds, WindowMissed
 from tally.services.projector.sandbox import AuditLimits, Auditor, lock_down
 from tally.settings import Settings
@@ -459,11 +460,16 @@ async def run_projector(config: Config, bootstrap: str, topics: Topics, db_path:
         consumer = await stack.enter_async_context(started(make_consumer(
             bootstrap, group_id=group_id(topics), session_timeout_ms=session_timeout_ms,
             )))
+        # Refused if usage.events has other partitions than the file was written under
+        # (partitioncount.py); a rebalance that shows another count stops it too.
+        count = keep_partition_count(con, topics.usage_events, len(await partitions_of(
+            consumer, topics.usage_events)), db_path)
         producer = await stack.enter_async_context(started(make_producer(bootstrap)))
         projector = Projector(con, config, topics, producer, publish_before_commit)
         # The partitions come from the group (ownership.py); the first assignment seeks
         # to the stored offsets and sends the balances of the partitions caught up.
-        ownership = Ownership(projector, consumer, topics)
+        ownership = Ownership(projector, consumer, topics, check_count=lambda found:
+                              check_partition_count(topics.usage_events, count, found, db_path))
         consumer.subscribe([topics.usage_events, topics.usage_dlq], listener=ownership)
         readiness = Readiness(ownership.describe)
         services = [Part("projector-fold",

@@ -193,7 +193,11 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
     (aiokafka would only log it) is kept in `failed`, which stops the service."""
 
     def __init__(self, projector: Projector, consumer: AIOKafkaConsumer, topics: Topics,
-                 on_change: Callable[[], None] | None = None) -> None:
+                 on_change: Callable[[], None] | None = None,
+                 check_count: Callable[[int], None] | None = None) -> None:
+        """`check_count` raises if usage.events' partition count (at an assignment) is not
+        the one the file was written under: that stops the service (partitioncount.py)."""
+        self.check_count = check_count
         self.projector = projector
         self.consumer = consumer
         self.topics = topics
@@ -228,6 +232,9 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def _take(self, assigned: set[TopicPartition]) -> None:
         projector, events, dlq = self.projector, self.topics.usage_events, self.topics.usage_dlq
+        found = self.consumer.partitions_for_topic(events)
+        if found and self.check_count is not None:  # partitions added while running
+            self.check_count(len(found))
         mine = {tp.partition for tp in assigned if tp.topic == events}
         mine_dlq = {tp.partition for tp in assigned if tp.topic == dlq}
         async with projector.writing():

@@ -333,16 +333,26 @@ def _follow_setting(con: duckdb.DuckDBPyConnection, name: str, wanted: str,
                     redo: Callable[[], None]) -> bool:
     """Run `redo` and record `wanted` as setting `name`, in one transaction, if the store
     recorded another value; only record it if none. True if `redo` ran."""
-    con.execute(_SCHEDULE_SQL)
-    stored = con.execute("SELECT value FROM store_settings WHERE name = ?", [name]).fetchall()
-    if stored and stored[0][0] == wanted:
+    stored = setting(con, name)
+    if stored == wanted:
         return False
     with _transaction(con):
-        if stored:
+        if stored is not None:
             redo()
-        con.execute("INSERT INTO store_settings VALUES (?, ?) "
-                    "ON CONFLICT DO UPDATE SET value = excluded.value", [name, wanted])
-    return bool(stored)
+        record_setting(con, name, wanted)
+    return stored is not None
+
+
+def setting(con: duckdb.DuckDBPyConnection, name: str) -> str | None:
+    """A setting the store was written under (store_settings), None if never recorded."""
+    con.execute(_SCHEDULE_SQL)
+    stored = con.execute("SELECT value FROM store_settings WHERE name = ?", [name]).fetchall()
+    return str(stored[0][0]) if stored else None
+
+
+def record_setting(con: duckdb.DuckDBPyConnection, name: str, value: str) -> None:
+    con.execute("INSERT INTO store_settings VALUES (?, ?) "
+                "ON CONFLICT DO UPDATE SET value = excluded.value", [name, value])
 
 
 @contextlib.contextmanager
