@@ -9,12 +9,14 @@ which the session's shared test broker must never be. The full run is
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import cast
 
 import duckdb
+import httpx
 import pyarrow as pa
 import pytest
 import yaml
@@ -34,6 +36,8 @@ from tally.services.projector import store
 from tally.services.projector.app import run_projector
 from tally.topics import Topics
 from tally.wire import BalanceUpdated, BudgetDecided, RejectedEvent, UsageRecorded
+from tests.enforcer.kit import free_port
+from tests.enforcer.pipeline import until
 
 NOW = datetime(2026, 5, 10, 12, tzinfo=UTC)
 
@@ -144,15 +148,30 @@ async def test_a_restarted_enforcer_judges_nobody_before_it_has_read_the_balance
     finally:
         await producer.stop()
     for run in (1, 2):
-        stop = asyncio.Event()
+        stop, port = asyncio.Event(), free_port()
         task = asyncio.create_task(run_enforcer(config_dir, kafka_bootstrap, topics, stop,
-                                                clock=lambda: NOW, tick_seconds=0.1))
-        await asyncio.sleep(3.0)
+                                                clock=lambda: NOW, tick_seconds=0.1,
+                                                port=port))
+        # Deciding for every partition, their users judged: whatever it would say early
+        # (the bug) came before this; stopping then sends all it queued.
+        await until(functools.partial(deciding_for_all, port, 3), 60)
         stop.set()
         await asyncio.wait_for(task, 30)
         decisions = [BudgetDecided.model_validate_json(r.value or b"")
                      for r in await read_to_end(kafka_bootstrap, topics.budget_decisions)]
         assert [(d.action, d.tokens_used) for d in decisions] == [("hard_stop", 1500)], run
+
+
+async def deciding_for_all(port: int, partitions: int) -> bool:
+    """Whether the enforcer on `port` is ready and decides for every partition (/readyz
+    says so once it has judged their users)."""
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            answer = (await client.get(f"http://127.0.0.1:{port}/readyz")).json()
+    except httpx.TransportError:
+        return False
+    return (answer.get("status") == "ready" and answer.get("restoring") is False
+            and answer.get("partitions") == list(range(partitions)))
 
 
 async def produce(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]]) -> None:
