@@ -41,10 +41,11 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import CommitFailedError, IllegalStateError
 from aiokafka.structs import OffsetAndMetadata
 
-from tally.kafka import security_options
+from tally.kafka import make_consumer
 from tally.topics import Topics
 
 __all__ = ["CONFIRM_EVERY", "Membership", "group_id"]
@@ -75,11 +76,11 @@ class Membership(ConsumerRebalanceListener):  # type: ignore[misc]
         acknowledged (the loop does not wait for decisions' acks between batches): a
         partition is given up only then, so its new owner hears the last decisions."""
         self.topic, self.lost, self.settled = topics.budget_balances, lost, settled
-        self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap, **security_options(), group_id=group_id(topics),
-            enable_auto_commit=False, auto_offset_reset="latest",
-            session_timeout_ms=session_timeout_ms,
-            heartbeat_interval_ms=session_timeout_ms // 3)
+        # The range assignor, as when this consumer was built apart: members of one group
+        # must share a protocol, so a rolling upgrade's old and new instances still join.
+        self.consumer = make_consumer(bootstrap, group_id(topics),
+                                      session_timeout_ms=session_timeout_ms,
+                                      assignors=(RangePartitionAssignor,))
         self.owned: frozenset[int] = frozenset()
         self.given: frozenset[int] | None = None  # assigned, not yet taken
         self.lock = asyncio.Lock()  # held while a batch is judged and published
