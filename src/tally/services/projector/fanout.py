@@ -27,6 +27,8 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 
+from aiokafka.errors import KafkaError
+
 from tally.instances import SILENT_AFTER, InstanceSeen, read_instances
 from tally.services.projector.query import AuditError, QueryResult
 from tally.topics import Topics
@@ -35,13 +37,19 @@ __all__ = ["LOCAL_HOSTS", "ask_instances", "combine", "to_ask"]
 
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 NOT_ANSWERING = 502  # the HTTP answer when an instance's share is missing
+LISTING_TIMEOUT_S = 30.0  # to read the instances topic (a broker away must not hang a request)
 
 
 async def ask_instances(bootstrap: str, topics: Topics,
                         ask: Callable[[str], Awaitable[QueryResult | None]]) -> QueryResult:
     """Every running projector instance's answer (`ask` of its URL: the query, or None when
     nobody listens there), asked at once, rows prefixed by the instance id."""
-    asked = to_ask(await read_instances(bootstrap, topics), datetime.now(UTC))
+    try:
+        listed = await asyncio.wait_for(read_instances(bootstrap, topics), LISTING_TIMEOUT_S)
+    except (KafkaError, RuntimeError, TimeoutError) as e:  # the broker away, no such topic
+        raise AuditError(f"cannot read the instances topic {topics.instances} to find the "
+                         f"projector instances: {e!r}", 503) from e
+    asked = to_ask(listed, datetime.now(UTC))
     answers = await asyncio.gather(*(_answer(s, ask) for s in asked))
     return combine(zip(asked, answers, strict=True))
 
