@@ -104,8 +104,7 @@ async def assign_from(consumer: AIOKafkaConsumer, names: Iterable[str],
 
 
 class Projector:
-    """The live fold, with the in-memory mirror of its users' usage (those of the partitions
-    it owns).
+    """The live fold, with the in-memory mirror of every user's usage.
 
     By default a batch's balances are sent before its transaction, from the mirror: a
     DuckDB statement takes milliseconds (and a checkpoint hundreds), the send one. Which
@@ -129,9 +128,7 @@ class Projector:
         self.decoder = Decoder.of(config.budgets.per_user_budgets)
         self.topics = topics
         self.producer = producer
-        # Empty until the group assigns partitions: each assignment loads the users of the
-        # partitions gained (ownership.py); the file may hold partitions about to be lost.
-        self.mirror: dict[str, UserUsage] = {}
+        self.mirror: dict[str, UserUsage] = self.store.load_usages()
         self.recent = RecentIds.load(self.writer, datetime.now(UTC))
         self.publish_before_commit = publish_before_commit
         self._write: tuple[asyncio.Future[None], int] | None = None  # under way, its records
@@ -503,7 +500,7 @@ async def run_projector(config: Config, bootstrap: str, topics: Topics, db_path:
                                       audit_app(auditor, access, routes, fan_out,
                                                 lambda: sorted(projector.book.held)),
                                       bind(host, port), before_stop=auditor.stop))
-        log.info("projector: reading %s as one of its group", topics.usage_events)
+        log.info("projector: %d users, reading %s", len(projector.mirror), topics.usage_events)
         await run_parts(stop, services)
 
 

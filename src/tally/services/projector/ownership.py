@@ -205,6 +205,7 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
         self.failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.on_change = on_change or (lambda: None)
         self.assigned: set[TopicPartition] = set()
+        projector.mirror.clear()  # nothing is owned until the group says so
 
     @property
     def book(self) -> PartitionBook:
