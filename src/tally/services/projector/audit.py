@@ -186,7 +186,7 @@ async def ask_projector(url: str, sql: str, credential: dict[str, str],
     except (orjson.JSONDecodeError, KeyError, TypeError):
         text = f"{url}/audit: HTTP {response.status_code}"
     status = response.status_code if response.is_error else 502
-    raise AuditError(f"{CREDENTIAL_HINT} ({text})" if status in (401, 403) else text, status)
+    raise AuditError(text, status)
 
 
 def instances_asker(bootstrap: str, topics: Topics, timeout: float) -> FanOut:
@@ -275,7 +275,8 @@ def run(args: argparse.Namespace) -> int:
             result = (asyncio.run(ask_projector(args.url, args.sql, credential))
                       or query_file(default_db, args.sql, AuditLimits()))
     except AuditError as e:
-        print(f"tally audit: {e}", file=sys.stderr)
+        refused = e.status in (401, 403)  # said by a projector: the CLI's way to fix it
+        print(f"tally audit: {f'{CREDENTIAL_HINT} ({e})' if refused else e}", file=sys.stderr)
         return 1
     print(render(result, args.format))
     return 0
