@@ -50,7 +50,13 @@ async def ask_instances(bootstrap: str, topics: Topics,
         raise AuditError(f"cannot read the instances topic {topics.instances} to find the "
                          f"projector instances: {e!r}", 503) from e
     asked = to_ask(listed, datetime.now(UTC))
-    answers = await asyncio.gather(*(_answer(s, ask) for s in asked))
+    asking = [asyncio.ensure_future(_answer(s, ask)) for s in asked]
+    try:
+        answers = await asyncio.gather(*asking)
+    except BaseException:  # one failed (or the caller went): the others are not waited for
+        for task in asking:
+            task.cancel()
+        raise
     return combine(zip(asked, answers, strict=True))
 
 
