@@ -144,7 +144,7 @@ def warm_assignor(topics: Topics, claim: Callable[[], Claim]) -> type[AbstractPa
     """An assignor class for one consumer (aiokafka calls an assignor's classmethods, so
     the state it sends, `claim()` at each join, is bound into a class of its own)."""
 
-    class WarmAssignor(AbstractPartitionAssignor):
+    class WarmAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
         name = NAME
         version = 0
 
