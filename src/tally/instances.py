@@ -39,6 +39,7 @@ class InstanceSeen(BaseModel):
     url: str | None = None
     topic: str
     partitions: list[int]
+    standby: bool = False  # a projector --standby: its file holds every partition
     restoring: list[int] = []
     lag: dict[str, int] = {}
     at: AwareDatetime

@@ -6,6 +6,12 @@ answers for the usage.events partitions it owns, and an event is in one instance
 only, so a per-user query is exact (a user lives on one partition: their rows come from
 one instance), and a global aggregate comes as one partial row per instance, to be added
 up (a sum or a count adds; an average or a distinct count does not).
+
+A standby (`tally projector --standby`) holds every partition in its file, those it follows
+as well as those it owns: asked beside the others it would count their events twice. It is
+not asked while it owns nothing; once it owns partitions (it took a lost instance's over)
+it is asked alone, for its file then holds every event (up to its lag) and answers every
+query exactly, averages included.
 """
 
 from __future__ import annotations
@@ -13,19 +19,26 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from tally.instances import read_instances
+from tally.instances import InstanceSeen, read_instances
 from tally.services.projector.query import AuditError, QueryResult
 from tally.topics import Topics
 
-__all__ = ["ask_instances"]
+__all__ = ["answering", "ask_instances"]
+
+
+def answering(seen: list[InstanceSeen]) -> list[InstanceSeen]:
+    """The projector instances whose files hold every event once between them: the active
+    ones, or a standby that owns partitions alone (module doc)."""
+    projectors = [s for s in seen if s.role == "projector" and s.url]
+    took_over = [s for s in projectors if s.standby and s.partitions]
+    return took_over[:1] or [s for s in projectors if not s.standby]
 
 
 def ask_instances(bootstrap: str, topics: Topics,
                   ask: Callable[[str], QueryResult | None]) -> QueryResult:
     """Every running projector instance's answer (`ask` of its URL: the query, or None when
     nobody listens), rows prefixed by the instance id."""
-    seen = [s for s in asyncio.run(read_instances(bootstrap, topics))
-            if s.role == "projector" and s.url]
+    seen = answering(asyncio.run(read_instances(bootstrap, topics)))
     if not seen:
         raise AuditError("no projector instance is listed in the instances topic "
                          "(`tally status --instances`)")
