@@ -383,6 +383,7 @@ class Projector:
         readers = [_read_ahead(c, ahead, generation)
                    for c in (consumer, follower) if c is not None]
         reader = asyncio.ensure_future(asyncio.gather(*readers))
+        reader.add_done_callback(_retrieved)  # a gather cancelled at the stop: not an error
         try:
             while True:
                 # Empty when a write ended first (a failed one is refolded at once, not
@@ -407,6 +408,11 @@ class Projector:
         async with self._writing:
             await self.drain()
         await self.acked()
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _still(read_in: int, generation: Callable[[], int]) -> Callable[[], bool]:

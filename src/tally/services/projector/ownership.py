@@ -243,6 +243,10 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
         return stamped[0] == self.generation
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        if self.follower is not None:
+            # Reads nothing more until the assignment seeks it: a batch read after this
+            # bump, kept, would store offsets past one read before it and dropped.
+            self.follower.pause(*self.follower.assignment())
         self.generation += 1  # what was read ahead is not folded
         try:
             await self.projector.finish()  # the batch under way commits; its acks arrive

@@ -1,0 +1,115 @@
+"""A warm standby (`tally projector --standby`) on the real broker: it follows every
+partition without sending anything, and takes a SIGKILLed instance's partitions over from
+its own file, reading only the tail."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import httpx
+
+from tally.config.loader import load_config
+from tally.core.usage import from_balance
+from tally.kafka import ensure_topics
+from tally.topics import Topics
+from tests.projector.test_instances_kafka import (
+    PARTITIONS,
+    balances_on_topic,
+    folding,
+    instance,
+    latest_by_position,
+    readyz,
+    settled,
+    spread,
+)
+from tests.projector.test_projector_kafka import (
+    BALANCES,
+    RECOUNT,
+    db_rows,
+    expected,
+    free_port,
+    make_events,
+    period_rows,
+    produce,
+    run_tally,
+    usage_messages,
+    with_duplicates,
+)
+
+
+async def test_a_standby_takes_a_killed_instances_partitions_over_with_only_the_tail(
+    kafka_bootstrap: str, unique_name: str, config_dir: Path, tmp_path: Path
+) -> None:
+    config = load_config(config_dir)
+    topics = Topics(f"stby-{unique_name}")
+    await ensure_topics(kafka_bootstrap, topics, PARTITIONS)
+    events = spread(make_events(8_000, seed=16), users=60)
+    sent = with_duplicates(events, every=40)
+    ports = [free_port(), free_port()]
+    warm = tmp_path / "standby.duckdb"
+    async with instance(kafka_bootstrap, topics, tmp_path / "a.duckdb", config_dir,
+                        ports[0]) as active:
+        await owning(ports[0], list(range(PARTITIONS)))
+        async with instance(kafka_bootstrap, topics, warm, config_dir, ports[1],
+                            "--standby") as standby:
+            producing = asyncio.create_task(produce(kafka_bootstrap, topics.usage_events,
+                                                    usage_messages(sent), pause_every=20))
+            await folding(ports[1:], topics.usage_events, len(sent) // 4)  # following
+            before = await readyz(ports[1])
+            assert before["partitions"] == [] and before["standby"] is True
+            assert (await readyz(ports[0]))["partitions"] == list(range(PARTITIONS))
+            active.send_signal(signal.SIGKILL)
+            await active.wait()
+            assert not producing.done(), "the kill should land in the middle of the stream"
+            await producing
+            await settled(ports[1:], topics.usage_events, len(sent))
+            # Each record read once: the partitions it took over were not read again from
+            # offset 0 (a replay would take in every record folded before the kill twice).
+            assert await events_in(ports[1], topics.usage_events) <= len(sent)
+            await check_audit_asks_the_standby_alone(kafka_bootstrap, topics, len(events))
+            standby.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(standby.wait(), 30) == 0
+    want = expected(events, config)
+    assert db_rows(warm, "SELECT count(*) FROM ledger") == {(len(events),)}
+    assert db_rows(warm, "SELECT event_id FROM ledger") == {(e.event_id,) for e in events}
+    assert db_rows(warm, BALANCES) == db_rows(warm, RECOUNT) == period_rows(want)
+    published = latest_by_position(await balances_on_topic(kafka_bootstrap,
+                                                           topics.budget_balances))
+    assert period_rows({u: from_balance(b) for u, b in published.items()}) == period_rows(want)
+
+
+async def owning(port: int, partitions: list[int], timeout: float = 60) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        try:
+            if (await readyz(port)).get("partitions") == partitions:
+                return
+        except httpx.TransportError:
+            pass  # not listening yet
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the instance on {port} did not come to own {partitions}")
+
+
+async def events_in(port: int, topic: str) -> float:
+    """The records of `topic` an instance has taken in (its tally_events_in counter)."""
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+    [line] = [line for line in text.splitlines()
+              if line.startswith("tally_events_in_total{") and f'"{topic}"' in line]
+    return float(line.rsplit(" ", 1)[1])
+
+
+async def check_audit_asks_the_standby_alone(bootstrap: str, topics: Topics,
+                                             events: int) -> None:
+    """The killed instance is still listed (no tombstone), the standby owns partitions:
+    the audit asks the standby alone, whose file counts every event once."""
+    code, out, err = await run_tally(
+        "audit", "SELECT count(*) AS n FROM ledger", "--instances", "--format", "csv",
+        env={"KAFKA_BOOTSTRAP_SERVERS": bootstrap, "TALLY_TOPIC_NAMESPACE": topics.namespace,
+             "TALLY_API_KEY": "ak_auditor_0123456789"})
+    assert code == 0, err
+    header, *rows = out.splitlines()
+    assert header == "instance,n" and len(rows) == 1
+    assert int(rows[0].rsplit(",", 1)[1]) == events
