@@ -490,8 +490,9 @@ async def run_projector(config: Config, bootstrap: str, topics: Topics, db_path:
         services = [Part("projector-fold",
                          lambda: _fold_until_stopped(projector, consumer, ownership, follower)),
                     Part("projector-ownership", ownership.broken),
-                    Part("projector-watch", lambda: watch(consumer, projector.metrics,
-                                                          readiness)),
+                    # A standby is ready once it follows every partition it does not own.
+                    Part("projector-watch", lambda: watch(follower or consumer,
+                                                          projector.metrics, readiness)),
                     Part("projector-report", lambda: ownership.keep_reporting(
                         projector.metrics)),
                     Part("projector-heartbeat", lambda: heartbeat(
