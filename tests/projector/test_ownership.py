@@ -68,3 +68,5 @@ def test_the_audit_asks_the_actives_or_else_a_standby_that_took_over_alone() -> 
     waiting, took_over = seen("s", [], standby=True), seen("s", [0, 2], standby=True)
     assert answering([a, b, waiting]) == [a, b]
     assert answering([b, took_over]) == [took_over]
+    lines = format_instances([took_over], now).splitlines()
+    assert lines[1].split()[:4] == ["s", "projector/standby", "http://s:1", "0,2"]
