@@ -11,8 +11,10 @@ balances sent. On each rebalance (`Ownership`, the consumer's rebalance listener
 
 - revoked: the batch under way finishes (commit and acks) before the group moves on, and
   whatever was read ahead is dropped (`Ownership.generation`);
-- assigned: the partitions this instance no longer owns are deleted from its file (so each
-  event is in exactly one instance's ledger and audits over all files count it once);
+- assigned (placed by assignor.py: sticky, and where the file holds most): the partitions
+  this instance no longer owns are deleted from its file (so each event is in exactly one
+  active instance's ledger and audits over their files count it once; a standby keeps
+  them, see Ownership);
   every assigned partition is read again from the offset stored with it, a gained one from
   the beginning if the file lacks it: that replay IS the restore. A partition's balances
   are held back ("restoring") until it reaches the end offset seen at assignment. A partition
