@@ -1,6 +1,6 @@
 """A warm standby (`tally projector --standby`) on the real broker: it follows every
-partition without sending anything, and takes a SIGKILLed instance's partitions over from
-its own file, reading only the tail."""
+partition without sending anything, takes a SIGKILLed instance's partitions over from its
+own file, reading only the tail, and gives them back when the instance returns."""
 
 from __future__ import annotations
 
@@ -47,10 +47,10 @@ async def test_a_standby_takes_a_killed_instances_partitions_over_with_only_the_
     await ensure_topics(kafka_bootstrap, topics, PARTITIONS)
     events = spread(make_events(8_000, seed=16), users=60)
     sent = with_duplicates(events, every=40)
+    later = spread(make_events(1_000, seed=17, prefix="f"), users=60)
     ports = [free_port(), free_port()]
-    warm = tmp_path / "standby.duckdb"
-    async with instance(kafka_bootstrap, topics, tmp_path / "a.duckdb", config_dir,
-                        ports[0]) as active:
+    warm, first = tmp_path / "standby.duckdb", tmp_path / "a.duckdb"
+    async with instance(kafka_bootstrap, topics, first, config_dir, ports[0]) as active:
         await owning(ports[0], list(range(PARTITIONS)))
         async with instance(kafka_bootstrap, topics, warm, config_dir, ports[1],
                             "--standby") as standby:
@@ -69,12 +69,26 @@ async def test_a_standby_takes_a_killed_instances_partitions_over_with_only_the_
             # offset 0 (a replay would take in every record folded before the kill twice).
             assert await events_in(ports[1], topics.usage_events) <= len(sent)
             await check_audit_asks_the_standby_alone(kafka_bootstrap, topics, len(events))
-            standby.send_signal(signal.SIGTERM)
-            assert await asyncio.wait_for(standby.wait(), 30) == 0
-    want = expected(events, config)
-    assert db_rows(warm, "SELECT count(*) FROM ledger") == {(len(events),)}
-    assert db_rows(warm, "SELECT event_id FROM ledger") == {(e.event_id,) for e in events}
-    assert db_rows(warm, BALANCES) == db_rows(warm, RECOUNT) == period_rows(want)
+            # The active instance back, with its file: it takes its partitions back from
+            # the standby, which goes on following them.
+            async with instance(kafka_bootstrap, topics, first, config_dir,
+                                ports[0]) as again:
+                await owning(ports[0], list(range(PARTITIONS)))
+                await produce(kafka_bootstrap, topics.usage_events, usage_messages(later))
+                total = len(sent) + len(later)
+                await settled(ports[:1], topics.usage_events, total)
+                await folding(ports[1:], topics.usage_events, total)
+                assert (await readyz(ports[1]))["partitions"] == []
+                again.send_signal(signal.SIGTERM)
+                standby.send_signal(signal.SIGTERM)
+                assert await asyncio.wait_for(again.wait(), 30) == 0
+                assert await asyncio.wait_for(standby.wait(), 30) == 0
+    everything = events + later
+    want = expected(everything, config)
+    for db in (warm, first):  # each holds every partition, each event once
+        assert db_rows(db, "SELECT count(*) FROM ledger") == {(len(everything),)}
+        assert db_rows(db, "SELECT event_id FROM ledger") == {(e.event_id,) for e in everything}
+        assert db_rows(db, BALANCES) == db_rows(db, RECOUNT) == period_rows(want)
     published = latest_by_position(await balances_on_topic(kafka_bootstrap,
                                                            topics.budget_balances))
     assert period_rows({u: from_balance(b) for u, b in published.items()}) == period_rows(want)
