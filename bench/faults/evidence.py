@@ -1,4 +1,5 @@
-"""What a finished fault run left behind, read back: the topics and the projector's DuckDB.
+"""What a finished fault run left behind, read back: the topics and the projector's DuckDB
+(or the files of several projector instances, taken together).
 
 Read only after every service has stopped: DuckDB is opened read-only, as `tally audit`
 does when no projector runs.
@@ -6,6 +7,7 @@ does when no projector runs.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -36,7 +38,9 @@ def in_order(records: Iterable[Record]) -> list[Record]:
     return sorted(records, key=lambda r: (r.partition, r.offset))
 
 
-async def gather(bootstrap: str, topics: Topics, db: Path) -> Evidence:
+async def gather(bootstrap: str, topics: Topics, *dbs: Path) -> Evidence:
+    """The topics, and the union of the projector files `dbs`: an event in two files shows
+    as a ledger id twice, a balance row in two as their sum (both then fail the checks)."""
     raw = await read_to_end(bootstrap, topics.usage_raw)
     dlq = [RejectedEvent.model_validate_json(r.value or b"")
            for r in await read_to_end(bootstrap, topics.usage_dlq)]
@@ -44,8 +48,15 @@ async def gather(bootstrap: str, topics: Topics, db: Path) -> Evidence:
                  for r in in_order(await read_to_end(bootstrap, topics.budget_decisions))]
     alerts = [BudgetAlerted.model_validate_json(r.value or b"")
               for r in await read_to_end(bootstrap, topics.budget_alerts)]
-    ids, balances, rejected = read_store(db)
-    return Evidence(raw, dlq, decisions, alerts, ids, balances, rejected)
+    ids: list[str] = []
+    balances: Counter[BalanceRow] = Counter()
+    rejected: list[str] = []
+    for db in dbs:
+        its_ids, its_balances, its_rejected = read_store(db)
+        ids += its_ids
+        balances.update(its_balances)
+        rejected += its_rejected
+    return Evidence(raw, dlq, decisions, alerts, ids, dict(balances), rejected)
 
 
 def read_store(db: Path) -> tuple[list[str], dict[BalanceRow, int], list[str]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaProducer
@@ -34,12 +34,19 @@ class Produced:
     seconds: float = 0.0
 
 
+def _no_key(_: bytes) -> bytes | None:
+    return None
+
+
 async def produce_paced(bootstrap: str, topic: str, messages: Sequence[bytes],
-                        seconds: float) -> Produced:
-    """Send `messages` in order, spread evenly over about `seconds`; each one until acked."""
+                        seconds: float,
+                        key: Callable[[bytes], bytes | None] = _no_key) -> Produced:
+    """Send `messages` in order, spread evenly over about `seconds`; each one until acked.
+    `key` gives a message's key (usage.events is keyed by user: the gateway's usage.raw
+    needs none)."""
     loop = asyncio.get_running_loop()
     began, produced = loop.time(), Produced()
-    sender = _Sender(bootstrap, topic, produced)
+    sender = _Sender(bootstrap, topic, produced, key)
     try:
         for start in range(0, len(messages), CHUNK):
             await sender.until_acked(messages[start:start + CHUNK])
@@ -54,8 +61,9 @@ async def produce_paced(bootstrap: str, topic: str, messages: Sequence[bytes],
 class _Sender:
     """One idempotent producer at a time; replaced after a round with failed sends."""
 
-    def __init__(self, bootstrap: str, topic: str, produced: Produced) -> None:
-        self.bootstrap, self.topic, self.produced = bootstrap, topic, produced
+    def __init__(self, bootstrap: str, topic: str, produced: Produced,
+                 key: Callable[[bytes], bytes | None]) -> None:
+        self.bootstrap, self.topic, self.produced, self.key = bootstrap, topic, produced, key
         self.producer: AIOKafkaProducer | None = None
 
     async def until_acked(self, chunk: Sequence[bytes]) -> None:
@@ -73,7 +81,7 @@ class _Sender:
 
     async def _send(self, producer: AIOKafkaProducer, value: bytes) -> bool:
         try:
-            await (await producer.send(self.topic, value))
+            await (await producer.send(self.topic, value, key=self.key(value)))
         except KafkaError as error:
             log.debug("send failed: %r", error)
             return False

@@ -2,7 +2,9 @@
 
 A supervisor task restarts a service whenever it exits, as systemd or Kubernetes would:
 at once after one of our SIGKILLs, after a second when it died by itself (that exit and
-its code are recorded: the report names them). Each service logs to LOGS/NAME.log.
+its code are recorded: the report names them). Each service logs to LOGS/LABEL.log (the
+label is its name unless several instances of one service run). A service made with
+`restart=False` stays down after an exit (a machine lost) until `start()` again.
 """
 
 from __future__ import annotations
@@ -47,9 +49,11 @@ def last_line(path: Path, limit: int = 120) -> str:
 class Service:
     """One service: started, killed on demand, restarted, stopped with SIGTERM at the end."""
 
-    def __init__(self, name: str, args: list[str], env: dict[str, str], logs: Path) -> None:
+    def __init__(self, name: str, args: list[str], env: dict[str, str], logs: Path, *,
+                 label: str = "", restart: bool = True) -> None:
         self.name, self.args, self.env = name, args, env
-        self.log_path = logs / f"{name}.log"
+        self.label, self.restart = label or name, restart
+        self.log_path = logs / f"{self.label}.log"
         self.stats = ServiceStats()
         self.process: asyncio.subprocess.Process | None = None
         self.started_at = 0.0
@@ -58,7 +62,8 @@ class Service:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._supervise(), name=f"supervise-{self.name}")
+        self._stopping = False  # a stopped service may be started again
+        self._task = asyncio.create_task(self._supervise(), name=f"supervise-{self.label}")
 
     def alive(self) -> bool:
         return self.process is not None and self.process.returncode is None
@@ -67,7 +72,8 @@ class Service:
         return asyncio.get_running_loop().time() - self.started_at if self.alive() else 0.0
 
     def kill(self) -> bool:
-        """SIGKILL the running process (the supervisor restarts it); False if none runs."""
+        """SIGKILL the running process (the supervisor restarts it, unless made with
+        `restart=False`); False if none runs."""
         if self.process is None or not self.alive() or self._killing:
             return False
         self._killing = True
@@ -88,6 +94,12 @@ class Service:
                 self.process.send_signal(signal.SIGKILL)
             await self._wait_task()
 
+    async def exited(self) -> int | None:
+        """The exit code, once the supervisor is done (a stop, or an exit of a service
+        made with `restart=False`)."""
+        await self._wait_task()
+        return None if self.process is None else self.process.returncode
+
     async def _wait_task(self) -> None:
         if self._task is not None:
             await self._task
@@ -103,7 +115,10 @@ class Service:
                 self._killing = False
             else:
                 self.stats.exits.append(f"code {code}: {last_line(self.log_path)}")
-                await asyncio.sleep(RESTART_DELAY)
+                if self.restart:
+                    await asyncio.sleep(RESTART_DELAY)
+            if not self.restart:
+                return
 
     async def _run_once(self) -> int:
         with self.log_path.open("ab") as log:

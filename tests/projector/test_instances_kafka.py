@@ -24,6 +24,7 @@ from tally.kafka import ensure_topics, read_to_end
 from tally.topics import Topics
 from tally.wire import BalanceUpdated, UsageRecorded
 from tests.projector.test_projector_kafka import (
+    ADMIN,
     BALANCES,
     RECOUNT,
     ROOT,
@@ -69,9 +70,10 @@ async def readyz(port: int) -> dict[str, Any]:
         return answer
 
 
-async def settled(ports: list[int], topic: str, total: int, timeout: float = 90) -> None:
+async def settled(ports: list[int], topic: str, total: int, timeout: float = 90,
+                  auditor: dict[str, str] = ADMIN) -> None:
     """Until the instances own disjoint shares covering every partition, none restoring,
-    and together have folded `total` records of `topic`."""
+    and together have folded `total` records of `topic` (asked as `auditor`)."""
     deadline = asyncio.get_running_loop().time() + timeout
     seen: list[dict[str, Any]] = []
     while asyncio.get_running_loop().time() < deadline:
@@ -83,21 +85,20 @@ async def settled(ports: list[int], topic: str, total: int, timeout: float = 90)
         if (len(seen) == len(ports) and all(s["status"] == "ready" for s in seen)
                 and sorted(owned) == list(range(PARTITIONS))
                 and not any(s["restoring"] or any(s["lag"].values()) for s in seen)
-                and await folded(ports, topic) == total):
+                and await folded(ports, topic, auditor) == total):
             return
         await asyncio.sleep(0.2)
     raise AssertionError(f"the instances did not settle: {seen}, "
-                         f"{await folded(ports, topic)} of {total} folded")
+                         f"{await folded(ports, topic, auditor)} of {total} folded")
 
 
-async def folded(ports: list[int], topic: str) -> int:
+async def folded(ports: list[int], topic: str, auditor: dict[str, str] = ADMIN) -> int:
     sql = f"SELECT coalesce(sum(next_offset), 0) FROM offsets WHERE topic = '{topic}'"
-    headers = {"X-API-Key": "ak_auditor_0123456789"}
     total = 0
     async with httpx.AsyncClient() as client:
         for port in ports:
             answer = await client.post(f"http://127.0.0.1:{port}/audit", json={"sql": sql},
-                                       headers=headers)
+                                       headers=auditor)
             total += answer.json()["rows"][0][0]
     return int(total)
 
