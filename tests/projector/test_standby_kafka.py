@@ -60,6 +60,7 @@ async def test_a_standby_takes_a_killed_instances_partitions_over_with_only_the_
         await folding(ports[1:], topics.usage_events, len(sent) // 4)  # following
         before = await readyz(ports[1])
         assert before["partitions"] == [] and before["standby"] is True
+        assert sorted(before["lag"]) == [str(p) for p in range(PARTITIONS)]  # how warm
         assert (await readyz(ports[0]))["partitions"] == list(range(PARTITIONS))
         active.send_signal(signal.SIGKILL)
         await active.wait()

@@ -335,12 +335,16 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
     def lag(self) -> dict[int, int]:
         """Per owned usage.events partition, the records not folded yet (against the high
         watermark the last fetch saw; a partition not fetched yet counts its end at
-        assignment)."""
+        assignment). A standby's also per partition it follows: how warm it is."""
         found = {}
-        for p in sorted(self.book.owned):
+        readers = {p: self.consumer for p in self.book.owned}
+        if self.follower is not None:
+            readers |= {tp.partition: self.follower for tp in self.follower.assignment()
+                        if tp.topic == self.topics.usage_events}
+        for p, reader in sorted(readers.items()):
             tp = TopicPartition(self.topics.usage_events, p)
             try:
-                highwater = self.consumer.highwater(tp)
+                highwater = reader.highwater(tp)
             except (AssertionError, KeyError, ValueError):  # revoked meanwhile
                 continue
             end = highwater if highwater is not None else self.book.held.get(p, 0)
