@@ -17,7 +17,8 @@ SIGKILL to the first balance the group sends for a user of a moved partition, wh
 keeps arriving (TRICKLE_PER_S events a second): restored by replay (two active instances,
 one killed: the survivor replays the lost partitions from offset 0) against a warm standby
 (one active instance and a `--standby`, the active killed: the standby reads the tail).
-Both wait out the session timeout first: it bounds the takeover from below.
+Both wait out the session timeout first (counted from the killed one's last heartbeat,
+sent every third of it): it bounds the takeover from below.
 """
 
 from __future__ import annotations
@@ -292,7 +293,8 @@ def compare_takeovers(bootstrap: str, events: int) -> None:
                      f"{seconds:.1f}", load])
     print_table([f"restore, {events:,} events of history", "kill -> first moved balance, s",
                  "load average after"], rows)
-    print(f"both include the session timeout ({SESSION_S} s), the floor of any takeover")
+    print(f"both include the session timeout ({SESSION_S} s, counted from the killed one's "
+          "last heartbeat), the floor of any takeover")
 
 
 def main() -> None:
