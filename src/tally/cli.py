@@ -170,6 +170,10 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
                      help="seconds a silent instance keeps its partitions before the other "
                           "instances take them over (default: %(default)s; the broker's "
                           "group.min.session.timeout.ms, 6 s by default, is the floor)")
+    sub.add_argument("--standby", action="store_true",
+                     help="keep a warm copy of every partition this instance does not own "
+                          "(nothing sent for them), to take a lost instance's over without "
+                          "replaying them from the start")
     add_limit_options(sub)
 
     sub = command("enforcer", "config", "http")

@@ -39,6 +39,7 @@ class InstanceSeen(BaseModel):
     url: str | None = None
     topic: str
     partitions: list[int]
+    standby: bool = False  # a projector --standby: its file holds every partition
     restoring: list[int] = []
     lag: dict[str, int] = {}
     at: AwareDatetime
@@ -81,12 +82,14 @@ async def read_instances(bootstrap: str, topics: Topics) -> list[InstanceSeen]:
 
 
 def format_instances(seen: Iterable[InstanceSeen], now: datetime) -> str:
-    """A table: instance, role, url, partitions owned, restoring, total lag, last heard."""
+    """A table: instance, role (a standby marked), url, partitions owned, restoring, total
+    lag, last heard."""
     rows = [("instance", "role", "url", "partitions", "restoring", "lag", "heard")]
     for s in seen:
         ago = (now - s.at).total_seconds()
         heard = f"{ago:.0f} s ago" + (" (silent)" if now - s.at > SILENT_AFTER else "")
-        rows.append((s.instance, s.role, s.url or "-", _listed(s.partitions),
+        role = s.role + ("/standby" if s.standby else "")
+        rows.append((s.instance, role, s.url or "-", _listed(s.partitions),
                      _listed(s.restoring), str(sum(s.lag.values())), heard))
     if len(rows) == 1:
         return "no instances running"

@@ -15,9 +15,10 @@ NOW = datetime(2026, 12, 3, 12, tzinfo=UTC)
 
 
 def seen(name: str, partitions: list[int], ago: float = 1, role: str = "projector",
-         url: str | None = "http://127.0.0.1:9000") -> InstanceSeen:
+         url: str | None = "http://127.0.0.1:9000", standby: bool = False) -> InstanceSeen:
     return InstanceSeen(instance=name, role=role, url=url, topic="usage.events",
-                        partitions=partitions, at=NOW - timedelta(seconds=ago))
+                        partitions=partitions, at=NOW - timedelta(seconds=ago),
+                        standby=standby)
 
 
 def names(instances: list[InstanceSeen]) -> list[str]:
@@ -32,6 +33,14 @@ def test_every_projector_heard_lately_is_asked_and_no_other_role() -> None:
 def test_a_silent_instance_whose_partitions_moved_is_left_out() -> None:
     listed = [seen("a", [0, 1, 2]), seen("dead", [1, 2], ago=60)]
     assert names(to_ask(listed, NOW)) == ["a"]
+
+
+def test_a_standby_that_took_over_is_asked_alone_and_a_dead_one_not_at_all() -> None:
+    took_over = [seen("a", [0, 1]), seen("s", [2], standby=True)]
+    assert names(to_ask(took_over, NOW)) == ["s"]
+    gave_back_then_died = [seen("a", [0, 1]), seen("b", [2]),
+                           seen("s", [2], ago=60, standby=True)]
+    assert names(to_ask(gave_back_then_died, NOW)) == ["a", "b"]
 
 
 def test_a_silent_instance_still_owning_a_partition_is_asked() -> None:

@@ -50,11 +50,12 @@ SESSION_S = 6  # the broker's group.min.session.timeout.ms: the fastest takeover
 
 @asynccontextmanager
 async def instance(bootstrap: str, topics: Topics, db: Path, config_dir: Path,
-                   port: int) -> AsyncIterator[asyncio.subprocess.Process]:
+                   port: int, *options: str) -> AsyncIterator[asyncio.subprocess.Process]:
     """One `tally projector` process of the group; killed at the end if still running."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tally.cli", "projector", "--config", str(config_dir),
-        "--db", str(db), "--port", str(port), "--session-timeout", str(SESSION_S), cwd=ROOT,
+        "--db", str(db), "--port", str(port), "--session-timeout", str(SESSION_S), *options,
+        cwd=ROOT,
         env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
              "TALLY_TOPIC_NAMESPACE": topics.namespace, "TALLY_PARTITIONS": str(PARTITIONS)})
     try:

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pyarrow as pa
 
 from tally.instances import InstanceSeen, format_instances
+from tally.services.projector.fanout import answering
 from tally.services.projector.ownership import PartitionBook
 
 TOPIC = "usage.events"
@@ -54,3 +55,18 @@ def test_the_instances_table_marks_a_silent_instance() -> None:
                                 "43", "1", "s", "ago"]
     assert lines[2].endswith("300 s ago (silent)") and " - " in lines[2]
     assert format_instances([], now) == "no instances running"
+
+
+def test_the_audit_asks_the_actives_or_else_a_standby_that_took_over_alone() -> None:
+    now = datetime(2026, 12, 3, 9, tzinfo=UTC)
+
+    def seen(name: str, partitions: list[int], standby: bool = False) -> InstanceSeen:
+        return InstanceSeen(instance=name, role="projector", url=f"http://{name}:1",
+                            topic=TOPIC, partitions=partitions, standby=standby, at=now)
+
+    a, b = seen("a", [0, 2]), seen("b", [1])
+    waiting, took_over = seen("s", [], standby=True), seen("s", [0, 2], standby=True)
+    assert answering([a, b, waiting]) == [a, b]
+    assert answering([b, took_over]) == [took_over]
+    lines = format_instances([took_over], now).splitlines()
+    assert lines[1].split()[:4] == ["s", "projector/standby", "http://s:1", "0,2"]

@@ -22,6 +22,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 
 from tally.access import Access
 from tally.cli import command_main
@@ -41,6 +42,7 @@ from tally.kafka import (
 from tally.ops import Metrics, Readiness, ops_routes, watch
 from tally.service import Part, bind, error_text, http_part, run_parts, run_service, started
 from tally.services.projector import store
+from tally.services.projector.assignor import warm_assignor
 from tally.services.projector.audit import audit_app, instances_asker
 from tally.services.projector.decode import Decoder, Skipped, rejected
 from tally.services.projector.history import history_routes
@@ -333,6 +335,10 @@ class Projector:
     async def dead_letter(self, skipped: Skipped) -> None:
         """usage.events records that cannot be counted go to usage.dlq, acknowledged before
         the batch commits (so none is lost; a copy after a crash is stored once, by source)."""
+        # Not a standby's for the partitions it only follows: their owner sends those.
+        skipped = [(record, reason) for record, reason in skipped
+                   if record.topic != self.topics.usage_events
+                   or record.partition in self.book.owned]
         if not skipped:
             return
         now = datetime.now(UTC)
@@ -366,14 +372,19 @@ class Projector:
         await asyncio.gather(*await self.send(users))
 
     async def consume(self, consumer: AIOKafkaConsumer,
-                      generation: Callable[[], int] = lambda: 0) -> None:
-        """Fold what `consumer` reads until cancelled. `generation` changes at each
-        rebalance (ownership.py): a batch read before one is dropped, not folded."""
+                      generation: Callable[[], int] = lambda: 0,
+                      follower: AIOKafkaConsumer | None = None) -> None:
+        """Fold what `consumer` (and a standby's `follower`, ownership.py) reads until
+        cancelled. `generation` changes at each rebalance (ownership.py): a batch read
+        before one is dropped, not folded."""
         # Read ahead while a batch is handled: aiokafka sends the next fetch only once the
         # records it holds are taken, so a reader that waited for each batch's commit left
         # new events at the broker for up to two batch times (~65 ms at 1,000 events/s).
         ahead: asyncio.Queue[Stamped] = asyncio.Queue(maxsize=READ_AHEAD)
-        reader = asyncio.ensure_future(_read_ahead(consumer, ahead, generation))
+        readers = [_read_ahead(c, ahead, generation)
+                   for c in (consumer, follower) if c is not None]
+        reader = asyncio.ensure_future(asyncio.gather(*readers))
+        reader.add_done_callback(_retrieved)  # a gather cancelled at the stop: not an error
         try:
             while True:
                 # Empty when a write ended first (a failed one is refolded at once, not
@@ -400,6 +411,11 @@ class Projector:
         await self.acked()
 
 
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 def _still(read_in: int, generation: Callable[[], int]) -> Callable[[], bool]:
     """Whether no rebalance has come since a batch was read."""
     return lambda: generation() == read_in
@@ -411,7 +427,7 @@ async def _read_ahead(consumer: AIOKafkaConsumer, ahead: asyncio.Queue[Stamped],
         await ahead.put((generation(), records))  # stamped when read, not when queued
 
 
-async def _take(ahead: asyncio.Queue[Stamped], reader: asyncio.Future[None],
+async def _take(ahead: asyncio.Queue[Stamped], reader: asyncio.Future[Any],
                 generation: Callable[[], int],
                 write: asyncio.Future[None] | None = None) -> Stamped:
     """Everything read ahead (up to about BATCH_SIZE) in the current generation, once
@@ -444,22 +460,27 @@ async def run_projector(config: Config, bootstrap: str, topics: Topics, db_path:
                         partitions: int = 3, publish_before_commit: bool = True,
                         host: str = "127.0.0.1", audit_limits: AuditLimits | None = None,
                         config_dir: Path | None = None,
-                        session_timeout_ms: int = 10_000) -> None:
+                        session_timeout_ms: int = 10_000, standby: bool = False) -> None:
     """Run until `stop` is set, as one instance of the group sharing usage.events and
     usage.dlq (ownership.py; `session_timeout_ms`: how long a silent instance keeps its
-    partitions). With a port, serve POST /audit (sandboxed within `audit_limits`, for
-    admins as `config`'s auth says; `config_dir` resolves its key file), GET /history,
-    /metrics, /healthz and /readyz (ready once caught up with its partitions) on
-    host:port."""
+    partitions; `standby`: keep every partition warm, see Ownership). With a port,
+    serve POST /audit (sandboxed within `audit_limits`, for admins as `config`'s auth
+    says; `config_dir` resolves its key file), GET /history, /metrics, /healthz and
+    /readyz (ready once caught up with its partitions) on host:port."""
     await ensure_topics(bootstrap, topics, partitions)
     db_path.parent.mkdir(parents=True, exist_ok=True)
     async with contextlib.AsyncExitStack() as stack:
         budgets = config.budgets.per_user_budgets
         con = stack.enter_context(store.connect(db_path, schedule=budgets.reset_schedule,
                                                 counted=budgets.counted_tokens))
+        # The partitions are placed by what each instance's file holds (assignor.py).
+        assignors = (warm_assignor(topics, lambda: ownership.claim()),
+                     *(() if standby else (RoundRobinPartitionAssignor,)))
         consumer = await stack.enter_async_context(started(make_consumer(
             bootstrap, group_id=group_id(topics), session_timeout_ms=session_timeout_ms,
-            )))
+            assignors=assignors)))
+        follower = (await stack.enter_async_context(started(make_consumer(bootstrap)))
+                    if standby else None)
         # Refused if usage.events has other partitions than the file was written under
         # (partitioncount.py); a rebalance that shows another count stops it too.
         count = keep_partition_count(con, topics.usage_events, len(await partitions_of(
@@ -468,15 +489,17 @@ async def run_projector(config: Config, bootstrap: str, topics: Topics, db_path:
         projector = Projector(con, config, topics, producer, publish_before_commit)
         # The partitions come from the group (ownership.py); the first assignment seeks
         # to the stored offsets and sends the balances of the partitions caught up.
-        ownership = Ownership(projector, consumer, topics, check_count=lambda found:
-                              check_partition_count(topics.usage_events, count, found, db_path))
+        ownership = Ownership(projector, consumer, topics, follower=follower,
+                              check_count=lambda found: check_partition_count(
+                                  topics.usage_events, count, found, db_path))
         consumer.subscribe([topics.usage_events, topics.usage_dlq], listener=ownership)
         readiness = Readiness(ownership.describe)
         services = [Part("projector-fold",
-                         lambda: _fold_until_stopped(projector, consumer, ownership)),
+                         lambda: _fold_until_stopped(projector, consumer, ownership, follower)),
                     Part("projector-ownership", ownership.broken),
-                    Part("projector-watch", lambda: watch(consumer, projector.metrics,
-                                                          readiness)),
+                    # A standby is ready once it follows every partition it does not own.
+                    Part("projector-watch", lambda: watch(follower or consumer,
+                                                          projector.metrics, readiness)),
                     Part("projector-report", lambda: ownership.keep_reporting(
                         projector.metrics)),
                     Part("projector-heartbeat", lambda: heartbeat(
@@ -505,11 +528,12 @@ async def run_projector(config: Config, bootstrap: str, topics: Topics, db_path:
 
 
 async def _fold_until_stopped(projector: Projector, consumer: AIOKafkaConsumer,
-                              ownership: Ownership) -> None:
+                              ownership: Ownership,
+                              follower: AIOKafkaConsumer | None = None) -> None:
     """Consume until cancelled; then the batch under way commits and its balances are
     acknowledged before the projector stops (exactly-once rests on its stored offsets)."""
     try:
-        await projector.consume(consumer, lambda: ownership.generation)
+        await projector.consume(consumer, lambda: ownership.generation, follower)
     except asyncio.CancelledError:
         await projector.finish()
         raise
@@ -527,7 +551,7 @@ def run(args: argparse.Namespace) -> int:
         config, settings.bootstrap_servers, topics, args.db, stop, port=args.port or None,
         partitions=settings.partitions, publish_before_commit=not args.publish_after_commit,
         host=args.host, audit_limits=AuditLimits.of(args), config_dir=args.config,
-        session_timeout_ms=int(args.session_timeout * 1000)))
+        session_timeout_ms=int(args.session_timeout * 1000), standby=args.standby))
 
 
 main = command_main("projector")

@@ -18,6 +18,12 @@ Only URLs of the instances topic are asked, never one a caller names, and only o
 host (`LOCAL_HOSTS`, over http): a projector's /audit answers local callers only, so a
 remote URL could never answer, and a forged heartbeat pointing elsewhere must not get the
 admin credential that is forwarded.
+
+A standby (`tally projector --standby`) holds every partition in its file, those it follows
+as well as those it owns: asked beside the others it would count their events twice. It is
+not asked while it owns nothing; once it owns partitions (it took a lost instance's over)
+it is asked alone, for its file then holds every event (up to its lag) and answers every
+query exactly, averages included (`answering`).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from tally.instances import SILENT_AFTER, InstanceSeen, read_instances
 from tally.services.projector.query import AuditError, QueryResult
 from tally.topics import Topics
 
-__all__ = ["LOCAL_HOSTS", "ask_instances", "combine", "to_ask"]
+__all__ = ["LOCAL_HOSTS", "answering", "ask_instances", "combine", "to_ask"]
 
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 NOT_ANSWERING = 502  # the HTTP answer when an instance's share is missing
@@ -60,18 +66,27 @@ async def ask_instances(bootstrap: str, topics: Topics,
     return combine(zip(asked, answers, strict=True))
 
 
+def answering(seen: Iterable[InstanceSeen]) -> list[InstanceSeen]:
+    """The projector instances whose files hold every event once between them: the active
+    ones, or a standby that owns partitions alone (module doc)."""
+    projectors = [s for s in seen if s.role == "projector"]
+    took_over = [s for s in projectors if s.standby and s.partitions]
+    return took_over[:1] or [s for s in projectors if not s.standby]
+
+
 def to_ask(seen: Iterable[InstanceSeen], now: datetime) -> list[InstanceSeen]:
     """The projector instances whose answers make the whole: all of them but a silent one
     whose partitions the others heard lately own. AuditError (naming the instance) when
-    one has a URL that may not be asked."""
+    one has a URL that may not be asked. The silent are dropped before the standby rule
+    (`answering`), so a standby that died after giving its partitions back is not asked."""
     projectors = [s for s in seen if s.role == "projector"]
     if not projectors:
         raise AuditError("no projector instance is listed in the instances topic "
                          "(`tally status --instances`)", NOT_ANSWERING)
     lately = {s.instance for s in projectors if now - s.at <= SILENT_AFTER}
     covered = {p for s in projectors if s.instance in lately for p in s.partitions}
-    asked = [s for s in projectors
-             if s.instance in lately or not set(s.partitions) <= covered]
+    asked = answering(s for s in projectors
+                      if s.instance in lately or not set(s.partitions) <= covered)
     for s in asked:
         _check_askable(s)
     return asked

@@ -11,8 +11,10 @@ balances sent. On each rebalance (`Ownership`, the consumer's rebalance listener
 
 - revoked: the batch under way finishes (commit and acks) before the group moves on, and
   whatever was read ahead is dropped (`Ownership.generation`);
-- assigned: the partitions this instance no longer owns are deleted from its file (so each
-  event is in exactly one instance's ledger and audits over all files count it once);
+- assigned (placed by assignor.py: sticky, and where the file holds most): the partitions
+  this instance no longer owns are deleted from its file (so each event is in exactly one
+  active instance's ledger and audits over their files count it once; a standby keeps
+  them, see Ownership);
   every assigned partition is read again from the offset stored with it, a gained one from
   the beginning if the file lacks it: that replay IS the restore. A partition's balances
   are held back ("restoring") until it reaches the end offset seen at assignment. A partition
@@ -45,9 +47,10 @@ import pyarrow as pa
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
 from tally.core.usage import Offsets
-from tally.kafka import Record, end_offsets
+from tally.kafka import Record, end_offsets, partitions_of
 from tally.ops import Metrics
 from tally.services.projector import store
+from tally.services.projector.assignor import Claim
 from tally.topics import Topics
 
 if TYPE_CHECKING:
@@ -124,6 +127,13 @@ class PartitionBook:
             del self.held[p]
         return done
 
+    def disown(self, partitions: Iterable[int]) -> None:
+        """Partitions no longer owned, still followed (a standby's): nothing sent for them."""
+        lost = set(partitions)
+        for p in lost:
+            self.held.pop(p, None)
+        self.owned -= lost
+
     def forget(self, partitions: Iterable[int]) -> set[str]:
         """Partitions lost: their users, no longer this instance's."""
         lost = set(partitions)
@@ -131,9 +141,8 @@ class PartitionBook:
         for user in users:
             del self.partition_of[user]
         for p in lost:
-            self.held.pop(p, None)
             self.positions.pop(p, None)
-        self.owned -= lost
+        self.disown(lost)
         return users
 
 
@@ -190,22 +199,45 @@ def drop_partitions(con: duckdb.DuckDBPyConnection, topics: Topics, events: Iter
 
 class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
     """The projector's rebalance listener: see the module doc. A failure in a callback
-    (aiokafka would only log it) is kept in `failed`, which stops the service."""
+    (aiokafka would only log it) is kept in `failed`, which stops the service.
+
+    A standby's (`follower` given: a consumer of its own, outside the group) keeps every
+    partition in its file: the follower reads those the group did not assign it, folded
+    like the owned ones but nothing sent for them (Projector.send sends only for owned
+    partitions), and a partition it loses is not dropped, only no longer sent for. When
+    the group gives it a partition, its file is a tail behind, not empty."""
 
     def __init__(self, projector: Projector, consumer: AIOKafkaConsumer, topics: Topics,
                  on_change: Callable[[], None] | None = None,
+                 follower: AIOKafkaConsumer | None = None,
                  check_count: Callable[[int], None] | None = None) -> None:
         """`check_count` raises if usage.events' partition count (at an assignment) is not
         the one the file was written under: that stops the service (partitioncount.py)."""
         self.check_count = check_count
         self.projector = projector
         self.consumer = consumer
+        self.follower = follower
         self.topics = topics
         self.generation = 0
         self.failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.on_change = on_change or (lambda: None)
         self.assigned: set[TopicPartition] = set()
-        projector.mirror.clear()  # nothing is owned until the group says so
+        # How far the file holds each partition: what this instance claims when it joins
+        # (assignor.py), so a partition goes where the least is left to replay.
+        self.book.positions.update({p: at for (t, p), at in projector.store.load_offsets()
+                                    .items() if t == topics.usage_events})
+        if follower is None:
+            projector.mirror.clear()  # nothing is owned until the group says so
+        else:  # a standby folds every partition: its mirror and users stay whole
+            self.book.partition_of.update(user_partitions(projector.writer))
+
+    @property
+    def standby(self) -> bool:
+        return self.follower is not None
+
+    def claim(self) -> Claim:
+        """What this instance says of itself when it joins the group (assignor.py)."""
+        return Claim(self.standby, frozenset(self.book.owned), dict(self.book.positions))
 
     @property
     def book(self) -> PartitionBook:
@@ -217,6 +249,10 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
         return stamped[0] == self.generation
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        if self.follower is not None:
+            # Reads nothing more until the assignment seeks it: a batch read after this
+            # bump, kept, would store offsets past one read before it and dropped.
+            self.follower.pause(*self.follower.assignment())
         self.generation += 1  # what was read ahead is not folded
         try:
             await self.projector.finish()  # the batch under way commits; its acks arrive
@@ -241,22 +277,23 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
             # The write under way (balances go out before it) is stored first: the offsets
             # sought below and the partitions dropped are then the file's final ones.
             await projector.drain()
-            con = projector.writer
-            lost = (self.book.owned | stored_partitions(con, events)) - mine
-            lost_dlq = stored_partitions(con, dlq) - mine_dlq
-            if lost or lost_dlq:
-                await asyncio.to_thread(drop_partitions, con, self.topics, lost, lost_dlq)
-                for user in self.book.forget(lost):
-                    projector.mirror.pop(user, None)
-                # The recent ids forget the dropped events too: regained, they are new.
-                await asyncio.to_thread(projector.forget_recent)
+            if self.standby:
+                lost = self.book.owned - mine
+                self.book.disown(lost)  # still followed: its file keeps them
+            else:
+                lost = await self._drop_all_but(mine, mine_dlq)
             gained = mine - self.book.owned
-            if gained:
+            if gained and not self.standby:  # a standby's mirror holds them already
                 await asyncio.to_thread(self._load, gained)
             stored = projector.store.load_offsets()
-            starts = await self.consumer.beginning_offsets(list(assigned))
+            followed = await self._rest(assigned)
+            starts = await self.consumer.beginning_offsets(list(assigned | followed))
             for tp in assigned:
                 self.consumer.seek(tp, stored.get((tp.topic, tp.partition), starts[tp]))
+            if self.follower is not None:
+                self.follower.assign(sorted(followed))
+                for tp in followed:
+                    self.follower.seek(tp, stored.get((tp.topic, tp.partition), starts[tp]))
             # At once, with no await since the seeks: a batch read from now on was read
             # from these positions; one read before is dropped (and read again).
             self.generation += 1
@@ -274,6 +311,28 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
             await projector.publish(self.book.users_in(restoring))
         self.on_change()
 
+    async def _drop_all_but(self, mine: set[int], mine_dlq: set[int]) -> set[int]:
+        """An active instance's file keeps only the partitions it owns: the others'
+        rows are deleted (each event in one file). The usage.events partitions lost."""
+        projector, con = self.projector, self.projector.writer
+        lost = (self.book.owned | stored_partitions(con, self.topics.usage_events)) - mine
+        lost_dlq = stored_partitions(con, self.topics.usage_dlq) - mine_dlq
+        if lost or lost_dlq:
+            await asyncio.to_thread(drop_partitions, con, self.topics, lost, lost_dlq)
+            for user in self.book.forget(lost):
+                projector.mirror.pop(user, None)
+            # The recent ids forget the dropped events too: regained, they are new.
+            await asyncio.to_thread(projector.forget_recent)
+        return lost
+
+    async def _rest(self, assigned: set[TopicPartition]) -> set[TopicPartition]:
+        """A standby's partitions to follow: all of both topics but those `assigned`."""
+        if self.follower is None:
+            return set()
+        every = [tp for name in (self.topics.usage_events, self.topics.usage_dlq)
+                 for tp in await partitions_of(self.consumer, name)]
+        return set(every) - assigned
+
     def _load(self, gained: set[int]) -> None:
         con = self.projector.writer
         self.projector.mirror.update(store.load_usages_of(con, gained))
@@ -283,12 +342,16 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
     def lag(self) -> dict[int, int]:
         """Per owned usage.events partition, the records not folded yet (against the high
         watermark the last fetch saw; a partition not fetched yet counts its end at
-        assignment)."""
+        assignment). A standby's also per partition it follows: how warm it is."""
         found = {}
-        for p in sorted(self.book.owned):
+        readers = {p: self.consumer for p in self.book.owned}
+        if self.follower is not None:
+            readers |= {tp.partition: self.follower for tp in self.follower.assignment()
+                        if tp.topic == self.topics.usage_events}
+        for p, reader in sorted(readers.items()):
             tp = TopicPartition(self.topics.usage_events, p)
             try:
-                highwater = self.consumer.highwater(tp)
+                highwater = reader.highwater(tp)
             except (AssertionError, KeyError, ValueError):  # revoked meanwhile
                 continue
             end = highwater if highwater is not None else self.book.held.get(p, 0)
@@ -298,7 +361,7 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
     def describe(self) -> dict[str, Any]:
         """What /readyz (and the instances topic) say of this instance's share."""
         return {"topic": self.topics.usage_events, "partitions": sorted(self.book.owned),
-                "restoring": sorted(self.book.held),
+                "standby": self.standby, "restoring": sorted(self.book.held),
                 "lag": {str(p): n for p, n in self.lag().items()}}
 
     def report(self, metrics: Metrics) -> None:
