@@ -116,6 +116,7 @@ class Running:
 
 
 CPU: dict[str, float] = {}  # the last run's CPU seconds per service during the steady send
+GROWTH: list[float] = []  # the last run's lag growth, end to end (see lag_growth)
 
 
 @contextlib.contextmanager
@@ -203,19 +204,29 @@ async def steady(producer: object, topics: Topics, rate: int, seconds: float,
     return sent
 
 
-def latencies(sent: Seen, seen: Seen) -> tuple[list[float], int]:
-    """Per event, ms until `seen` first covered it; and how many it never covered."""
-    found, missing = [], 0
+def covered(sent: Seen, seen: Seen) -> Iterator[tuple[float, float | None]]:
+    """Per event, when it was sent and the ms until `seen` first covered it (None: never)."""
     for user, events in sent.items():
         arrivals = seen.get(user, [])
         used = [tokens for tokens, _ in arrivals]
         for tokens, at in events:
             i = bisect.bisect_left(used, tokens)
-            if i == len(used):
-                missing += 1
-            else:
-                found.append((arrivals[i][1] - at) * 1000)
-    return found, missing
+            yield at, None if i == len(used) else (arrivals[i][1] - at) * 1000
+
+
+def latencies(sent: Seen, seen: Seen) -> tuple[list[float], int]:
+    """Per event, ms until `seen` first covered it; and how many it never covered."""
+    found = [ms for _, ms in covered(sent, seen) if ms is not None]
+    return found, sum(len(events) for events in sent.values()) - len(found)
+
+
+def lag_growth(sent: Seen, seen: Seen) -> float:
+    """ms: the median latency of the last tenth of the events sent minus that of the first
+    tenth. A rate the pipeline holds stays near 0; one it cannot, grows with the run."""
+    timed = sorted((at, ms) for at, ms in covered(sent, seen) if ms is not None)
+    tenth = max(1, len(timed) // 10)
+    return (statistics.median(ms for _, ms in timed[-tenth:])
+            - statistics.median(ms for _, ms in timed[:tenth])) if timed else float("nan")
 
 
 @contextlib.asynccontextmanager
@@ -257,6 +268,7 @@ async def one_run(bootstrap: str, rate: int, seconds: float, users: int,
                     task.cancel()
                 await producer.stop()
     shutil.rmtree(data, ignore_errors=True)
+    GROWTH[:] = [lag_growth(sent, cache.seen)]
     return {"ingest sent it": latencies(sent, events),
             "projector sent balance": latencies(sent, balances),
             "enforcer sent decision": latencies(sent, cache.sent),
@@ -296,6 +308,7 @@ def main() -> None:
                 events = args.rate * args.seconds
                 print(f"publish {design} commit, run {run + 1}: CPU per event (us): " + ", ".join(
                     f"{name} {seconds / events * 1e6:,.0f}" for name, seconds in CPU.items())
+                    + f"; lag growth end to end {GROWTH[0]:+,.0f} ms"
                     + f"; load average {os.getloadavg()[0]:.1f} at the end")
     print_table(("design", "from send to", "events", "never", "p50 ms", "p95 ms", "p99 ms",
                  "max ms"),
