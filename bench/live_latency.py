@@ -33,10 +33,19 @@ from pathlib import Path
 
 import orjson
 
-from bench.common import BENCH_DATA, CONFIG_DIR, ROOT, bench_broker, machine, print_table
+from bench.common import (
+    BENCH_DATA,
+    CONFIG_DIR,
+    KAFKA_DIR,
+    ROOT,
+    bench_broker,
+    machine,
+    print_table,
+)
 from tally.decision_cache import DecisionCache
 from tally.kafka import Record, batches, ensure_topics, make_consumer, make_producer, partitions_of
 from tally.topics import Topics
+from tally_dev import localkafka
 
 __all__ = ["Load", "main", "one_run", "quantile"]
 
@@ -112,11 +121,17 @@ class Running:
     children: dict[str, subprocess.Popen[bytes]]
 
     def cpu(self) -> dict[str, float]:
-        return {name: cpu_seconds(child.pid) for name, child in self.children.items()}
+        """Each service's CPU so far, and the bench broker's (the other processes' hops
+        cost it CPU too: a request per batch at each hop)."""
+        broker = localkafka.running_pid(KAFKA_DIR)
+        return {**{name: cpu_seconds(child.pid) for name, child in self.children.items()},
+                "broker": cpu_seconds(broker) if broker else 0.0}
 
 
 CPU: dict[str, float] = {}  # the last run's CPU seconds per service during the steady send
-GROWTH: list[float] = []  # the last run's lag growth, end to end (see lag_growth)
+# The last run's lag growth end to end (see lag_growth), and balances and decisions sent
+# per event (how many of a user's events each one covers: fewer per event, less work).
+SHAPE: dict[str, float] = {}
 
 
 @contextlib.contextmanager
@@ -261,14 +276,17 @@ async def one_run(bootstrap: str, rate: int, seconds: float, users: int,
                 await asyncio.sleep(3)  # the last events' decisions
                 after = running.cpu()
                 CPU.clear()
-                CPU.update({name: after[name] - before[name] for name in SERVICES})
+                CPU.update({name: after[name] - before[name] for name in after})
                 CPU["bench process"] = time.process_time() - own
             finally:
                 for task in followers:
                     task.cancel()
                 await producer.stop()
     shutil.rmtree(data, ignore_errors=True)
-    GROWTH[:] = [lag_growth(sent, cache.seen)]
+    events_sent = sum(len(v) for v in sent.values())
+    SHAPE.update({"lag": lag_growth(sent, cache.seen),
+                  "balances": sum(len(v) for v in balances.values()) / events_sent,
+                  "decisions": sum(len(v) for v in cache.sent.values()) / events_sent})
     return {"ingest sent it": latencies(sent, events),
             "projector sent balance": latencies(sent, balances),
             "enforcer sent decision": latencies(sent, cache.sent),
@@ -308,7 +326,8 @@ def main() -> None:
                 events = args.rate * args.seconds
                 print(f"publish {design} commit, run {run + 1}: CPU per event (us): " + ", ".join(
                     f"{name} {seconds / events * 1e6:,.0f}" for name, seconds in CPU.items())
-                    + f"; lag growth end to end {GROWTH[0]:+,.0f} ms"
+                    + f"; lag growth end to end {SHAPE['lag']:+,.0f} ms; per event "
+                    f"{SHAPE['balances']:.2f} balances, {SHAPE['decisions']:.2f} decisions"
                     + f"; load average {os.getloadavg()[0]:.1f} at the end")
     print_table(("design", "from send to", "events", "never", "p50 ms", "p95 ms", "p99 ms",
                  "max ms"),
