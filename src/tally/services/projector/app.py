@@ -126,12 +126,13 @@ class Projector:
     events are new is judged from memory (`RecentIds`: the ids of the last minutes) when
     the batch's events are all that recent, else by DuckDB's dedupe first, as
     `publish_before_commit=False` always does (which also waits for the commit). The
-    transaction (ledger, balances, offsets) then runs in a thread while the next batch is
-    read, judged and sent: one write at a time, in order. That is safe because a balance
+    transaction (ledger, balances, offsets) then runs in a thread while the next batches
+    are read, judged and sent: one write at a time, in order, each taking every batch
+    judged since the last (at most every WRITE_EVERY_S). That is safe because a balance
     is an absolute snapshot: if the commit never happens, a restart re-reads the same
     events from the stored offsets and sends the same values again (see hold_until).
     A write that fails, or that DuckDB judges otherwise than memory did (`WindowMissed`),
-    has its batch and the one after it refolded from the store (`_recover`).
+    has every batch not yet stored refolded from the store (`_recover`).
     """
 
     def __init__(self, con: duckdb.DuckDBPyConnection, config: Config, topics: Topics,
