@@ -33,10 +33,19 @@ from pathlib import Path
 
 import orjson
 
-from bench.common import BENCH_DATA, CONFIG_DIR, ROOT, bench_broker, machine, print_table
+from bench.common import (
+    BENCH_DATA,
+    CONFIG_DIR,
+    KAFKA_DIR,
+    ROOT,
+    bench_broker,
+    machine,
+    print_table,
+)
 from tally.decision_cache import DecisionCache
 from tally.kafka import Record, batches, ensure_topics, make_consumer, make_producer, partitions_of
 from tally.topics import Topics
+from tally_dev import localkafka
 
 __all__ = ["Load", "main", "one_run", "quantile"]
 
@@ -112,10 +121,17 @@ class Running:
     children: dict[str, subprocess.Popen[bytes]]
 
     def cpu(self) -> dict[str, float]:
-        return {name: cpu_seconds(child.pid) for name, child in self.children.items()}
+        """Each service's CPU so far, and the bench broker's (the other processes' hops
+        cost it CPU too: a request per batch at each hop)."""
+        broker = localkafka.running_pid(KAFKA_DIR)
+        return {**{name: cpu_seconds(child.pid) for name, child in self.children.items()},
+                "broker": cpu_seconds(broker) if broker else 0.0}
 
 
 CPU: dict[str, float] = {}  # the last run's CPU seconds per service during the steady send
+# The last run's lag growth end to end (see lag_growth), and balances and decisions sent
+# per event (how many of a user's events each one covers: fewer per event, less work).
+SHAPE: dict[str, float] = {}
 
 
 @contextlib.contextmanager
@@ -203,19 +219,29 @@ async def steady(producer: object, topics: Topics, rate: int, seconds: float,
     return sent
 
 
-def latencies(sent: Seen, seen: Seen) -> tuple[list[float], int]:
-    """Per event, ms until `seen` first covered it; and how many it never covered."""
-    found, missing = [], 0
+def covered(sent: Seen, seen: Seen) -> Iterator[tuple[float, float | None]]:
+    """Per event, when it was sent and the ms until `seen` first covered it (None: never)."""
     for user, events in sent.items():
         arrivals = seen.get(user, [])
         used = [tokens for tokens, _ in arrivals]
         for tokens, at in events:
             i = bisect.bisect_left(used, tokens)
-            if i == len(used):
-                missing += 1
-            else:
-                found.append((arrivals[i][1] - at) * 1000)
-    return found, missing
+            yield at, None if i == len(used) else (arrivals[i][1] - at) * 1000
+
+
+def latencies(sent: Seen, seen: Seen) -> tuple[list[float], int]:
+    """Per event, ms until `seen` first covered it; and how many it never covered."""
+    found = [ms for _, ms in covered(sent, seen) if ms is not None]
+    return found, sum(len(events) for events in sent.values()) - len(found)
+
+
+def lag_growth(sent: Seen, seen: Seen) -> float:
+    """ms: the median latency of the last tenth of the events sent minus that of the first
+    tenth. A rate the pipeline holds stays near 0; one it cannot, grows with the run."""
+    timed = sorted((at, ms) for at, ms in covered(sent, seen) if ms is not None)
+    tenth = max(1, len(timed) // 10)
+    return (statistics.median(ms for _, ms in timed[-tenth:])
+            - statistics.median(ms for _, ms in timed[:tenth])) if timed else float("nan")
 
 
 @contextlib.asynccontextmanager
@@ -250,13 +276,17 @@ async def one_run(bootstrap: str, rate: int, seconds: float, users: int,
                 await asyncio.sleep(3)  # the last events' decisions
                 after = running.cpu()
                 CPU.clear()
-                CPU.update({name: after[name] - before[name] for name in SERVICES})
+                CPU.update({name: after[name] - before[name] for name in after})
                 CPU["bench process"] = time.process_time() - own
             finally:
                 for task in followers:
                     task.cancel()
                 await producer.stop()
     shutil.rmtree(data, ignore_errors=True)
+    events_sent = sum(len(v) for v in sent.values())
+    SHAPE.update({"lag": lag_growth(sent, cache.seen),
+                  "balances": sum(len(v) for v in balances.values()) / events_sent,
+                  "decisions": sum(len(v) for v in cache.sent.values()) / events_sent})
     return {"ingest sent it": latencies(sent, events),
             "projector sent balance": latencies(sent, balances),
             "enforcer sent decision": latencies(sent, cache.sent),
@@ -296,6 +326,8 @@ def main() -> None:
                 events = args.rate * args.seconds
                 print(f"publish {design} commit, run {run + 1}: CPU per event (us): " + ", ".join(
                     f"{name} {seconds / events * 1e6:,.0f}" for name, seconds in CPU.items())
+                    + f"; lag growth end to end {SHAPE['lag']:+,.0f} ms; per event "
+                    f"{SHAPE['balances']:.2f} balances, {SHAPE['decisions']:.2f} decisions"
                     + f"; load average {os.getloadavg()[0]:.1f} at the end")
     print_table(("design", "from send to", "events", "never", "p50 ms", "p95 ms", "p99 ms",
                  "max ms"),

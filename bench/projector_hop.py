@@ -9,6 +9,12 @@ way, alternating, into a DuckDB file that already holds `--stored` events; the b
 to the bench broker. "to send" is until the first balance is handed to the producer,
 "batch" until the projector can take the next batch (the memory path's write then runs
 in a thread while the next batch is handled; its time is in "write behind").
+
+Then the CPU of storing: `--join` such batches written one transaction each (as the
+projector did) beside the same in one transaction (what it does now: the batches judged
+from memory within WRITE_EVERY_S are written together), alternating, `--rounds` times;
+CPU time of this process (DuckDB's threads included), which the load moves less than
+wall time.
 """
 
 from __future__ import annotations
@@ -23,12 +29,13 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
 import orjson
+import pyarrow as pa
 
 from bench.common import BENCH_DATA, CONFIG_DIR, bench_broker, machine, print_table
 from tally.config.loader import load_config
 from tally.kafka import Record, ensure_topics, make_producer
 from tally.services.projector import store
-from tally.services.projector.app import Decoded, Projector
+from tally.services.projector.app import WRITE_EVERY_S, Decoded, Projector
 from tally.services.projector.decode import Decoder
 from tally.topics import Topics
 
@@ -52,8 +59,31 @@ def records(topic: str, start: int, size: int, users: int, at: datetime) -> list
         "cache_read_tokens": 0, "cache_write_tokens": 0}), 0) for i in range(size)]
 
 
-async def measure(bootstrap: str, batches: int, size: int, stored: int,
-                  users: int) -> dict[str, dict[str, list[float]]]:
+def write_cpu(projector: Projector, topic: str, offset: int, size: int, users: int,
+              join: int, rounds: int) -> dict[str, float]:
+    """us of CPU an event to store `join` live batches: a transaction each, or one."""
+    cpu = {"a transaction per batch": 0.0, f"{join} batches in one": 0.0}
+    for _ in range(rounds):
+        for way in cpu:
+            batches = []
+            for _ in range(join):
+                batches.append(Decoded.of(projector.decoder, projector.topics, records(
+                    topic, offset, size, users, datetime.now(UTC))))
+                offset += size
+            news = [store.first_of_each(b.events) for b in batches]  # fresh ids: all new
+            began = time.process_time()
+            if way.startswith("a transaction"):
+                for batch, new in zip(batches, news, strict=True):
+                    projector.store_checked(batch, new)
+            else:
+                projector.store_checked(Decoded.joined(batches), pa.concat_tables(news))
+            cpu[way] += time.process_time() - began
+    return {way: seconds / (rounds * join * size) * 1e6 for way, seconds in cpu.items()}
+
+
+async def measure(bootstrap: str, batches: int, size: int, stored: int, users: int,
+                  join: int = 8, rounds: int = 30,
+                  ) -> tuple[dict[str, dict[str, list[float]]], dict[str, float]]:
     topics = Topics(f"hop-{uuid.uuid4().hex[:8]}")
     await ensure_topics(bootstrap, topics, 3)
     config = load_config(CONFIG_DIR)
@@ -86,11 +116,12 @@ async def measure(bootstrap: str, batches: int, size: int, stored: int,
                 figures[way]["to send"].append((projector.sent_at - began) * 1000)
                 figures[way]["batch"].append((handled - began) * 1000)
                 figures[way]["write behind"].append((time.perf_counter() - handled) * 1000)
+        writes = write_cpu(projector, topics.usage_events, offset, size, users, join, rounds)
     finally:
         await producer.stop()
         con.close()
         shutil.rmtree(folder, ignore_errors=True)
-    return figures
+    return figures, writes
 
 
 def main() -> None:
@@ -99,17 +130,23 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=50)
     parser.add_argument("--stored", type=int, default=100_000)
     parser.add_argument("--users", type=int, default=1000)
+    parser.add_argument("--join", type=int, default=8,
+                        help=f"batches written together (8 of 30 events: {WRITE_EVERY_S} s "
+                             f"at ~1,000 events/s)")
+    parser.add_argument("--rounds", type=int, default=30)
     args = parser.parse_args()
     with bench_broker() as bootstrap:
         print(f"machine: {machine()}; {args.batches} batches of {args.size} each way, "
               f"{args.stored:,} events stored")
-        figures = asyncio.run(measure(bootstrap, args.batches, args.size, args.stored,
-                                      args.users))
+        figures, writes = asyncio.run(measure(bootstrap, args.batches, args.size,
+                                              args.stored, args.users, args.join, args.rounds))
     print_table(("judged", "to send p50 ms", "to send p90 ms", "batch p50 ms",
                  "write behind p50 ms"),
                 [(way, *(f"{quantile(f[k], q):.2f}" for k, q in (
                     ("to send", 0.5), ("to send", 0.9), ("batch", 0.5), ("write behind", 0.5))))
                  for way, f in figures.items()])
+    print_table(("stored", "CPU us an event"),
+                [(way, f"{us:,.0f}") for way, us in writes.items()])
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 

@@ -6,8 +6,10 @@ from datetime import UTC, datetime, timedelta
 
 from tally.config.models import Config
 from tally.core import fold_events, to_balance
+from tally.kafka import Record
+from tally.services.enforcer.heard import Said
 from tally.services.enforcer.state import Enforcer, same_decision
-from tally.wire import BalanceUpdated
+from tally.wire import BalanceUpdated, BudgetDecided
 from tests.core.corekit import event
 
 NOON = datetime(2026, 5, 10, 12, tzinfo=UTC)
@@ -159,3 +161,25 @@ def test_alert_memory_forgets_periods_long_over() -> None:
     assert len(enforcer.memory) == 2 and first_day <= enforcer.memory.ids
     enforcer.on_tick(NOON + timedelta(days=63))
     assert len(enforcer.memory) == 1 and not first_day & enforcer.memory.ids
+
+
+def test_a_decision_heard_back_as_sent_is_taken_as_it_is_and_others_are_decoded() -> None:
+    cfg = config()
+    sent, other = (Enforcer(cfg).on_balances([balance_after(cfg, n, user=u)], NOON).decisions[0]
+                   for n, u in ((950, "alice"), (100, "bob")))
+    said = Said()
+    records = [Record("budget.decisions", 0, offset, user.encode(), value, 0)
+               for offset, (user, value) in enumerate([
+                   ("alice", said.encode(sent)), ("bob", other.model_dump_json().encode()),
+                   ("alice", b"not json"), ("alice", said.encode(sent))])]
+    heard = said.decode(records[:3])
+    # Taken as sent (the same object), equal to what decoding gives; bob's decoded;
+    # the undecodable record skipped.
+    assert heard[0] is sent
+    assert heard[0] == BudgetDecided.model_validate_json(records[0].value or b"")
+    assert heard[1:] == [other]
+    # Sent twice before either was heard: the second is taken as sent too; heard once
+    # more than sent, decoded.
+    assert said.decode(records[3:])[0] is sent
+    again = said.decode(records[3:])
+    assert again == [sent] and again[0] is not sent

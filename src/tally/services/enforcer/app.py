@@ -52,7 +52,7 @@ from tally.service import (
 from tally.services.enforcer.api import create_app
 from tally.services.enforcer.board import Board
 from tally.services.enforcer.group import Membership
-from tally.services.enforcer.heard import Heard, decode_all
+from tally.services.enforcer.heard import Heard, Said, decode_all
 from tally.services.enforcer.notifier import run_notifier
 from tally.services.enforcer.state import Enforcer, Outcome, Ownership
 from tally.settings import Settings
@@ -74,22 +74,23 @@ def decode_balances(records: Iterable[Record]) -> list[BalanceUpdated]:
     return decode_all(BalanceUpdated, records)
 
 
-async def publish(producer: AIOKafkaProducer, topics: Topics, outcome: Outcome) -> None:
+async def publish(producer: AIOKafkaProducer, topics: Topics, outcome: Outcome,
+                  said: Said) -> None:
     """Decisions and alerts, then (once they are acknowledged) the alert memory: a crash
     between the two can leave an alert unremembered (restore finds it in budget.alerts),
     never remembered but unsent."""
-    await _sent(await queue(producer, topics, outcome))
+    await _sent(await queue(producer, topics, outcome, said))
     await _sent([await producer.send(topics.budget_alert_memory, m.model_dump_json().encode(),
                                      key=m.key.encode()) for m in outcome.memory])
     for alert in outcome.alerts:
         log.info("alert %s: %s", alert.alert_id, alert.message.strip())
 
 
-async def queue(producer: AIOKafkaProducer, topics: Topics,
-                outcome: Outcome) -> list[asyncio.Future[Any]]:
+async def queue(producer: AIOKafkaProducer, topics: Topics, outcome: Outcome,
+                said: Said) -> list[asyncio.Future[Any]]:
     """The outcome's decisions and alerts handed to the producer; the futures settle when
-    the broker acknowledges them."""
-    return ([await producer.send(topics.budget_decisions, d.model_dump_json().encode(),
+    the broker acknowledges them. `said` notes the decisions, to know them when heard."""
+    return ([await producer.send(topics.budget_decisions, said.encode(d),
                                  key=d.user_id.encode()) for d in outcome.decisions]
             + [await producer.send(topics.budget_alerts, a.model_dump_json().encode(),
                                    key=a.user_id.encode()) for a in outcome.alerts])
@@ -322,9 +323,10 @@ class Loop:
         again, so one never acknowledged is made good; alerts keep the strict order."""
         await self.acked()
         if outcome.alerts or outcome.memory:
-            await publish(producer, self.topics, outcome)
+            await publish(producer, self.topics, outcome, self.heard.said)
         elif outcome.decisions:
-            self._acks = asyncio.gather(*await queue(producer, self.topics, outcome))
+            self._acks = asyncio.gather(*await queue(producer, self.topics, outcome,
+                                                     self.heard.said))
         self.board.record(outcome)
 
     async def acked(self) -> None:

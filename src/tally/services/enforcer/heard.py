@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Iterable
 from typing import TypeVar
 
@@ -28,11 +29,13 @@ from tally.services.enforcer.memory import AlertsSent
 from tally.topics import Topics
 from tally.wire import BudgetAlerted, BudgetDecided, bounded_text
 
-__all__ = ["Heard", "decode_all"]
+__all__ = ["Heard", "Said", "decode_all"]
 
 W = TypeVar("W", bound=BaseModel)
 
 log = logging.getLogger(__name__)
+
+SAID_AT_MOST = 64  # decisions of one user on the way back, past which the oldest is decoded
 
 
 def decode_all(model: type[W], records: Iterable[Record]) -> list[W]:
@@ -50,12 +53,57 @@ def decode_all(model: type[W], records: Iterable[Record]) -> list[W]:
     return found
 
 
+class Said:
+    """The JSON of each decision this instance sent and has not heard back yet, with the
+    decision: most decisions read back are its own, and one whose bytes are those sent is
+    that decision, without decoding it again (`model_validate_json` was the largest cost
+    of hearing them: ~20 us a decision). Per user in the order sent, as they come back
+    (one partition a user); when behind, a user has several on the way."""
+
+    def __init__(self) -> None:
+        self._sent: dict[str, deque[tuple[bytes, BudgetDecided]]] = {}
+
+    def encode(self, decision: BudgetDecided) -> bytes:
+        """The decision's JSON, to send: remembered until it is heard back."""
+        data = decision.model_dump_json().encode()
+        on_the_way = self._sent.setdefault(decision.user_id, deque(maxlen=SAID_AT_MOST))
+        on_the_way.append((data, decision))
+        return data
+
+    def _heard(self, user: str, value: bytes | None) -> BudgetDecided | None:
+        """The decision sent as `value`, forgetting it and any sent before it (overtaken:
+        never to be heard); None if none was."""
+        on_the_way = self._sent.get(user)
+        if on_the_way is None:
+            return None
+        for i, (data, decision) in enumerate(on_the_way):
+            if data == value:
+                for _ in range(i + 1):
+                    on_the_way.popleft()
+                if not on_the_way:
+                    del self._sent[user]
+                return decision
+        return None
+
+    def decode(self, records: Iterable[Record]) -> list[BudgetDecided]:
+        """`decode_all` of budget.decisions records, taking the decisions sent as they are."""
+        found: list[BudgetDecided] = []
+        for record in records:
+            sent = self._heard((record.key or b"").decode(), record.value)
+            if sent is not None:
+                found.append(sent)
+            else:
+                found.extend(decode_all(BudgetDecided, [record]))
+        return found
+
+
 class Heard:
     """One consumer on the three topics, every partition assigned; `follow` runs beside
     the loop and hands what it reads to the enforcer's state and the board."""
 
     def __init__(self, bootstrap: str, topics: Topics, board: Board) -> None:
         self.topics, self.board = topics, board
+        self.said = Said()  # what the loop sends (app.py)
         self.consumer = make_consumer(bootstrap, fetch_max_wait_ms=100)
         self._advanced = asyncio.Event()
 
@@ -94,7 +142,7 @@ class Heard:
     def hear(self, records: list[Record]) -> None:
         topics = self.topics
         taken = self.board.enforcer.hear(
-            decode_all(BudgetDecided, _of(records, topics.budget_decisions)),
+            self.said.decode(_of(records, topics.budget_decisions)),
             decode_all(AlertsSent, _of(records, topics.budget_alert_memory)),
             alerts := decode_all(BudgetAlerted, _of(records, topics.budget_alerts)))
         self.board.hear(taken, alerts)

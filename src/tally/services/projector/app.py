@@ -67,6 +67,13 @@ READ_AHEAD = 8  # fetched batches held while one is handled
 # Up to this many records a batch is decoded in the event loop: a thread's hop costs more
 # than a live batch's decode (~30-80 records at 1,000 events/s); a catch-up batch, in a thread.
 DECODED_INLINE = 1_000
+# Batches judged from memory are written together, at most this often: each DuckDB
+# transaction costs about the same CPU whether it holds 20 events or 500, and the
+# balances went out before it anyway. One write per live batch (~30/s at 1,000 events/s)
+# was most of the projector's CPU an event.
+WRITE_EVERY_S = 0.25
+# Records judged but not yet stored, past which a batch waits for the write under way.
+UNWRITTEN_MAX = BATCH_SIZE
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,15 @@ class Decoded:
     def apply(self, into: store.DuckDBStore) -> set[str]:
         """One transaction: the same write path for the live projector and replay."""
         return into.apply(self.events, self.offsets, self.rejected)
+
+    @classmethod
+    def joined(cls, batches: list[Decoded]) -> Decoded:
+        """Consecutive batches as one (what they skipped is dead-lettered already)."""
+        offsets: dict[tuple[str, int], int] = {}
+        for batch in batches:  # in order: a later batch's offset is the higher
+            offsets |= batch.offsets
+        return cls(pa.concat_tables([b.events for b in batches]),
+                   pa.concat_tables([b.rejected for b in batches]), offsets)
 
 
 async def assign_from(consumer: AIOKafkaConsumer, names: Iterable[str],
@@ -113,12 +129,13 @@ class Projector:
     events are new is judged from memory (`RecentIds`: the ids of the last minutes) when
     the batch's events are all that recent, else by DuckDB's dedupe first, as
     `publish_before_commit=False` always does (which also waits for the commit). The
-    transaction (ledger, balances, offsets) then runs in a thread while the next batch is
-    read, judged and sent: one write at a time, in order. That is safe because a balance
+    transaction (ledger, balances, offsets) then runs in a thread while the next batches
+    are read, judged and sent: one write at a time, in order, each taking every batch
+    judged since the last (at most every WRITE_EVERY_S). That is safe because a balance
     is an absolute snapshot: if the commit never happens, a restart re-reads the same
     events from the stored offsets and sends the same values again (see hold_until).
     A write that fails, or that DuckDB judges otherwise than memory did (`WindowMissed`),
-    has its batch and the one after it refolded from the store (`_recover`).
+    has every batch not yet stored refolded from the store (`_recover`).
     """
 
     def __init__(self, con: duckdb.DuckDBPyConnection, config: Config, topics: Topics,
@@ -133,7 +150,11 @@ class Projector:
         self.mirror: dict[str, UserUsage] = self.store.load_usages()
         self.recent = RecentIds.load(self.writer, datetime.now(UTC))
         self.publish_before_commit = publish_before_commit
-        self._write: tuple[asyncio.Future[None], int] | None = None  # under way, its records
+        # The write under way (its result: how many records it stored), and the batches
+        # judged from memory waiting for the next one, with what memory found new in each.
+        self._write: asyncio.Future[int] | None = None
+        self._pending: list[tuple[Decoded, pa.Table, int]] = []
+        self._last_write = 0.0  # when the last write began (the event loop's clock)
         self._unwritten: list[Record] = []  # records taken whose write has not succeeded
         self._work: asyncio.Future[None] | None = None
         self._acks: asyncio.Future[list[object]] | None = None
@@ -179,7 +200,7 @@ class Projector:
         store older offsets than the file holds)."""
         async with self._writing:
             if not records:  # woken by a write that ended (see consume): a failed one is
-                await self.drain()  # refolded
+                await self.advance()  # refolded
             elif current():
                 await self._handle(records)
 
@@ -219,15 +240,28 @@ class Projector:
         halves, DuckDB first; then every balance is sent (what was sent is redone)."""
         with contextlib.suppress(*RECORD_FAULTS, WindowMissed):
             await self._written()
-        records, self._unwritten = self._unwritten, []
+        records, self._unwritten, self._pending = self._unwritten, [], []
         await asyncio.to_thread(self.restore)
         await self.split(records)
         await self.publish(self.mirror)
 
     async def drain(self) -> None:
-        """Until the write under way is stored (or, if it fails, refolded)."""
+        """Until every batch taken is stored (or, if a write fails, refolded)."""
         try:
             await self._written()
+            if self._pending:
+                self._start_write(wait=False)
+                await self._written()
+        except (*RECORD_FAULTS, WindowMissed) as error:
+            log.error("a batch's write failed (%s): refolding", error_text(error))
+            await self._recover()
+
+    async def advance(self) -> None:
+        """A write ended: take its outcome (a failed one is refolded), and start the next
+        if batches wait for it."""
+        try:
+            await self._written()
+            self._start_write()
         except (*RECORD_FAULTS, WindowMissed) as error:
             log.error("a batch's write failed (%s): refolding", error_text(error))
             await self._recover()
@@ -235,9 +269,28 @@ class Projector:
     async def _written(self) -> None:
         """Until the write under way is committed; its error, if it failed."""
         if self._write is not None:
-            (write, count), self._write = self._write, None
-            await write
-            del self._unwritten[:count]
+            write, self._write = self._write, None
+            del self._unwritten[:await write]
+
+    def _start_write(self, wait: bool = True) -> None:
+        """The pending batches' write, if none is under way: in a thread, after waiting
+        (`wait`) until WRITE_EVERY_S since the last one began; it takes every batch
+        pending by then."""
+        if self._write is not None or not self._pending:
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, self._last_write + WRITE_EVERY_S - loop.time()) if wait else 0.0
+        self._write = asyncio.ensure_future(self._write_pending(delay))
+
+    async def _write_pending(self, delay: float) -> int:
+        if delay:
+            await asyncio.sleep(delay)
+        self._last_write = asyncio.get_running_loop().time()
+        batches, self._pending = self._pending, []
+        decoded = Decoded.joined([b for b, _, _ in batches])
+        new = pa.concat_tables([n for _, n, _ in batches])
+        await asyncio.to_thread(self.store_checked, decoded, new)
+        return sum(count for _, _, count in batches)
 
     async def fold(self, records: list[Record], publish_first: bool) -> None:
         if len(records) <= DECODED_INLINE:
@@ -256,22 +309,26 @@ class Projector:
 
     async def _fold_from_memory(self, decoded: Decoded, new: pa.Table,
                                 count: int) -> list[asyncio.Future[object]]:
-        """Balances first, from memory; then the batch's write starts, once the one before
-        it is stored (DuckDB releases the GIL: the next batch is handled meanwhile)."""
+        """Balances first, from memory; then the batch waits for the next write (one for
+        every batch taken meanwhile, at most every WRITE_EVERY_S; DuckDB releases the GIL:
+        the next batches are handled meanwhile)."""
         self.mirror.update(store.with_rows(self.mirror, new))
         self.book.note(new, decoded.offsets)  # the position its balances carry
         await self.dead_letter(decoded.skipped)
         sent = await self.send(store.Applied(new).users)
-        await self._written()
-        self._write = (asyncio.ensure_future(asyncio.to_thread(self.store_checked, decoded,
-                                                               new)), count)
+        self._pending.append((decoded, new, count))
+        if len(self._unwritten) >= UNWRITTEN_MAX:  # DuckDB is behind: wait for it
+            await self._written()
+        if self._write is not None and self._write.done():
+            await self._written()
+        self._start_write()
         return sent
 
     async def _fold_by_store(self, decoded: Decoded,
                              publish_first: bool) -> list[asyncio.Future[object]]:
         """DuckDB says which events are new (the batch holds one older than the recent ids
-        or the balances wait for the commit)."""
-        await self._written()
+        or the balances wait for the commit): once every batch before it is stored."""
+        await self.drain()
         applied = await asyncio.to_thread(self.begin, decoded)
         self.book.note(applied.new, decoded.offsets)
         await self.dead_letter(decoded.skipped)
@@ -389,8 +446,7 @@ class Projector:
             while True:
                 # Empty when a write ended first (a failed one is refolded at once, not
                 # when the next batch comes), or when all was read before a rebalance.
-                read_in, records = await _take(ahead, reader, generation,
-                                               None if self._write is None else self._write[0])
+                read_in, records = await _take(ahead, reader, generation, self._write)
                 # Shielded: a stop lets the batch under way commit and publish (see finish).
                 self._work = asyncio.ensure_future(self.handle(
                     records, _still(read_in, generation)))
@@ -401,7 +457,7 @@ class Projector:
         finally:
             reader.cancel()  # what it read and nobody took is read again after a restart
             if self._write is not None:  # its thread ends before the store can be closed
-                await asyncio.wait([self._write[0]])
+                await asyncio.wait([self._write])
 
     async def finish(self) -> None:
         if self._work is not None:
@@ -429,7 +485,7 @@ async def _read_ahead(consumer: AIOKafkaConsumer, ahead: asyncio.Queue[Stamped],
 
 async def _take(ahead: asyncio.Queue[Stamped], reader: asyncio.Future[Any],
                 generation: Callable[[], int],
-                write: asyncio.Future[None] | None = None) -> Stamped:
+                write: asyncio.Future[Any] | None = None) -> Stamped:
     """Everything read ahead (up to about BATCH_SIZE) in the current generation, once
     there is something (empty if all of it was read before a rebalance); nothing if the
     `write` under way ends first."""
