@@ -62,6 +62,9 @@ async def test_admin_budgets_over_kafka_equal_tally_simulate(
             assert await settled_report(client, url, expected) == expected
             await until(lambda: ready(client, ingest_url))
             await until(lambda: posts(receiver, 2))
+            # The counter moves once the webhook has answered, after the receiver noted
+            # the post: stopped in between, the second delivery went uncounted.
+            await until(lambda: delivered(metrics, 2))
             ingest_metrics = (await client.get(f"{ingest_url}/metrics")).text
 
     assert [t.split("\n")[0] for t in receiver.texts] == [
@@ -92,3 +95,8 @@ async def settled_report(client: httpx.AsyncClient, url: str, expected: Any) -> 
 
 async def posts(receiver: Receiver, count: int) -> bool:
     return len(receiver.texts) >= count
+
+
+async def delivered(metrics: Metrics, count: int) -> bool:
+    return metrics.registry.get_sample_value("tally_alert_deliveries_total",
+                                             {"result": "delivered"}) == count
