@@ -220,6 +220,18 @@ async def ready(client: httpx.AsyncClient, run: Running) -> bool:
     return all(a.status_code == 200 for a in answers)
 
 
+async def readiness(client: httpx.AsyncClient, run: Running) -> dict[str, str]:
+    """Each service's /readyz answer, to say which one is not ready and why."""
+    answers = {}
+    for name in run.ports:
+        try:
+            answer = await client.get(f"{run.url(name)}/readyz")
+            answers[name] = f"{answer.status_code} {answer.text}"
+        except httpx.TransportError as e:
+            answers[name] = repr(e)
+    return answers
+
+
 async def audit(client: httpx.AsyncClient, run: Running, sql: str) -> list[list[Any]]:
     response = await client.post(f"{run.url('projector')}/audit", json={"sql": sql},
                                  headers={"x-api-key": ADMIN_KEY})
@@ -388,7 +400,7 @@ async def test_no_hostile_record_stops_a_service_or_is_lost(
         assert await decided(kafka_bootstrap, topics) == want
 
         # Every service is still the process it was, and ready.
-        assert await ready(client, run)
+        assert await ready(client, run), await readiness(client, run)
         for name, service in run.services.items():
             assert service.alive() and service.stats.exits == [], (name, service.stats)
             assert service.stats.starts == 1, name

@@ -183,3 +183,10 @@ def test_a_decision_heard_back_as_sent_is_taken_as_it_is_and_others_are_decoded(
     assert said.decode(records[3:])[0] is sent
     again = said.decode(records[3:])
     assert again == [sent] and again[0] is not sent
+
+
+def test_a_decision_record_whose_key_is_not_utf8_is_skipped_not_a_crash() -> None:
+    said = Said()
+    records = [Record("budget.decisions", 0, 0, b"\xff\xfe", b"\xff not json", 0),
+               Record("budget.decisions", 0, 1, None, b"{}", 0)]
+    assert said.decode(records) == []

@@ -89,7 +89,8 @@ class Said:
         """`decode_all` of budget.decisions records, taking the decisions sent as they are."""
         found: list[BudgetDecided] = []
         for record in records:
-            sent = self._heard((record.key or b"").decode(), record.value)
+            # A key that is not UTF-8 is no user's (any bytes can be written to the topic).
+            sent = self._heard((record.key or b"").decode("utf-8", "replace"), record.value)
             if sent is not None:
                 found.append(sent)
             else:
