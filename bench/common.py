@@ -154,3 +154,29 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None
         print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
         if n == 0:
             print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a process has used so far (Linux /proc; an exited child not yet
+    waited for keeps its figures); 0 for pid 0 (none found) or a process gone."""
+    if not pid:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def quantile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=1000, method="inclusive")[int(q * 1000) - 1]
+
+
+def lag_growth(latencies_in_send_order: Sequence[float]) -> float:
+    """ms: the median latency of the last tenth sent minus that of the first tenth. A rate
+    that is held stays near 0; one that is not grows with the run."""
+    if not latencies_in_send_order:
+        return float("nan")
+    tenth = max(1, len(latencies_in_send_order) // 10)
+    return (statistics.median(latencies_in_send_order[-tenth:])
+            - statistics.median(latencies_in_send_order[:tenth]))

@@ -39,6 +39,7 @@ from bench.common import (
     BENCH_DATA,
     ROOT,
     bench_broker,
+    cpu_seconds,
     ensure_usage,
     machine,
     print_table,
@@ -118,11 +119,6 @@ async def until_done(ports: list[int], total: int) -> None:
                     and sum(f for f, _ in answers) == total):
                 return
             await asyncio.sleep(0.2)
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def run(bootstrap: str, topics: Topics, events: int, count: int,

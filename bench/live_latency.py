@@ -21,7 +21,6 @@ import dataclasses
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -39,8 +38,11 @@ from bench.common import (
     KAFKA_DIR,
     ROOT,
     bench_broker,
+    cpu_seconds,
+    lag_growth,
     machine,
     print_table,
+    quantile,
 )
 from tally.decision_cache import DecisionCache
 from tally.kafka import Record, batches, ensure_topics, make_consumer, make_producer, partitions_of
@@ -102,15 +104,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU a process has used so far (Linux /proc), 0 if it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclasses.dataclass
@@ -235,13 +228,10 @@ def latencies(sent: Seen, seen: Seen) -> tuple[list[float], int]:
     return found, sum(len(events) for events in sent.values()) - len(found)
 
 
-def lag_growth(sent: Seen, seen: Seen) -> float:
-    """ms: the median latency of the last tenth of the events sent minus that of the first
-    tenth. A rate the pipeline holds stays near 0; one it cannot, grows with the run."""
+def growth(sent: Seen, seen: Seen) -> float:
+    """bench.common.lag_growth of the events in the order they were sent."""
     timed = sorted((at, ms) for at, ms in covered(sent, seen) if ms is not None)
-    tenth = max(1, len(timed) // 10)
-    return (statistics.median(ms for _, ms in timed[-tenth:])
-            - statistics.median(ms for _, ms in timed[:tenth])) if timed else float("nan")
+    return lag_growth([ms for _, ms in timed])
 
 
 @contextlib.asynccontextmanager
@@ -284,17 +274,13 @@ async def one_run(bootstrap: str, rate: int, seconds: float, users: int,
                 await producer.stop()
     shutil.rmtree(data, ignore_errors=True)
     events_sent = sum(len(v) for v in sent.values())
-    SHAPE.update({"lag": lag_growth(sent, cache.seen),
+    SHAPE.update({"lag": growth(sent, cache.seen),
                   "balances": sum(len(v) for v in balances.values()) / events_sent,
                   "decisions": sum(len(v) for v in cache.sent.values()) / events_sent})
     return {"ingest sent it": latencies(sent, events),
             "projector sent balance": latencies(sent, balances),
             "enforcer sent decision": latencies(sent, cache.sent),
             "in the cache (end to end)": latencies(sent, cache.seen)}
-
-
-def quantile(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=1000, method="inclusive")[int(q * 1000) - 1]
 
 
 def main() -> None:

@@ -34,7 +34,6 @@ import contextlib
 import itertools
 import json
 import os
-import statistics
 import subprocess
 import sys
 import threading
@@ -46,7 +45,16 @@ from pathlib import Path
 
 from aiokafka.admin import NewTopic
 
-from bench.common import KAFKA_DIR, ROOT, bench_broker, machine, print_table
+from bench.common import (
+    KAFKA_DIR,
+    ROOT,
+    bench_broker,
+    cpu_seconds,
+    lag_growth,
+    machine,
+    print_table,
+    quantile,
+)
 from tally.kafka import fetch, make_admin, make_consumer, make_producer, partitions_of
 from tally_dev import localkafka
 
@@ -271,15 +279,6 @@ def child(argv: list[str]) -> None:
 # ------------------------------------------------------------------------- the parent
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process so far (Linux /proc; an exited child not yet
-    waited for keeps its figures); 0 for pid 0 (no broker found)."""
-    if not pid:
-        return 0.0
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def create_topics(bootstrap: str, names: list[str]) -> None:
     admin = make_admin(bootstrap)
     await admin.start()
@@ -347,15 +346,9 @@ def one_run(bootstrap: str, client: str, rate: int, seconds: float, work: Path) 
     arrived = json.loads(out.read_text())
     out.unlink()
     found = [ms for ms in arrived if ms is not None]
-    tenth = max(1, len(found) // 10)
-    growth = statistics.median(found[-tenth:]) - statistics.median(found[:tenth])
     return Run(client, rate, found, len(arrived) - len(found),
                {name: (after[name] - before[name]) / count * 1e6 for name in pids},
-               (load_start, load_end), growth)
-
-
-def quantile(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=1000, method="inclusive")[int(q * 1000) - 1]
+               (load_start, load_end), lag_growth(found))
 
 
 def client_cpu(run: Run) -> float:
