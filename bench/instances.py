@@ -150,6 +150,7 @@ async def run(bootstrap: str, topics: Topics, events: int, count: int,
 # the takeover: restore by replay against a warm standby ------------------------------------
 
 TRICKLE_PER_S = 100
+TAKEOVER_CASES = ("replay", "standby")
 
 
 async def history(bootstrap: str, topics: Topics, events: int) -> Path:
@@ -277,11 +278,11 @@ async def until_shared(ports: list[int]) -> None:
         await asyncio.sleep(0.2)
 
 
-def compare_takeovers(bootstrap: str, events: int) -> None:
+def compare_takeovers(bootstrap: str, events: int, cases: tuple[str, ...]) -> None:
     topics = Topics(f"bench-takeover-{events}")
     built = asyncio.run(history(bootstrap, topics, events))
     rows = []
-    for standby in (False, True):
+    for standby in (case == "standby" for case in cases):
         seconds = asyncio.run(takeover(bootstrap, topics, built, standby))
         load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
         rows.append(["standby (tail only)" if standby
@@ -298,11 +299,15 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--takeover", action="store_true",
                         help="only the takeover: restore by replay against a standby")
+    parser.add_argument("--only", choices=TAKEOVER_CASES, action="append",
+                        help="with --takeover: only this case (repeatable; code before and "
+                             "after a change is compared by running one case each, "
+                             "PYTHONPATH naming the older src)")
     args = parser.parse_args()
     print(machine())
     if args.takeover:
         with bench_broker() as bootstrap:
-            compare_takeovers(bootstrap, args.events)
+            compare_takeovers(bootstrap, args.events, tuple(args.only or TAKEOVER_CASES))
         return
     with bench_broker() as bootstrap:
         topics = Topics(f"bench-instances-{args.events}")

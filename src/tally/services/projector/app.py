@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ from tally.service import Part, bind, error_text, http_part, run_parts, run_serv
 from tally.services.projector import store
 from tally.services.projector.assignor import warm_assignor
 from tally.services.projector.audit import audit_app, instances_asker
-from tally.services.projector.decode import Decoder, Skipped, rejected
+from tally.services.projector.decode import RECORD_FAULTS, Decoded, Decoder, Skipped
 from tally.services.projector.history import history_routes
 from tally.services.projector.ownership import Ownership, PartitionBook, Stamped, group_id
 from tally.services.projector.partitioncount import check_partition_count, keep_partition_count
@@ -59,10 +58,6 @@ __all__ = ["BATCH_SIZE", "Decoded", "assign_from", "main", "run", "run_projector
 log = logging.getLogger(__name__)
 
 BATCH_SIZE = 10_000
-# What a batch's own contents can raise, as opposed to the broker going away: such a batch
-# is split until the record at fault is found.
-RECORD_FAULTS = (duckdb.Error, pa.ArrowException, ValueError, TypeError, KeyError,
-                 ArithmeticError)
 READ_AHEAD = 8  # fetched batches held while one is handled
 # Up to this many records a batch is decoded in the event loop: a thread's hop costs more
 # than a live batch's decode (~30-80 records at 1,000 events/s); a catch-up batch, in a thread.
@@ -74,37 +69,6 @@ DECODED_INLINE = 1_000
 WRITE_EVERY_S = 0.25
 # Records judged but not yet stored, past which a batch waits for the write under way.
 UNWRITTEN_MAX = BATCH_SIZE
-
-
-@dataclass(frozen=True)
-class Decoded:
-    """A batch of both topics, decoded, with the offsets to store along with it, and the
-    usage.events records that cannot be counted (the live projector dead-letters them)."""
-
-    events: pa.Table
-    rejected: pa.Table
-    offsets: dict[tuple[str, int], int]
-    skipped: Skipped = field(default_factory=list)
-
-    @classmethod
-    def of(cls, decoder: Decoder, topics: Topics, records: list[Record]) -> Decoded:
-        events, dlq = topics.usage_events, topics.usage_dlq
-        table, skipped = decoder.events(r for r in records if r.topic == events)
-        return cls(table, rejected(r for r in records if r.topic == dlq),
-                   next_offsets(records), skipped)
-
-    def apply(self, into: store.DuckDBStore) -> set[str]:
-        """One transaction: the same write path for the live projector and replay."""
-        return into.apply(self.events, self.offsets, self.rejected)
-
-    @classmethod
-    def joined(cls, batches: list[Decoded]) -> Decoded:
-        """Consecutive batches as one (what they skipped is dead-lettered already)."""
-        offsets: dict[tuple[str, int], int] = {}
-        for batch in batches:  # in order: a later batch's offset is the higher
-            offsets |= batch.offsets
-        return cls(pa.concat_tables([b.events for b in batches]),
-                   pa.concat_tables([b.rejected for b in batches]), offsets)
 
 
 async def assign_from(consumer: AIOKafkaConsumer, names: Iterable[str],

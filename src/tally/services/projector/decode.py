@@ -21,10 +21,11 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
+import duckdb
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -33,9 +34,11 @@ import pyarrow.json as pj
 from tally.config.models import PerUserBudgets, TokenField
 from tally.core.periods import Calendar, Window, calendar_for
 from tally.core.usage import counted_tokens
-from tally.kafka import Record
+from tally.kafka import Record, next_offsets
 from tally.service import error_text
+from tally.services.projector import store
 from tally.services.projector.store import LEDGER_ARROW, REJECTED_ARROW, start_column
+from tally.topics import Topics
 from tally.wire import (
     CONTROL_CHARACTERS,
     EARLIEST_EVENT,
@@ -47,7 +50,7 @@ from tally.wire import (
     UsageRecorded,
 )
 
-__all__ = ["Decoder", "Skipped", "rejected"]
+__all__ = ["RECORD_FAULTS", "Decoded", "Decoder", "Skipped", "rejected"]
 
 Skipped = list[tuple[Record, str]]  # records that cannot be counted, and why
 
@@ -284,3 +287,42 @@ def _optional(value: Any) -> str | None:
     if value is not None and not isinstance(value, str):
         raise TypeError(f"expected a string or null, got {value!r}")
     return value
+
+
+# a batch, decoded ---------------------------------------------------------------------------
+
+# What a batch's own contents can raise, as opposed to the broker going away: such a batch
+# is split until the record at fault is found.
+RECORD_FAULTS = (duckdb.Error, pa.ArrowException, ValueError, TypeError, KeyError,
+                 ArithmeticError)
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A batch of both topics, decoded, with the offsets to store along with it, and the
+    usage.events records that cannot be counted (the live projector dead-letters them)."""
+
+    events: pa.Table
+    rejected: pa.Table
+    offsets: dict[tuple[str, int], int]
+    skipped: Skipped = field(default_factory=list)
+
+    @classmethod
+    def of(cls, decoder: Decoder, topics: Topics, records: list[Record]) -> Decoded:
+        events, dlq = topics.usage_events, topics.usage_dlq
+        table, skipped = decoder.events(r for r in records if r.topic == events)
+        return cls(table, rejected(r for r in records if r.topic == dlq),
+                   next_offsets(records), skipped)
+
+    def apply(self, into: store.DuckDBStore) -> set[str]:
+        """One transaction: the same write path for the live projector and replay."""
+        return into.apply(self.events, self.offsets, self.rejected)
+
+    @classmethod
+    def joined(cls, batches: list[Decoded]) -> Decoded:
+        """Consecutive batches as one (what they skipped is dead-lettered already)."""
+        offsets: dict[tuple[str, int], int] = {}
+        for batch in batches:  # in order: a later batch's offset is the higher
+            offsets |= batch.offsets
+        return cls(pa.concat_tables([b.events for b in batches]),
+                   pa.concat_tables([b.rejected for b in batches]), offsets)

@@ -32,8 +32,7 @@ from tally.kafka import ensure_topics
 from tally.kafka_bulk import Columns, TopicReader
 from tally.service import error_text
 from tally.services.projector import store
-from tally.services.projector.app import RECORD_FAULTS, Decoded
-from tally.services.projector.decode import Decoder, Skipped, rejected
+from tally.services.projector.decode import RECORD_FAULTS, Decoded, Decoder, Skipped, rejected
 from tally.settings import Settings
 from tally.topics import Topics
 
