@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import httpx
 
 from bench.common import (
@@ -47,6 +48,7 @@ from bench.common import (
     usage_values,
 )
 from tally.kafka import ensure_topics, make_consumer, make_producer, partitions_of
+from tally.services.projector.ownership import drop_partitions
 from tally.topics import Topics
 from tally.wire import BalanceUpdated
 
@@ -91,10 +93,12 @@ def remove(db: Path) -> None:
 
 async def spawn(bootstrap: str, topics: Topics, db: Path, port: int,
                 *options: str) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tally.cli", "projector", "--config", str(config_dir()),
-        "--db", str(db), "--port", str(port), "--session-timeout", str(SESSION_S), *options,
-        cwd=ROOT, stderr=asyncio.subprocess.DEVNULL, env=tally_env(bootstrap, topics))
+    """A `tally projector` on `db`; its log in the file beside it, `<db>.log`."""
+    with open(f"{db}.log", "w") as log:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tally.cli", "projector", "--config", str(config_dir()),
+            "--db", str(db), "--port", str(port), "--session-timeout", str(SESSION_S),
+            *options, cwd=ROOT, stderr=log, env=tally_env(bootstrap, topics))
 
 
 async def ask(client: httpx.AsyncClient, port: int) -> tuple[int, dict[str, Any]]:
@@ -172,10 +176,19 @@ async def history(bootstrap: str, topics: Topics, events: int) -> Path:
     return built
 
 
-def copy_of(built: Path, name: str) -> Path:
+HALVES = ({0, 1, 2}, {3, 4, 5})
+
+
+def copy_of(built: Path, name: str, topics: Topics | None = None,
+            keep: set[int] | None = None) -> Path:
+    """A copy of the history file; with `keep`, only those partitions of the topics."""
     db = BENCH_DATA / f"takeover-{name}.duckdb"
     remove(db)
     shutil.copyfile(built, db)
+    if topics is not None and keep is not None:
+        with duckdb.connect(str(db)) as con:
+            others = set(range(PARTITIONS)) - keep
+            drop_partitions(con, topics, others, others)
     return db
 
 
@@ -239,7 +252,12 @@ async def takeover(bootstrap: str, topics: Topics, built: Path, standby: bool) -
     """Two instances from copies of the history file, usage arriving, one killed: seconds
     to the first balance of a moved partition."""
     ports = [28500, 28501]
-    first = await spawn(bootstrap, topics, copy_of(built, "a"), ports[0])
+    # The active instances' files hold a half each, so that neither deletes the other's
+    # at its first assignment (the rebalance listener would wait for the deletion of
+    # 500,000 rows, past the session timeout on a busy machine: both were dropped from
+    # the group and rejoined, and the kill then moved partitions already caught up).
+    first = await spawn(bootstrap, topics,
+                        copy_of(built, "a", topics, None if standby else HALVES[0]), ports[0])
     processes = [first]
     stop = asyncio.Event()
     trickling = asyncio.ensure_future(trickle(bootstrap, topics, stop))
@@ -250,7 +268,8 @@ async def takeover(bootstrap: str, topics: Topics, built: Path, standby: bool) -
                                          "--standby"))
             await until_ready(ports[1])
         else:  # each active owns three partitions, caught up
-            processes.append(await spawn(bootstrap, topics, copy_of(built, "b"), ports[1]))
+            processes.append(await spawn(bootstrap, topics, copy_of(built, "b", topics, HALVES[1]),
+                                         ports[1]))
             await until_shared(ports)
         await asyncio.sleep(3)  # usage flowing through the group as it stands
         moved = set((await readyz(ports[0]))["partitions"])

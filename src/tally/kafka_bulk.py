@@ -23,7 +23,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from tally.kafka import Record
 from tally.settings import KafkaSecurity
 
-__all__ = ["Columns", "TopicReader", "librdkafka_security"]
+__all__ = ["Bounds", "Columns", "TopicReader", "librdkafka_security"]
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +75,18 @@ class Columns:
                 for v, p, o in zip(self.values, self.partitions, self.offsets, strict=True)]
 
 
+Bounds = dict[tuple[str, int], int]  # an offset per (topic, partition)
+
+
 class TopicReader:
     """Every partition of some topics read from its beginning up to its end offset at
     start (what a reader "up to its end" must compare with, or a busy topic never lets it
-    finish), in batches. Offsets are never committed: the caller keeps its own."""
+    finish), in batches; or, given `bounds` (starts, ends), those partitions between
+    those offsets. Offsets are never committed: the caller keeps its own."""
 
     def __init__(self, bootstrap: str, topics: list[str], main: str,
-                 security: KafkaSecurity | None = None) -> None:
+                 security: KafkaSecurity | None = None,
+                 bounds: tuple[Bounds, Bounds] | None = None) -> None:
         self.main = main
         self.consumer = Consumer({
             "bootstrap.servers": bootstrap,
@@ -102,15 +107,14 @@ class TopicReader:
             "fetch.queue.backoff.ms": 10,
         }, logger=log)
         try:
-            self.starts, self.ends = self._bounds(topics)
+            self.starts, self.ends = bounds or self._bounds(topics)
         except BaseException:
             self.consumer.close()
             raise
         self.pending = {tp for tp, end in self.ends.items() if end > self.starts[tp]}
         self.consumer.assign([TopicPartition(t, p, self.starts[(t, p)]) for t, p in self.pending])
 
-    def _bounds(self, topics: list[str]) -> tuple[dict[tuple[str, int], int],
-                                                  dict[tuple[str, int], int]]:
+    def _bounds(self, topics: list[str]) -> tuple[Bounds, Bounds]:
         starts, ends = {}, {}
         metadata = self.consumer.list_topics(timeout=METADATA_TIMEOUT_S)
         for topic in topics:
@@ -123,6 +127,10 @@ class TopicReader:
                     TopicPartition(topic, partition), timeout=METADATA_TIMEOUT_S)
                 starts[(topic, partition)], ends[(topic, partition)] = low, high
         return starts, ends
+
+    def partition_count(self, topic: str) -> int:
+        """How many partitions of `topic` this reader reads."""
+        return sum(1 for t, _ in self.ends if t == topic)
 
     @property
     def total(self) -> int:

@@ -50,14 +50,18 @@ SESSION_S = 6  # the broker's group.min.session.timeout.ms: the fastest takeover
 
 @asynccontextmanager
 async def instance(bootstrap: str, topics: Topics, db: Path, config_dir: Path,
-                   port: int, *options: str) -> AsyncIterator[asyncio.subprocess.Process]:
-    """One `tally projector` process of the group; killed at the end if still running."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tally.cli", "projector", "--config", str(config_dir),
-        "--db", str(db), "--port", str(port), "--session-timeout", str(SESSION_S), *options,
-        cwd=ROOT,
-        env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-             "TALLY_TOPIC_NAMESPACE": topics.namespace, "TALLY_PARTITIONS": str(PARTITIONS)})
+                   port: int, *options: str,
+                   log: Path | None = None) -> AsyncIterator[asyncio.subprocess.Process]:
+    """One `tally projector` process of the group (its stderr into `log` if given);
+    killed at the end if still running."""
+    with open(log, "w") if log else contextlib.nullcontext() as stderr:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tally.cli", "projector", "--config", str(config_dir),
+            "--db", str(db), "--port", str(port), "--session-timeout", str(SESSION_S),
+            *options, cwd=ROOT, stderr=stderr,
+            env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+                 "TALLY_TOPIC_NAMESPACE": topics.namespace,
+                 "TALLY_PARTITIONS": str(PARTITIONS)})
     try:
         yield process
     finally:

@@ -342,6 +342,10 @@ async def test_replay_rebuilds_what_the_live_projector_built(
     assert f"replayed {len(sent) + 1:,} events" in out and "events/s" in out
     for table in ("ledger", "balances", "rejected", "offsets", "users"):
         assert db_rows(rebuilt, f"FROM {table}") == db_rows(live, f"FROM {table}"), table
+    # The partition count it was written under, as the projector records it.
+    name = f"partitions:{topics.usage_events}"
+    count = f"FROM store_settings WHERE name = '{name}'"
+    assert db_rows(rebuilt, count) == db_rows(live, count) == {(name, "3")}
     # No projector listens: `tally audit` opens the file read-only itself.
     code, out, err = await run_tally("audit", "SELECT sum(events) AS n FROM usage_by_model",
                                      "--db", str(rebuilt), "--url", f"http://127.0.0.1:{port}")

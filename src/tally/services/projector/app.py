@@ -511,7 +511,8 @@ async def run_projector(config: Config, bootstrap: str, topics: Topics, db_path:
         # to the stored offsets and sends the balances of the partitions caught up.
         ownership = Ownership(projector, consumer, topics, follower=follower,
                               check_count=lambda found: check_partition_count(
-                                  topics.usage_events, count, found, db_path))
+                                  topics.usage_events, count, found, db_path),
+                              bootstrap=bootstrap)
         consumer.subscribe([topics.usage_events, topics.usage_dlq], listener=ownership)
         readiness = Readiness(ownership.describe)
         services = [Part("projector-fold",
@@ -555,6 +556,7 @@ async def _fold_until_stopped(projector: Projector, consumer: AIOKafkaConsumer,
     try:
         await projector.consume(consumer, lambda: ownership.generation, follower)
     except asyncio.CancelledError:
+        await ownership.stop_restoring()
         await projector.finish()
         raise
 

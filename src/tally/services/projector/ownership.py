@@ -51,6 +51,7 @@ from tally.kafka import Record, end_offsets, partitions_of
 from tally.ops import Metrics
 from tally.services.projector import store
 from tally.services.projector.assignor import Claim
+from tally.services.projector.restore import BulkRestore
 from tally.topics import Topics
 
 if TYPE_CHECKING:
@@ -210,10 +211,14 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, projector: Projector, consumer: AIOKafkaConsumer, topics: Topics,
                  on_change: Callable[[], None] | None = None,
                  follower: AIOKafkaConsumer | None = None,
-                 check_count: Callable[[int], None] | None = None) -> None:
+                 check_count: Callable[[int], None] | None = None,
+                 bootstrap: str | None = None) -> None:
         """`check_count` raises if usage.events' partition count (at an assignment) is not
-        the one the file was written under: that stops the service (partitioncount.py)."""
+        the one the file was written under: that stops the service (partitioncount.py).
+        With `bootstrap`, a partition gained far behind is restored in bulk (restore.py)."""
         self.check_count = check_count
+        self.bulk = (BulkRestore(projector, consumer, bootstrap, self._load)
+                     if bootstrap is not None else None)
         self.projector = projector
         self.consumer = consumer
         self.follower = follower
@@ -255,6 +260,7 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
             self.follower.pause(*self.follower.assignment())
         self.generation += 1  # what was read ahead is not folded
         try:
+            await self.stop_restoring()
             await self.projector.finish()  # the batch under way commits; its acks arrive
         except BaseException as error:
             self._fail(error)
@@ -288,8 +294,13 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
             stored = projector.store.load_offsets()
             followed = await self._rest(assigned)
             starts = await self.consumer.beginning_offsets(list(assigned | followed))
-            for tp in assigned:
-                self.consumer.seek(tp, stored.get((tp.topic, tp.partition), starts[tp]))
+            sought = {tp: stored.get((tp.topic, tp.partition), starts[tp]) for tp in assigned}
+            for tp, at in sought.items():
+                self.consumer.seek(tp, at)
+            # A partition still restoring is sought back too: it is held anew.
+            restoring = gained | (mine & set(self.book.held))
+            if self.bulk is not None:  # read by nobody until the ends say how (restore.py)
+                self.bulk.pause(restoring)
             if self.follower is not None:
                 self.follower.assign(sorted(followed))
                 for tp in followed:
@@ -300,9 +311,10 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
             ends = {(tp.topic, tp.partition): end
                     for tp, end in (await end_offsets(self.consumer, assigned)).items()}
             self.book.owned = mine
-            # A partition still restoring is sought back too: it is held anew.
-            restoring = gained | (mine & set(self.book.held))
             self.book.hold(restoring, stored, ends)
+            if self.bulk is not None:  # those far behind in bulk, the rest live
+                self.bulk.start(restoring, {tp.partition: at for tp, at in sought.items()
+                                            if tp.topic == events}, ends)
             self.assigned = set(assigned)
             log.info("projector: owns partitions %s of %s (lost %s, gained %s, restoring %s)",
                      sorted(mine), events, sorted(lost), sorted(gained), sorted(self.book.held))
@@ -332,6 +344,12 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
         every = [tp for name in (self.topics.usage_events, self.topics.usage_dlq)
                  for tp in await partitions_of(self.consumer, name)]
         return set(every) - assigned
+
+    async def stop_restoring(self) -> None:
+        """Until a bulk restore under way has stopped (a rebalance, or the service
+        stopping): the file then holds its partitions up to their stored offsets."""
+        if self.bulk is not None:
+            await self.bulk.stop()
 
     def _load(self, gained: set[int]) -> None:
         con = self.projector.writer

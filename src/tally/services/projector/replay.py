@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,10 +33,12 @@ from tally.kafka_bulk import Columns, TopicReader
 from tally.service import error_text
 from tally.services.projector import store
 from tally.services.projector.decode import RECORD_FAULTS, Decoded, Decoder, Skipped, rejected
+from tally.services.projector.partitioncount import keep_partition_count
 from tally.settings import Settings
 from tally.topics import Topics
 
-__all__ = ["REPLAY_BATCH", "Progress", "apply_or_split", "decode", "main", "replay"]
+__all__ = ["REPLAY_BATCH", "Progress", "apply_or_split", "decode", "fold_in_bulk", "main",
+           "replay"]
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +97,14 @@ async def replay(config: Config, bootstrap: str, topics: Topics, db_path: Path,
         schedule = config.budgets.per_user_budgets.reset_schedule
         with store.connect(db_path, schedule=schedule) as con:
             con.execute(f"SET memory_limit = '{REPLAY_DUCKDB_MEMORY}'")
-            await _fold(functools.partial(reader.next_batch, REPLAY_BATCH), reading, con,
-                        Decoder.of(config.budgets.per_user_budgets), progress)
+            # The count the file is written under, as the projector records it: a projector
+            # started on the file refuses another (partitioncount.py).
+            keep_partition_count(con, topics.usage_events,
+                                 reader.partition_count(topics.usage_events), db_path)
+            await fold_in_bulk(functools.partial(reader.next_batch, REPLAY_BATCH), reading,
+                               Decoder.of(config.budgets.per_user_budgets),
+                               lambda decoded: asyncio.to_thread(apply_or_split, con, decoded),
+                               progress)
         progress.draw(time.monotonic())
         out.write("\n")
         return progress
@@ -105,34 +113,37 @@ async def replay(config: Config, bootstrap: str, topics: Topics, db_path: Path,
         reader.close()
 
 
-async def _fold(read: Callable[[], Columns | None], reading: ThreadPoolExecutor,
-                con: duckdb.DuckDBPyConnection, decoder: Decoder, progress: Progress) -> None:
+async def fold_in_bulk(read: Callable[[], Columns | None], reading: ThreadPoolExecutor,
+                       decoder: Decoder, write: Callable[[Decoded], Awaitable[object]],
+                       progress: Progress | None = None) -> None:
     """A three-stage pipeline, each stage in a thread of its own: batch n+2 is read
     (librdkafka's C, the GIL released while it waits), batch n+1 decoded (mostly in
-    Arrow's C++, the GIL released) and batch n written by DuckDB (the GIL released). Each
-    stage takes its batches in order, so commits stay in offset order."""
+    Arrow's C++, the GIL released) and batch n written (`write`: `apply_or_split` in a
+    thread, DuckDB releasing the GIL). Each stage takes its batches in order, so commits
+    stay in offset order. `tally replay` and the restore of a gained partition
+    (restore.py) fold through it."""
     loop = asyncio.get_running_loop()
     next_batch = loop.run_in_executor(reading, read)
     decoding: asyncio.Future[Decoded] | None = None
-    writing: asyncio.Future[set[str]] | None = None
+    writing: asyncio.Future[object] | None = None
     while (batch := await next_batch) is not None:
         next_batch = loop.run_in_executor(reading, read)
         if decoding is not None:
-            writing = await _write_next(con, await decoding, writing)
+            writing = await _write_next(write, await decoding, writing)
         decoding = asyncio.ensure_future(asyncio.to_thread(decode, decoder, batch))
-        progress.add(len(batch))
+        if progress is not None:
+            progress.add(len(batch))
     if decoding is not None:
-        writing = await _write_next(con, await decoding, writing)
+        writing = await _write_next(write, await decoding, writing)
     if writing is not None:
         await writing
 
 
-async def _write_next(con: duckdb.DuckDBPyConnection, decoded: Decoded,
-                      writing: asyncio.Future[set[str]] | None,
-                      ) -> asyncio.Future[set[str]]:
+async def _write_next(write: Callable[[Decoded], Awaitable[object]], decoded: Decoded,
+                      writing: asyncio.Future[object] | None) -> asyncio.Future[object]:
     if writing is not None:
         await writing
-    return asyncio.ensure_future(asyncio.to_thread(apply_or_split, con, decoded))
+    return asyncio.ensure_future(write(decoded))
 
 
 def apply_or_split(con: duckdb.DuckDBPyConnection, decoded: Decoded) -> set[str]:
