@@ -1,5 +1,7 @@
 """A projector's file remembers usage.events' partition count (partitioncount.py): the rule,
-the store, and the projector refusing to start on the real broker once it changed."""
+the store, and the projector refusing to start on the real broker once it changed; and the
+enforcers' rule, budget.balances with the count of usage.events
+(tests/enforcer/test_partition_count_kafka.py: on the real broker)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from tally.services.projector.app import run_projector
 from tally.services.projector.partitioncount import (
     PartitionCountChanged,
     check_partition_count,
+    check_same_count,
     keep_partition_count,
 )
 from tally.topics import Topics
@@ -60,3 +63,17 @@ async def test_the_projector_refuses_to_start_once_partitions_were_added(
                             asyncio.Event())
     assert str(refused.value).startswith(f"{topics.usage_events} has 3 partitions, but {db} "
                                          "was written when it had 2")
+
+
+def test_budget_balances_with_the_count_of_usage_events_passes() -> None:
+    check_same_count("budget.balances", 6, "usage.events", 6)
+
+
+def test_budget_balances_with_another_count_is_refused_naming_both_and_what_to_do() -> None:
+    with pytest.raises(PartitionCountChanged) as refused:
+        check_same_count("x.budget.balances", 8, "x.usage.events", 6)
+    message = str(refused.value)
+    assert message.startswith("x.budget.balances has 8 partitions, but x.usage.events has 6")
+    assert "enforcers' ownership" in message and "new namespace" in message
+    assert message.endswith("restore x.budget.balances with its 6 partitions")
+    assert refused.value.exit_code == ExitCode.REFUSED

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -55,6 +56,7 @@ from tally.services.enforcer.group import Membership
 from tally.services.enforcer.heard import Heard, Said, decode_all
 from tally.services.enforcer.notifier import run_notifier
 from tally.services.enforcer.state import Enforcer, Outcome, Ownership
+from tally.services.projector.partitioncount import check_same_count
 from tally.settings import Settings
 from tally.topics import Topics
 from tally.wire import BalanceUpdated
@@ -169,6 +171,7 @@ class Loop:
     membership: Membership
     partitions: list[TopicPartition]  # of budget.balances
     consumer: AIOKafkaConsumer  # reads every partition of budget.balances
+    check_count: Callable[[int], None]  # raises unless budget.balances has this count
     producer: AIOKafkaProducer
     stop: asyncio.Event
 
@@ -193,6 +196,13 @@ class Loop:
                     started(make_consumer(bootstrap)) as consumer):
             parts = await partitions_of(consumer, self.topics.budget_balances)
             self.partitions = parts
+            # Refused if budget.balances has another partition count than usage.events
+            # (partitioncount.py); a rebalance that shows another count stops it too.
+            events = len(await partitions_of(consumer, self.topics.usage_events))
+            self.check_count = functools.partial(
+                check_same_count, self.topics.budget_balances,
+                reference=self.topics.usage_events, expected=events)
+            self.check_count(len(parts))
             self._lost(frozenset())
             # The follower ends (on `stop`) before its consumer is stopped.
             async with started(self.heard), asyncio.TaskGroup() as tasks:
@@ -209,7 +219,8 @@ class Loop:
                         producer: AIOKafkaProducer, stop: asyncio.Event,
                         tick_seconds: float) -> None:
         self.membership = Membership(bootstrap, self.topics, self.session_timeout_ms,
-                                     self._lost, settled=self.acked)
+                                     self._lost, settled=self.acked,
+                                     check_count=self.check_count)
         self.consumer, self.producer, self.stop = consumer, producer, stop
         async with started(self.membership), asyncio.TaskGroup() as tasks:
             tasks.create_task(self.membership.keep_polling(stop))

@@ -69,12 +69,18 @@ class Membership(ConsumerRebalanceListener):  # type: ignore[misc]
 
     def __init__(self, bootstrap: str, topics: Topics, session_timeout_ms: int,
                  lost: Callable[[frozenset[int]], None],
-                 settled: Callable[[], Awaitable[None]] | None = None) -> None:
+                 settled: Callable[[], Awaitable[None]] | None = None,
+                 check_count: Callable[[int], None] | None = None) -> None:
         """`lost` is told the partitions still owned whenever some are lost, at once:
         the state must stop deciding for their users, and take their new owner's
         decisions when it hears them. `settled` waits until what was published is
         acknowledged (the loop does not wait for decisions' acks between batches): a
-        partition is given up only then, so its new owner hears the last decisions."""
+        partition is given up only then, so its new owner hears the last decisions.
+        `check_count` raises if budget.balances' partition count (at an assignment) is
+        not the one wanted (partitioncount.py): `keep_polling` raises it, which stops the
+        service."""
+        self.check_count = check_count
+        self.failed: Exception | None = None
         self.topic, self.lost, self.settled = topics.budget_balances, lost, settled
         # The range assignor, as when this consumer was built apart: members of one group
         # must share a protocol, so a rolling upgrade's old and new instances still join.
@@ -117,6 +123,13 @@ class Membership(ConsumerRebalanceListener):  # type: ignore[misc]
         # Only noted: the loop restores, then takes them (this runs in the group's own
         # task, whose heartbeats wait for it). The partitions are never read here.
         self.consumer.pause(*assigned)
+        found = self.consumer.partitions_for_topic(self.topic)
+        if found and self.check_count is not None:  # partitions added while running
+            try:
+                self.check_count(len(found))
+            except Exception as error:  # aiokafka would only log it: the service stops
+                self.failed = error
+                return
         self.given = frozenset(tp.partition for tp in assigned)
         self._confirmed_at = asyncio.get_running_loop().time()  # just joined: a member
         log.info("given budget.balances partitions %s", sorted(self.given))
@@ -130,6 +143,8 @@ class Membership(ConsumerRebalanceListener):  # type: ignore[misc]
         is read (every partition is paused), so a poll is a cheap local call."""
         while not stop.is_set():
             await self.consumer.getmany(timeout_ms=500)
+            if self.failed is not None:
+                raise self.failed
 
     async def confirm(self, reader: AIOKafkaConsumer) -> bool:
         """Whether this instance may still judge for its partitions, asked of the group
