@@ -217,7 +217,7 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
         the one the file was written under: that stops the service (partitioncount.py).
         With `bootstrap`, a partition gained far behind is restored in bulk (restore.py)."""
         self.check_count = check_count
-        self.bulk = (BulkRestore(projector, consumer, bootstrap, self._load)
+        self.bulk = (BulkRestore(projector, consumer, bootstrap, self._load, self._fail)
                      if bootstrap is not None else None)
         self.projector = projector
         self.consumer = consumer

@@ -49,7 +49,7 @@ from tally.settings import KafkaSecurity
 if TYPE_CHECKING:
     from tally.services.projector.app import Projector
 
-__all__ = ["BULK_FROM", "BulkRestore"]
+__all__ = ["BULK_FROM", "BulkRestore", "far_behind"]
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +59,24 @@ log = logging.getLogger(__name__)
 BULK_FROM = 5_000
 
 
+def far_behind(topic: str, partitions: set[int], at: Mapping[int, int],
+               ends: Offsets) -> set[int]:
+    """Of `partitions` (sought to `at`), those BULK_FROM records or more behind their end."""
+    return {p for p in partitions if ends.get((topic, p), 0) - at.get(p, 0) >= BULK_FROM}
+
+
 class BulkRestore:
     """Restores in bulk the partitions `start` is given far behind; `stop` ends it.
     `loaded(partitions)` reads their users into the projector's mirror and book, from the
     file (Ownership._load)."""
 
     def __init__(self, projector: Projector, consumer: AIOKafkaConsumer, bootstrap: str,
-                 loaded: Callable[[set[int]], None],
+                 loaded: Callable[[set[int]], None], failed: Callable[[BaseException], None],
                  security: KafkaSecurity | None = None) -> None:
+        """`failed` is told of an error the restore could not hand back (it stops the
+        service: a partition left paused would never be folded)."""
         self.projector = projector
+        self.failed = failed
         self.consumer = consumer
         self.bootstrap = bootstrap
         self.security = security
@@ -75,6 +84,8 @@ class BulkRestore:
         self.topic = projector.topics.usage_events
         self._task: asyncio.Future[None] | None = None
         self._stopping = False
+        self._decoder = projector.decoder  # the one the restore under way decodes with
+        self._stale = False  # budgets.yaml changed since: the live fold takes over
 
     def pause(self, partitions: set[int]) -> None:
         """Hold the group's consumer off these partitions (just sought: nothing read from
@@ -85,8 +96,7 @@ class BulkRestore:
     def start(self, partitions: set[int], at: Mapping[int, int], ends: Offsets) -> None:
         """Of the `partitions` paused (at `at`, their offsets sought), restore those more
         than BULK_FROM behind their `ends` in bulk; resume the rest in the live fold."""
-        far = {p for p in partitions
-               if ends.get((self.topic, p), 0) - at.get(p, 0) >= BULK_FROM}
+        far = far_behind(self.topic, partitions, at, ends)
         if partitions - far:
             self.consumer.resume(*self._tps(partitions - far))
         if not far:
@@ -95,10 +105,11 @@ class BulkRestore:
         bounds = ({(self.topic, p): at.get(p, 0) for p in far},
                   {(self.topic, p): ends[(self.topic, p)] for p in far})
         self._task = asyncio.ensure_future(self._restore(far, *bounds))
+        self._task.add_done_callback(self._ended)
 
-    @property
-    def running(self) -> bool:
-        return self._task is not None and not self._task.done()
+    def _ended(self, task: asyncio.Future[None]) -> None:
+        if not task.cancelled() and (error := task.exception()) is not None:
+            self.failed(error)
 
     async def stop(self) -> None:
         """Until the restore under way has stopped: its batch being written commits, the
@@ -110,6 +121,7 @@ class BulkRestore:
 
     async def _restore(self, partitions: set[int], starts: Offsets, ends: Offsets) -> None:
         began = time.monotonic()
+        self._decoder, self._stale = self.projector.decoder, False
         try:
             records = await self._fold(starts, ends)
         except Exception as error:
@@ -118,11 +130,18 @@ class BulkRestore:
                       error_text(error))
             await self._hand_back(partitions, starts)
             return
+        if self._stale:
+            log.info("projector: budgets.yaml changed during the bulk restore of partitions "
+                     "%s of %s: the live fold restores the rest", sorted(partitions),
+                     self.topic)
+            await self._hand_back(partitions, starts)
+            return
         seconds = time.monotonic() - began
         if await self._caught_up(partitions, ends):
             log.info("projector: restored partitions %s of %s in bulk: %d records in %.1f s "
-                     "(%.0f records/s)", sorted(partitions), self.topic, records, seconds,
-                     records / max(seconds, 1e-9))
+                     "(%.0f records/s), their users loaded and balances sent %.1f s later",
+                     sorted(partitions), self.topic, records, seconds,
+                     records / max(seconds, 1e-9), time.monotonic() - began - seconds)
         else:
             log.info("projector: the bulk restore of partitions %s of %s stopped by a "
                      "rebalance after %.1f s (the file holds them up to their stored offsets)",
@@ -136,14 +155,14 @@ class BulkRestore:
 
         def next_batch() -> Columns | None:
             nonlocal read
-            batch = None if self._stopping else reader.next_batch(REPLAY_BATCH)
+            batch = None if self._stopping or self._stale else reader.next_batch(REPLAY_BATCH)
             read += len(batch) if batch is not None else 0
             return batch
 
         # The reader's own thread: a read still running ends before the reader closes.
         reading = ThreadPoolExecutor(1, thread_name_prefix="restore-read")
         try:
-            await fold_in_bulk(next_batch, reading, self.projector.decoder, self._write)
+            await fold_in_bulk(next_batch, reading, self._decoder, self._write)
         finally:
             await asyncio.to_thread(functools.partial(reading.shutdown, wait=True,
                                                       cancel_futures=True))
@@ -155,7 +174,12 @@ class BulkRestore:
         judged before it are stored; nothing once stopping (a rebalance is under way)."""
         projector = self.projector
         async with projector.writing():
-            if self._stopping:
+            if self._stopping or self._stale:
+                return
+            if projector.decoder is not self._decoder:
+                # budgets.yaml changed: the store was recut or recounted under the new one
+                # (Projector.follow), this batch was decoded under the old one.
+                self._stale = True
                 return
             await projector.drain()
             await projector.dead_letter(decoded.skipped)  # as the live fold does
