@@ -16,7 +16,8 @@ balances sent. On each rebalance (`Ownership`, the consumer's rebalance listener
   active instance's ledger and audits over their files count it once; a standby keeps
   them, see Ownership);
   every assigned partition is read again from the offset stored with it, a gained one from
-  the beginning if the file lacks it: that replay IS the restore. A partition's balances
+  the beginning if the file lacks it: that replay IS the restore (in bulk, with replay's
+  path, for one far behind: restore.py). A partition's balances
   are held back ("restoring") until it reaches the end offset seen at assignment. A partition
   kept across a rebalance is not held back: if the instance was fenced meanwhile (a zombie
   given its partitions back), what it sends while catching up is older than what the other
