@@ -26,6 +26,7 @@ from tests.projector.test_instances_kafka import (
     folding,
     instance,
     latest_by_position,
+    metric_lines,
     readyz,
     settled,
     spread,
@@ -153,21 +154,6 @@ async def test_a_standby_started_alone_owns_every_partition_and_is_ready(
                                                            topics.budget_balances))
     want = expected(events, config)
     assert period_rows({u: from_balance(b) for u, b in published.items()}) == period_rows(want)
-
-
-async def metric_lines(port: int, topic: str) -> dict[str, set[int]]:
-    """Per gauge of `topic`'s partitions on an instance's /metrics, the partitions it has
-    a line for (a 0 of the partition gauges left out: not owned, not followed)."""
-    async with httpx.AsyncClient() as client:
-        text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
-    found: dict[str, set[int]] = {}
-    for line in text.splitlines():
-        name, _, rest = line.partition("{")
-        if f'topic="{topic}"' in rest and not (name.startswith("tally_partitions_")
-                                               and line.endswith(" 0.0")):
-            partition = int(rest.split('partition="', 1)[1].split('"', 1)[0])
-            found.setdefault(name, set()).add(partition)
-    return found
 
 
 async def test_a_standby_is_refused_by_a_group_offering_only_round_robin(
