@@ -4,9 +4,10 @@ refused when two hold the same partition.
 While the instances run, each partition is in one active instance's file: an instance
 drops from its file what the group gives another (ownership.py). At rest that no longer
 holds. An instance stopped (cleanly or not) keeps in its file the partitions it owned, and
-another instance takes them over meanwhile, replaying them into its own file; two stopped
-at the same moment may be one restoring the other's partitions as it exits; and a
-standby's file holds every partition. The next start puts it right (the group places each
+another instance takes them over meanwhile, replaying them into its own file; of two
+stopped a moment apart, the later may have begun restoring the earlier one's partitions
+(once its own stop has begun it folds nothing more, so a partition gained then is not
+written); and a standby's file holds every partition. The next start puts it right (the group places each
 partition where its file holds it furthest, and the others drop it), but a query over
 such files at rest would count those partitions' events twice. So the offline audit
 checks first, from each file's stored offsets, that no partition is held by two files,
