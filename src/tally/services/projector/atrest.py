@@ -7,11 +7,11 @@ holds. An instance stopped (cleanly or not) keeps in its file the partitions it 
 another instance takes them over meanwhile, replaying them into its own file; of two
 stopped a moment apart, the later may have begun restoring the earlier one's partitions
 (once its own stop has begun it folds nothing more, so a partition gained then is not
-written); and a standby's file holds every partition. The next start puts it right (the group places each
-partition where its file holds it furthest, and the others drop it), but a query over
-such files at rest would count those partitions' events twice. So the offline audit
-checks first, from each file's stored offsets, that no partition is held by two files,
-and names the files and the partition when one is.
+written); and a standby's file holds every partition. The next start puts it right (the
+group places each partition where its file holds it furthest, and the others drop it),
+but a query over such files at rest would count those partitions' events twice. So the
+offline audit checks first, from each file's stored offsets, that no partition is held by
+two files, and names the files and the partition when one is.
 """
 
 from __future__ import annotations
