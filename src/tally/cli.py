@@ -189,10 +189,13 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     sub = command("audit", description=AUDIT_DESCRIPTION,
                   formatter_class=argparse.RawDescriptionHelpFormatter)
     sub.add_argument("sql", help='one read-only query, e.g. "FROM usage_by_model"')
-    sub.add_argument("--db", type=Path, default=None,
+    sub.add_argument("--db", type=Path, action="append",
                      help="query this DuckDB file (e.g. one `tally replay --db` built) instead "
                           "of the projector; without it, the running projector answers, else "
-                          f"its file is opened ({settings.data_dir / 'projector.duckdb'})")
+                          f"its file is opened ({settings.data_dir / 'projector.duckdb'}). "
+                          "Given again (the files of stopped projector instances), each file "
+                          "answers, its rows led by a db column; refused if two files hold "
+                          "the same partition")
     sub.add_argument("--url", default=f"http://127.0.0.1:{settings.projector_port}",
                      help="the running projector to ask first (default: %(default)s)")
     sub.add_argument("--instances", action="store_true",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -66,6 +66,10 @@ class Metrics:
         self.partitions_owned = Gauge("tally_partitions_owned", "1 for each partition "
                                       "this instance owns in its consumer group, 0 once "
                                       "given up", ["topic", "partition"], registry=r)
+        self.partitions_following = Gauge("tally_partitions_following", "1 for each "
+                                          "partition a projector standby follows without "
+                                          "owning it (its lag: tally_consumer_lag)",
+                                          ["topic", "partition"], registry=r)
         self.partitions_restoring = Gauge("tally_partitions_restoring", "1 for each owned "
                                           "partition being restored (the projector replays "
                                           "it, the enforcer hears what was said) before the "
@@ -135,13 +139,22 @@ class Readiness:
         return self.ready
 
 
-async def watch(consumer: AIOKafkaConsumer, metrics: Metrics, readiness: Readiness,
-                every: float = 0.5) -> None:
-    """Look at `consumer`'s lag and readiness every `every` seconds, beside a loop that
-    does not (the projector's), until cancelled."""
+async def watch(readers: Callable[[], Sequence[AIOKafkaConsumer]], metrics: Metrics,
+                readiness: Readiness, every: float = 0.5) -> None:
+    """Every `every` seconds until cancelled, beside a loop that does not (the projector's):
+    the lag of every partition the `readers()` read (a partition none reads any more loses
+    its lag line, not keeps a stale one), and readiness, judged by the first of them."""
+    shown: set[tuple[str, str]] = set()
     while True:
-        await observe_lag(metrics, consumer)
-        await readiness.check(consumer)
+        found = readers()
+        for reader in found:
+            shown |= {(tp.topic, str(tp.partition)) for tp in await observe_lag(metrics, reader)}
+        read = {(tp.topic, str(tp.partition)) for reader in found for tp in reader.assignment()}
+        for labels in shown - read:
+            metrics.consumer_lag.remove(*labels)
+        shown &= read
+        if found:
+            await readiness.check(found[0])
         await asyncio.sleep(every)
 
 

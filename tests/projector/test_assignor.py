@@ -3,7 +3,16 @@ each member's partitions out."""
 
 from __future__ import annotations
 
-from tally.services.projector.assignor import Claim, dlq_follows, place
+from tally.services.projector.assignor import (
+    NAME,
+    Claim,
+    dlq_follows,
+    offered,
+    place,
+    refused,
+    warm_assignor,
+)
+from tally.topics import Topics
 
 SIX = list(range(6))
 
@@ -87,3 +96,16 @@ def test_a_claim_round_trips_and_unreadable_user_data_is_an_empty_active() -> No
 
 def test_the_dlq_partitions_go_with_the_events_partitions() -> None:
     assert dlq_follows({"a": {0, 2}, "b": {1}}, 3, [0, 1, 2]) == {"a": {0, 2}, "b": {1}}
+
+
+def test_a_standby_offers_the_warm_assignor_alone_an_active_one_round_robin_after_it() -> None:
+    warm = warm_assignor(Topics("t"), Claim)
+    assert [a.name for a in offered(warm, standby=False)] == [NAME, "roundrobin"]
+    assert [a.name for a in offered(warm, standby=True)] == [NAME]
+
+
+def test_a_refused_standby_is_told_the_cause_and_the_fix() -> None:
+    said = str(refused("tally-projector:usage.events", standby=True))
+    assert "tally-projector:usage.events" in said and "only round-robin" in said
+    assert said.endswith("then start the standby")
+    assert "no partition assignor in common" in str(refused("g", standby=False))

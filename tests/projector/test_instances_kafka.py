@@ -150,6 +150,7 @@ async def test_two_instances_share_the_partitions_and_survive_a_kill(
         async with instance(kafka_bootstrap, topics, dbs[0], config_dir, ports[0]) as again:
             await settled(ports, topics.usage_events, len(sent))
             await check_status(kafka_bootstrap, topics, ports)
+            await lag_only_where_owned(ports, topics.usage_events)
             await check_audit_over_instances(kafka_bootstrap, topics, len(events))
             await check_audit_endpoint_over_instances(kafka_bootstrap, topics, ports,
                                                       len(events))
@@ -198,6 +199,35 @@ async def check_status(bootstrap: str, topics: Topics, ports: list[int]) -> None
     owned = [line for line in text.splitlines()
              if line.startswith("tally_partitions_owned{") and line.endswith(" 1.0")]
     assert len(owned) == len((await readyz(ports[0]))["partitions"]) > 0
+
+
+async def metric_lines(port: int, topic: str) -> dict[str, set[int]]:
+    """Per gauge of `topic`'s partitions on an instance's /metrics, the partitions it has
+    a line for (a 0 of the partition gauges left out: not owned, not followed)."""
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+    found: dict[str, set[int]] = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition("{")
+        if f'topic="{topic}"' in rest and not (name.startswith("tally_partitions_")
+                                               and line.endswith(" 0.0")):
+            partition = int(rest.split('partition="', 1)[1].split('"', 1)[0])
+            found.setdefault(name, set()).add(partition)
+    return found
+
+
+
+async def lag_only_where_owned(ports: list[int], topic: str, timeout: float = 30) -> None:
+    """Until each instance's tally_consumer_lag has a line for the partitions it owns and
+    no other (one given back loses its line, not keeps a stale one)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        seen = [await metric_lines(port, topic) for port in ports]
+        if all(s.get("tally_consumer_lag") == s.get("tally_partitions_owned") for s in seen):
+            return
+        assert asyncio.get_running_loop().time() < deadline, seen
+        await asyncio.sleep(0.2)
+
 
 
 async def check_audit_over_instances(bootstrap: str, topics: Topics, events: int) -> None:

@@ -9,10 +9,16 @@ import signal
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tally.config.loader import load_config
 from tally.core.usage import from_balance
-from tally.kafka import ensure_topics
+from tally.errors import ExitCode
+from tally.kafka import ensure_topics, make_consumer
+from tally.service import started
+from tally.services.projector.app import run_projector
+from tally.services.projector.assignor import StandbyRefused
+from tally.services.projector.ownership import group_id
 from tally.topics import Topics
 from tests.projector.test_instances_kafka import (
     PARTITIONS,
@@ -20,6 +26,7 @@ from tests.projector.test_instances_kafka import (
     folding,
     instance,
     latest_by_position,
+    metric_lines,
     readyz,
     settled,
     spread,
@@ -61,6 +68,11 @@ async def test_a_standby_takes_a_killed_instances_partitions_over_with_only_the_
         before = await readyz(ports[1])
         assert before["partitions"] == [] and before["standby"] is True
         assert sorted(before["lag"]) == [str(p) for p in range(PARTITIONS)]  # how warm
+        # /metrics says it too: the lag of each partition followed, and that it follows it.
+        gauges = await metric_lines(ports[1], topics.usage_events)
+        assert gauges["tally_consumer_lag"] == gauges["tally_partitions_following"] == set(
+            range(PARTITIONS))
+        assert "tally_partitions_owned" not in gauges
         assert (await readyz(ports[0]))["partitions"] == list(range(PARTITIONS))
         active.send_signal(signal.SIGKILL)
         await active.wait()
@@ -114,3 +126,54 @@ async def events_in(port: int, topic: str) -> float:
     [line] = [line for line in text.splitlines()
               if line.startswith("tally_events_in_total{") and f'"{topic}"' in line]
     return float(line.rsplit(" ", 1)[1])
+
+
+async def test_a_standby_started_alone_owns_every_partition_and_is_ready(
+    kafka_bootstrap: str, unique_name: str, config_dir: Path, tmp_path: Path
+) -> None:
+    """No active instance (the only one died before the standby started, or the standby
+    was started first): the group gives the standby every partition, and it serves them as
+    an owner, ready once caught up, its balances sent."""
+    config = load_config(config_dir)
+    topics = Topics(f"stby1-{unique_name}")
+    await ensure_topics(kafka_bootstrap, topics, PARTITIONS)
+    events = spread(make_events(600, seed=18), users=30)
+    await produce(kafka_bootstrap, topics.usage_events, usage_messages(events))
+    port = free_port()
+    async with instance(kafka_bootstrap, topics, tmp_path / "standby.duckdb", config_dir,
+                        port, "--standby") as standby:
+        await settled([port], topics.usage_events, len(events))  # ready, owning all
+        assert (await readyz(port))["standby"] is True
+        gauges = await metric_lines(port, topics.usage_events)
+        assert gauges["tally_consumer_lag"] == gauges["tally_partitions_owned"] == set(
+            range(PARTITIONS))
+        assert "tally_partitions_following" not in gauges
+        standby.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(standby.wait(), 30) == 0
+    published = latest_by_position(await balances_on_topic(kafka_bootstrap,
+                                                           topics.budget_balances))
+    want = expected(events, config)
+    assert period_rows({u: from_balance(b) for u, b in published.items()}) == period_rows(want)
+
+
+async def test_a_standby_is_refused_by_a_group_offering_only_round_robin(
+    kafka_bootstrap: str, unique_name: str, config_dir: Path, tmp_path: Path
+) -> None:
+    """A rolling upgrade from before the warm assignor: an old instance (round-robin only)
+    in the group; a standby, which offers the warm assignor alone, stops with a line naming
+    the cause and the fix instead of an unforeseen error."""
+    topics = Topics(f"stby2-{unique_name}")
+    await ensure_topics(kafka_bootstrap, topics, PARTITIONS)
+    old = make_consumer(kafka_bootstrap, group_id=group_id(topics))  # round-robin only
+    async with started(old):
+        old.subscribe([topics.usage_events, topics.usage_dlq])
+        await old.getmany(timeout_ms=100)  # joins the group
+        while not old.assignment():
+            await old.getmany(timeout_ms=100)
+        with pytest.raises(StandbyRefused) as stopped:
+            await asyncio.wait_for(run_projector(
+                load_config(config_dir), kafka_bootstrap, topics, tmp_path / "s.duckdb",
+                asyncio.Event(), partitions=PARTITIONS, standby=True), 60)
+    assert "offers only round-robin" in str(stopped.value)
+    assert "Upgrade every active projector instance first" in str(stopped.value)
+    assert stopped.value.exit_code == ExitCode.REFUSED

@@ -21,7 +21,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
+from aiokafka.errors import InconsistentGroupProtocolError
 
 from tally.access import Access
 from tally.cli import command_main
@@ -41,7 +41,7 @@ from tally.kafka import (
 from tally.ops import Metrics, Readiness, ops_routes, watch
 from tally.service import Part, bind, error_text, http_part, run_parts, run_service, started
 from tally.services.projector import store
-from tally.services.projector.assignor import warm_assignor
+from tally.services.projector.assignor import offered, refused, warm_assignor
 from tally.services.projector.audit import audit_app, instances_asker
 from tally.services.projector.decode import RECORD_FAULTS, Decoded, Decoder, Skipped
 from tally.services.projector.history import history_routes
@@ -494,8 +494,7 @@ async def run_projector(config: Config, bootstrap: str, topics: Topics, db_path:
         con = stack.enter_context(store.connect(db_path, schedule=budgets.reset_schedule,
                                                 counted=budgets.counted_tokens))
         # The partitions are placed by what each instance's file holds (assignor.py).
-        assignors = (warm_assignor(topics, lambda: ownership.claim()),
-                     *(() if standby else (RoundRobinPartitionAssignor,)))
+        assignors = offered(warm_assignor(topics, lambda: ownership.claim()), standby)
         consumer = await stack.enter_async_context(started(make_consumer(
             bootstrap, group_id=group_id(topics), session_timeout_ms=session_timeout_ms,
             assignors=assignors)))
@@ -518,8 +517,9 @@ async def run_projector(config: Config, bootstrap: str, topics: Topics, db_path:
         services = [Part("projector-fold",
                          lambda: _fold_until_stopped(projector, consumer, ownership, follower)),
                     Part("projector-ownership", ownership.broken),
-                    # A standby is ready once it follows every partition it does not own.
-                    Part("projector-watch", lambda: watch(follower or consumer,
+                    # A standby is ready once it follows every partition it does not own
+                    # (or, owning them all, once caught up on them: Ownership.readers).
+                    Part("projector-watch", lambda: watch(ownership.readers,
                                                           projector.metrics, readiness)),
                     Part("projector-report", lambda: ownership.keep_reporting(
                         projector.metrics)),
@@ -559,6 +559,8 @@ async def _fold_until_stopped(projector: Projector, consumer: AIOKafkaConsumer,
         await ownership.stop_restoring()
         await projector.finish()
         raise
+    except InconsistentGroupProtocolError as error:  # the group's members offer other assignors
+        raise refused(group_id(ownership.topics), ownership.standby) from error
 
 
 # the command -------------------------------------------------------------------------------

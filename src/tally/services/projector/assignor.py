@@ -26,7 +26,10 @@ records are in the same file as the events beside them).
 
 Every projector offers this assignor first; an active one offers round-robin after it, so
 a group being upgraded from instances offering only round-robin still forms (the broker
-picks the protocol every member offers).
+picks the protocol every member offers). A standby offers this assignor alone (`offered`):
+under round-robin it would be dealt a share like an active instance. So the broker refuses
+it while an instance from before this assignor is in the group, and it stops saying so
+(`StandbyRefused`): upgrade the active instances first, then start the standby.
 """
 
 from __future__ import annotations
@@ -38,14 +41,16 @@ from dataclasses import dataclass, field
 
 from aiokafka.cluster import ClusterMetadata
 from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
+from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from aiokafka.coordinator.protocol import (
     ConsumerProtocolMemberAssignment,
     ConsumerProtocolMemberMetadata,
 )
 
+from tally.errors import ClusterError
 from tally.topics import Topics
 
-__all__ = ["NAME", "Claim", "place", "warm_assignor"]
+__all__ = ["NAME", "Claim", "StandbyRefused", "offered", "place", "refused", "warm_assignor"]
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +168,32 @@ def warm_assignor(topics: Topics, claim: Callable[[], Claim]) -> type[AbstractPa
             pass
 
     return WarmAssignor
+
+
+def offered(warm: type[AbstractPartitionAssignor], standby: bool,
+            ) -> tuple[type[AbstractPartitionAssignor], ...]:
+    """The assignors an instance offers the group, preferred first (module doc)."""
+    return (warm,) if standby else (warm, RoundRobinPartitionAssignor)
+
+
+class StandbyRefused(ClusterError):
+    """The group has no assignor in common with this instance: an instance of a version
+    before the warm assignor offers round-robin only."""
+
+
+def refused(group: str, standby: bool) -> ClusterError:
+    """What the broker's InconsistentGroupProtocol means for this instance, and the fix."""
+    if standby:
+        return StandbyRefused(
+            f"the consumer group {group} refused this standby: an instance in it offers "
+            f"only round-robin (a projector from before the {NAME} assignor), under which "
+            "a standby would be dealt partitions like an active instance. Upgrade every "
+            "active projector instance first (a rolling restart; they offer both), then "
+            "start the standby")
+    return ClusterError(
+        f"the consumer group {group} refused this projector: its members offer no "
+        f"partition assignor in common with this one ({NAME}, roundrobin); is another "
+        "program using the group's name?")
 
 
 def assign(cluster: ClusterMetadata, members: Mapping[str, ConsumerProtocolMemberMetadata],

@@ -41,8 +41,15 @@ from tally.access import Access
 from tally.auth import AuthError
 from tally.cli import command_main
 from tally.services.projector import store
+from tally.services.projector.atrest import HELD_SQL, check_disjoint
 from tally.services.projector.fanout import LOCAL_HOSTS, ask_instances
-from tally.services.projector.query import AuditError, QueryResult, check_read_only, run_query
+from tally.services.projector.query import (
+    AuditError,
+    QueryResult,
+    check_read_only,
+    led_by,
+    run_query,
+)
 from tally.services.projector.sandbox import AuditLimits, Auditor, lock_down
 from tally.settings import Settings
 from tally.topics import Topics
@@ -223,6 +230,16 @@ def query_file(db: Path, sql: str, limits: AuditLimits) -> QueryResult:
         return asyncio.run(_run_alone(Auditor(con, limits), sql))
 
 
+def query_files(dbs: Sequence[Path], sql: str, limits: AuditLimits) -> QueryResult:
+    """One file's answer; or several files' (stopped projector instances'), each row led by
+    a "db" column naming its file, once they are known to hold no partition twice
+    (atrest.py: else AuditError naming the files and the partition)."""
+    if len(dbs) == 1:
+        return query_file(dbs[0], sql, limits)
+    check_disjoint({str(db): query_file(db, HELD_SQL, limits).rows for db in dbs})
+    return led_by("db", [(str(db), query_file(db, sql, limits)) for db in dbs])
+
+
 async def _run_alone(auditor: Auditor, sql: str) -> QueryResult:
     async def never() -> bool:  # no client to hang up: Ctrl-C cancels, and so interrupts
         return False
@@ -263,8 +280,8 @@ def run(args: argparse.Namespace) -> int:
     default_db = store.default_db_path(Settings.from_env().data_dir)
     try:
         check_read_only(args.sql)  # refuse a write before asking anyone
-        if args.db is not None:
-            result = query_file(args.db, args.sql, AuditLimits())
+        if args.db:
+            result = query_files(args.db, args.sql, AuditLimits())
         elif args.instances:
             settings, credential = Settings.from_env(), credential_headers(args.api_key,
                                                                            args.token)

@@ -36,7 +36,7 @@ from datetime import UTC, datetime
 from aiokafka.errors import KafkaError
 
 from tally.instances import SILENT_AFTER, InstanceSeen, read_instances
-from tally.services.projector.query import AuditError, QueryResult
+from tally.services.projector.query import AuditError, QueryResult, led_by
 from tally.topics import Topics
 
 __all__ = ["LOCAL_HOSTS", "answering", "ask_instances", "combine", "to_ask"]
@@ -118,17 +118,12 @@ def combine(answers: Iterable[tuple[InstanceSeen, QueryResult]]) -> QueryResult:
     """The answers one after the other, each row led by its instance; AuditError if one
     came from an instance restoring a partition (the heartbeats say that too, but up to
     a heartbeat late: the answer says it as the query began)."""
-    columns: list[str] | None = None
-    rows: list[tuple[object, ...]] = []
-    truncated = False
+    answers = list(answers)
     for instance, answer in answers:
         if answer.restoring:
             raise AuditError(f"the projector instance {instance.instance} is restoring "
                              f"partitions {','.join(map(str, answer.restoring))} of "
                              f"{instance.topic}: its share is incomplete until it catches "
                              "up; ask again shortly", 503)
-        columns = columns or ["instance", *answer.columns]
-        rows += [(instance.instance, *row) for row in answer.rows]
-        truncated = truncated or answer.truncated
-    assert columns is not None  # to_ask names one instance at least
-    return QueryResult(columns, rows, truncated)
+    # to_ask names one instance at least
+    return led_by("instance", ((seen.instance, answer) for seen, answer in answers))

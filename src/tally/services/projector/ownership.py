@@ -377,6 +377,17 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
             found[p] = max(end - self.book.positions.get(p, 0), 0)
         return found
 
+    def readers(self) -> list[AIOKafkaConsumer]:
+        """The consumers whose partitions this instance reads, the one its readiness is
+        judged by first: a standby's follower while it follows any partition; else (an
+        active instance, or a standby owning every partition because no active instance
+        is there) the group's consumer, so such a standby becomes ready as an owner."""
+        if self.follower is None:
+            return [self.consumer]
+        if self.follower.assignment():
+            return [self.follower, self.consumer]
+        return [self.consumer, self.follower]
+
     def describe(self) -> dict[str, Any]:
         """What /readyz (and the instances topic) say of this instance's share."""
         return {"topic": self.topics.usage_events, "partitions": sorted(self.book.owned),
@@ -384,10 +395,14 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
                 "lag": {str(p): n for p, n in self.lag().items()}}
 
     def report(self, metrics: Metrics) -> None:
-        """The tally_partitions_owned and _restoring gauges, for the partitions owned now."""
+        """The tally_partitions_owned and _restoring gauges, for the partitions owned now,
+        and a standby's tally_partitions_following."""
         topic = self.topics.usage_events
+        followed = {tp.partition for tp in (self.follower.assignment() if self.follower
+                                            else ()) if tp.topic == topic}
         for gauge, partitions in ((metrics.partitions_owned, self.book.owned),
-                                  (metrics.partitions_restoring, set(self.book.held))):
+                                  (metrics.partitions_restoring, set(self.book.held)),
+                                  (metrics.partitions_following, followed)):
             gauge.clear()
             for p in partitions:
                 gauge.labels(topic, str(p)).set(1)

@@ -7,6 +7,7 @@ extension asked for, too much memory); its `status` is the HTTP answer (400 here
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +15,7 @@ import duckdb
 
 from tally.errors import RequestRefused
 
-__all__ = ["MAX_ROWS", "AuditError", "QueryResult", "check_read_only", "run_query"]
+__all__ = ["MAX_ROWS", "AuditError", "QueryResult", "check_read_only", "led_by", "run_query"]
 
 MAX_ROWS = 10_000
 _EXPLAIN = re.compile(r"^\s*explain\s+(analy[sz]e\s+)?", re.IGNORECASE)
@@ -36,6 +37,20 @@ class QueryResult:
     # The usage.events partitions the projector answering was restoring as the query began:
     # their rows are still incomplete (an audit over all instances refuses such an answer).
     restoring: tuple[int, ...] = ()
+
+
+def led_by(column: str, answers: Iterable[tuple[str, QueryResult]]) -> QueryResult:
+    """Several answers to one query, one after the other, each row led by a `column` naming
+    where it came from (an instance, a file); at least one answer."""
+    columns: list[str] | None = None
+    rows: list[tuple[Any, ...]] = []
+    truncated = False
+    for source, answer in answers:
+        columns = columns or [column, *answer.columns]
+        rows += [(source, *row) for row in answer.rows]
+        truncated = truncated or answer.truncated
+    assert columns is not None, "no answer to lead"
+    return QueryResult(columns, rows, truncated)
 
 
 def check_read_only(sql: str) -> None:
