@@ -1,4 +1,5 @@
-"""Bulk reads of whole topics with librdkafka (confluent-kafka): what `tally replay` reads with.
+"""Bulk reads of topics with librdkafka (confluent-kafka): what `tally replay` and the bulk
+restore of a gained partition (services/projector/restore.py) read with.
 
 aiokafka parses every record in Python (~4 us an event here, holding the GIL); librdkafka
 parses in C in its own threads, and `Consumer.consume` hands over a batch of messages whose
