@@ -94,8 +94,8 @@ class BulkRestore:
             self.consumer.pause(*self._tps(partitions))
 
     def start(self, partitions: set[int], at: Mapping[int, int], ends: Offsets) -> None:
-        """Of the `partitions` paused (at `at`, their offsets sought), restore those more
-        than BULK_FROM behind their `ends` in bulk; resume the rest in the live fold."""
+        """Of the `partitions` paused (at `at`, their offsets sought), restore those
+        BULK_FROM or more behind their `ends` in bulk; resume the rest in the live fold."""
         far = far_behind(self.topic, partitions, at, ends)
         if partitions - far:
             self.consumer.resume(*self._tps(partitions - far))
