@@ -10,11 +10,11 @@ from collections import Counter
 
 import pytest
 from aiokafka import AIOKafkaConsumer
-from aiokafka.errors import ProducerFenced
+from aiokafka.errors import MessageSizeTooLargeError, ProducerFenced
 
 from tally.kafka import Record, ensure_topics, read_to_end
 from tally.service import started
-from tally.services.enforcer.fence import AlertSenders, shares_of
+from tally.services.enforcer.fence import ATTEMPTS, AlertSenders, account, shares_of
 from tally.services.enforcer.heard import decode_all
 from tally.services.enforcer.memory import AlertsSent
 from tally.services.enforcer.state import Enforcer, partition_of
@@ -34,7 +34,8 @@ async def test_a_fenced_zombie_sends_no_alert_read_committed_readers_see(
     topics = Topics(f"fence-{unique_name}")
     await ensure_topics(kafka_bootstrap, topics, PARTITIONS)
     cfg = config()
-    outcome = Enforcer(cfg).on_balances(balances(cfg, events(USAGE)), NOON)
+    state = Enforcer(cfg)  # the zombie's
+    outcome = state.on_balances(balances(cfg, events(USAGE)), NOON)
     moved, kept = partition_of("dave", PARTITIONS), partition_of("bob", PARTITIONS)
     assert moved != kept and {a.user_id for a in outcome.alerts} == set(USAGE)
     shares = shares_of(outcome.alerts, outcome.memory, PARTITIONS)
@@ -58,6 +59,10 @@ async def test_a_fenced_zombie_sends_no_alert_read_committed_readers_see(
             await producer.commit_transaction()
         sent = await zombie.send(shares)
         assert (sent.committed, sent.fenced, sent.error) == ({kept}, {moved}, None)
+        # It counts as sent only what was committed: given `moved` back one day, it
+        # would send dave's alerts unless it heard them (no alert lost).
+        assert account(state.memory, outcome.alerts, sent, PARTITIONS) == shares[kept][0]
+        assert state.memory.ids == {a.alert_id for a in shares[kept][0]}
 
     committed = decode_all(BudgetAlerted, await read_to_end(kafka_bootstrap,
                                                              topics.budget_alerts))
@@ -75,6 +80,31 @@ async def test_a_fenced_zombie_sends_no_alert_read_committed_readers_see(
     # a compile (pytest's assertion rewriting), where CPython 3.11.7 raises SystemError
     # ("AST constructor recursion depth mismatch") when a finalizer runs.
     gc.collect()
+
+
+async def test_a_transaction_that_fails_is_tried_again_then_raises_and_nothing_is_seen(
+        kafka_bootstrap: str, unique_name: str) -> None:
+    topics = Topics(f"fence-fail-{unique_name}")
+    await ensure_topics(kafka_bootstrap, topics, PARTITIONS)
+    cfg = config()
+    state = Enforcer(cfg)
+    outcome = state.on_balances(balances(cfg, events({"dave": 1200})), NOON)
+    warned, limited = outcome.alerts
+    # The limit alert too large to send (the producer refuses a request over 1 MB): the
+    # warning is in the log by then, in a transaction that must be aborted.
+    huge = limited.model_copy(update={"message": "x" * 2_000_000})
+    shares = shares_of([warned, huge], outcome.memory, PARTITIONS)
+    async with started(AlertSenders(kafka_bootstrap, topics, PARTITIONS)) as owner:
+        await owner.own(range(PARTITIONS))
+        sent = await owner.send(shares)
+    assert isinstance(sent.error, MessageSizeTooLargeError) and not sent.committed
+    assert account(state.memory, outcome.alerts, sent, PARTITIONS) == []
+    assert not state.memory.ids  # judged again (after a restart), both are due
+    assert state.evaluate({"dave"}, NOON).alerts == outcome.alerts
+    assert not await read_to_end(kafka_bootstrap, topics.budget_alerts)
+    assert not await read_to_end(kafka_bootstrap, topics.budget_alert_memory)
+    tries = await read_uncommitted(kafka_bootstrap, topics.budget_alerts)
+    assert [a.alert_id for a in tries] == [warned.alert_id] * ATTEMPTS  # each aborted
 
 
 async def read_uncommitted(bootstrap: str, topic: str) -> list[BudgetAlerted]:

@@ -53,11 +53,11 @@ from tally.service import (
 )
 from tally.services.enforcer.api import create_app
 from tally.services.enforcer.board import Board
-from tally.services.enforcer.fence import AlertSenders, Sent, shares_of
+from tally.services.enforcer.fence import AlertSenders, Sent, account, shares_of
 from tally.services.enforcer.group import Membership
 from tally.services.enforcer.heard import Heard, Said, decode_all
 from tally.services.enforcer.notifier import run_notifier
-from tally.services.enforcer.state import Enforcer, Outcome, Ownership, partition_of
+from tally.services.enforcer.state import Enforcer, Outcome, Ownership
 from tally.settings import Settings
 from tally.topics import Topics
 from tally.wire import BalanceUpdated, BudgetDecided
@@ -341,13 +341,10 @@ class Loop:
         sends = await queue(producer, self.topics,
                             [d for d in outcome.decisions if d.user_id not in alerted],
                             self.heard.said)
-        count, memory = len(self.partitions), self.board.enforcer.memory
+        count = len(self.partitions)
         sent = await self.senders.send(shares_of(outcome.alerts, outcome.memory, count))
-        committed = {a.user_id for a in outcome.alerts
-                     if partition_of(a.user_id, count) in sent.committed}
-        alerts = [a for a in outcome.alerts if a.user_id in committed]
-        memory.settle(alerts)
-        memory.roll_back(a for a in outcome.alerts if a.user_id not in committed)
+        alerts = account(self.board.enforcer.memory, outcome.alerts, sent, count)
+        committed = {a.user_id for a in alerts}
         self._given_up(sent)
         for alert in alerts:
             log.info("alert %s: %s", alert.alert_id, alert.message.strip())

@@ -36,13 +36,13 @@ from aiokafka.producer.transaction_manager import TransactionState
 
 from tally.kafka import make_producer
 from tally.services.enforcer.group import group_id
-from tally.services.enforcer.memory import AlertsSent
+from tally.services.enforcer.memory import AlertMemory, AlertsSent
 from tally.services.enforcer.state import partition_of
 from tally.topics import Topics
 from tally.wire import BudgetAlerted
 
-__all__ = ["ATTEMPTS", "AlertSenders", "Sent", "Share", "shares_of", "transaction_timeout_ms",
-           "transactional_id"]
+__all__ = ["ATTEMPTS", "AlertSenders", "Sent", "Share", "account", "shares_of",
+           "transaction_timeout_ms", "transactional_id"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,17 @@ class Sent:
     committed: set[int] = field(default_factory=set)
     fenced: set[int] = field(default_factory=set)
     error: BaseException | None = None  # of a share that failed ATTEMPTS times
+
+
+def account(memory: AlertMemory, alerts: list[BudgetAlerted], sent: Sent,
+            count: int) -> list[BudgetAlerted]:
+    """The alerts committed, settled in the alert memory; the others (fenced off, or
+    failed) rolled out of it, so that none counts as sent that was not."""
+    committed = [a for a in alerts if partition_of(a.user_id, count) in sent.committed]
+    ids = {a.alert_id for a in committed}
+    memory.settle(committed)
+    memory.roll_back(a for a in alerts if a.alert_id not in ids)
+    return committed
 
 
 def transactional_id(topics: Topics, partition: int) -> str:
