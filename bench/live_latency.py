@@ -2,6 +2,7 @@
 DecisionCache, through the three running services.
 
     .venv/bin/python -m bench.live_latency [--rate 1000] [--seconds 60] [--users 1000]
+                                           [--daily-tokens N]
 
 Ingest, projector and enforcer run as their own processes (`python -m tally.cli ...`) on
 the bench broker, in a fresh topic namespace and data directory. This process produces
@@ -9,6 +10,11 @@ UsageRecorded events to usage.raw at a steady rate, as a gateway would, and foll
 budget.decisions with a DecisionCache. An event's latency is from just before its send to
 the moment the cache first holds a decision for its user whose daily tokens_used includes
 it (decisions are absolute, so one decision can complete several events).
+
+With the config's daily limit (50,000 tokens) no user of a run crosses a threshold: no
+alert is sent. `--daily-tokens N` runs the services on a copy of the config whose default
+daily limit is N, so that users cross the warnings and the limit during the run and the
+enforcer sends alerts (how many is printed).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
+import yaml
 
 from bench.common import (
     BENCH_DATA,
@@ -45,7 +52,15 @@ from bench.common import (
     quantile,
 )
 from tally.decision_cache import DecisionCache
-from tally.kafka import Record, batches, ensure_topics, make_consumer, make_producer, partitions_of
+from tally.kafka import (
+    Record,
+    batches,
+    ensure_topics,
+    make_consumer,
+    make_producer,
+    partitions_of,
+    read_to_end,
+)
 from tally.topics import Topics
 from tally_dev import localkafka
 
@@ -125,17 +140,19 @@ CPU: dict[str, float] = {}  # the last run's CPU seconds per service during the 
 # The last run's lag growth end to end (see lag_growth), and balances and decisions sent
 # per event (how many of a user's events each one covers: fewer per event, less work).
 SHAPE: dict[str, float] = {}
+ALERTS: list[int] = []  # the last run's alerts (budget.alerts, read_committed)
 
 
 @contextlib.contextmanager
 def services(bootstrap: str, topics: Topics, data: Path, after_commit: bool,
-             projector_args: Sequence[str] = (), code: Path = ROOT) -> Iterator[Running]:
+             projector_args: Sequence[str] = (), code: Path = ROOT,
+             config_dir: Path | None = None) -> Iterator[Running]:
     """The three services as child processes, with their environment (ports) for the block;
-    SIGTERM (then SIGKILL) at the end. `code`: the checkout whose services (and config)
-    run, e.g. a baseline's `git worktree`."""
+    SIGTERM (then SIGKILL) at the end. `code`: the checkout whose services (and config,
+    unless `config_dir`) run, e.g. a baseline's `git worktree`."""
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
            "TALLY_TOPIC_NAMESPACE": topics.namespace, "TALLY_DATA_DIR": str(data),
-           "TALLY_CONFIG_DIR": str(code / CONFIG_DIR.relative_to(ROOT)),
+           "TALLY_CONFIG_DIR": str(config_dir or code / CONFIG_DIR.relative_to(ROOT)),
            "TALLY_INGEST_PORT": str(free_port()),
            "TALLY_PROJECTOR_PORT": str(free_port()), "TALLY_ENFORCER_PORT": str(free_port())}
     if code != ROOT:
@@ -234,6 +251,16 @@ def growth(sent: Seen, seen: Seen) -> float:
     return lag_growth([ms for _, ms in timed])
 
 
+def with_daily_limit(code: Path, data: Path, daily_tokens: int) -> Path:
+    """A copy of `code`'s config whose default daily limit is `daily_tokens`."""
+    config = data / "config"
+    shutil.copytree(code / CONFIG_DIR.relative_to(ROOT), config)
+    budgets = yaml.safe_load((config / "budgets.yaml").read_text())
+    budgets["per_user_budgets"]["default_limits"]["daily_tokens"] = daily_tokens
+    (config / "budgets.yaml").write_text(yaml.safe_dump(budgets))
+    return config
+
+
 @contextlib.asynccontextmanager
 async def no_load(projector_url: str) -> AsyncIterator[None]:
     yield None
@@ -241,13 +268,15 @@ async def no_load(projector_url: str) -> AsyncIterator[None]:
 
 async def one_run(bootstrap: str, rate: int, seconds: float, users: int,
                   after_commit: bool, load: Load = no_load,
-                  projector_args: Sequence[str] = (),
-                  code: Path = ROOT) -> dict[str, tuple[list[float], int]]:
+                  projector_args: Sequence[str] = (), code: Path = ROOT,
+                  daily_tokens: int | None = None) -> dict[str, tuple[list[float], int]]:
     """`load`, given the projector's URL, runs beside the steady events (e.g. audits)."""
     topics = Topics(f"live-{uuid.uuid4().hex[:8]}")
     data = BENCH_DATA / topics.namespace
     await ensure_topics(bootstrap, topics, 3)
-    with services(bootstrap, topics, data, after_commit, projector_args, code) as running:
+    config = with_daily_limit(code, data, daily_tokens) if daily_tokens else None
+    with services(bootstrap, topics, data, after_commit, projector_args, code,
+                  config) as running:
         env = running.env
         async with following(bootstrap, topics) as cache:
             producer = make_producer(bootstrap)
@@ -273,6 +302,7 @@ async def one_run(bootstrap: str, rate: int, seconds: float, users: int,
                     task.cancel()
                 await producer.stop()
     shutil.rmtree(data, ignore_errors=True)
+    ALERTS[:] = [len(await read_to_end(bootstrap, topics.budget_alerts))]
     events_sent = sum(len(v) for v in sent.values())
     SHAPE.update({"lag": growth(sent, cache.seen),
                   "balances": sum(len(v) for v in balances.values()) / events_sent,
@@ -292,6 +322,9 @@ def main() -> None:
     parser.add_argument("--designs", default="before,after",
                         help="before: balances sent before the DuckDB commit (the default "
                              "projector); after: --publish-after-commit")
+    parser.add_argument("--daily-tokens", type=int, default=None,
+                        help="the default daily limit of the services' config (a copy): "
+                             "low enough, users cross thresholds and alerts are sent")
     parser.add_argument("--code", type=Path, default=ROOT,
                         help="the checkout whose services run (a baseline's worktree, e.g. "
                              "`git worktree add /tmp/base <commit>`); default: this one")
@@ -304,7 +337,8 @@ def main() -> None:
             for design in args.designs.split(","):
                 figures = asyncio.run(one_run(bootstrap, args.rate, args.seconds,
                                               args.users, design == "after",
-                                              code=args.code.resolve()))
+                                              code=args.code.resolve(),
+                                              daily_tokens=args.daily_tokens))
                 for what, (found, missing) in figures.items():
                     rows.append((f"publish {design} commit, run {run + 1}", what, len(found),
                                  missing, *(quantile(found, q) for q in (0.5, 0.95, 0.99)),
@@ -314,6 +348,7 @@ def main() -> None:
                     f"{name} {seconds / events * 1e6:,.0f}" for name, seconds in CPU.items())
                     + f"; lag growth end to end {SHAPE['lag']:+,.0f} ms; per event "
                     f"{SHAPE['balances']:.2f} balances, {SHAPE['decisions']:.2f} decisions"
+                    f"; {ALERTS[0]:,} alerts"
                     + f"; load average {os.getloadavg()[0]:.1f} at the end")
     print_table(("design", "from send to", "events", "never", "p50 ms", "p95 ms", "p99 ms",
                  "max ms"),

@@ -34,6 +34,13 @@ class Channel:
     message: type[BaseModel]
     publishers: tuple[str, ...]
     subscribers: tuple[str, ...]
+    note: str = ""  # what a reader must know besides
+
+
+# The enforcer writes alerts in transactions (services/enforcer/fence.py).
+TRANSACTIONAL = (" Written in Kafka transactions: read with isolation.level=read_committed, "
+                 "or the alerts of aborted ones (a fenced-off instance's, some sent again) "
+                 "are seen too.")
 
 
 CHANNELS: tuple[Channel, ...] = (
@@ -44,8 +51,9 @@ CHANNELS: tuple[Channel, ...] = (
     Channel("budget.decisions", BudgetDecided, ("enforcer",),
             ("enforcer (at start)", "gateway decision caches", "tally status")),
     Channel("budget.alerts", BudgetAlerted, ("enforcer",),
-            ("notifier (webhook)", "enforcer (recent alerts, at start)")),
-    Channel("budget.alert_memory", AlertsSent, ("enforcer",), ("enforcer (at start)",)),
+            ("notifier (webhook)", "enforcer (recent alerts, at start)"), TRANSACTIONAL),
+    Channel("budget.alert_memory", AlertsSent, ("enforcer",), ("enforcer (at start)",),
+            TRANSACTIONAL),
     Channel("tally.instances", InstanceSeen, ("projector",), ("tally status --instances",)),
 )
 
@@ -53,7 +61,7 @@ CHANNELS: tuple[Channel, ...] = (
 def _describe(spec: TopicSpec, channel: Channel) -> str:
     return (f"{spec.purpose}. Key: {spec.key}; cleanup.policy={spec.cleanup_policy}. "
             f"Written by {', '.join(channel.publishers)}; read by "
-            f"{', '.join(channel.subscribers)}.")
+            f"{', '.join(channel.subscribers)}.{channel.note}")
 
 
 def _declare(broker: KafkaBroker, spec: TopicSpec, channel: Channel) -> None:

@@ -303,11 +303,19 @@ async def _alter(admin: AIOKafkaAdminClient, topics: Topics,
 
 
 def make_producer(bootstrap: str, linger_ms: int = 0,
-                  security: KafkaSecurity | None = None) -> AIOKafkaProducer:
+                  security: KafkaSecurity | None = None, transactional_id: str | None = None,
+                  transaction_timeout_ms: int = 60_000) -> AIOKafkaProducer:
     """An idempotent producer with acks=all: a retry never writes a message twice.
 
     No linger by default: the services send a batch's records in one burst without
-    yielding, so they leave in one request anyway, and a linger only delayed each hop."""
+    yielding, so they leave in one request anyway, and a linger only delayed each hop.
+
+    With a `transactional_id`, its records are sent in transactions (the enforcer's alerts,
+    one producer per owned partition: enforcer/fence.py). Starting it fences every earlier
+    producer with the same id: their open transaction is aborted, and their commit fails
+    with ProducerFenced. A transaction left open longer than `transaction_timeout_ms` is
+    aborted by the broker. Readers never see aborted records: they read read_committed
+    (`make_consumer`, the notifier's subscriber)."""
     return AIOKafkaProducer(
         bootstrap_servers=bootstrap,
         **security_options(security),
@@ -316,6 +324,8 @@ def make_producer(bootstrap: str, linger_ms: int = 0,
         linger_ms=linger_ms,
         max_batch_size=256 * 1024,
         compression_type=None,
+        transactional_id=transactional_id,
+        transaction_timeout_ms=transaction_timeout_ms,
     )
 
 
@@ -325,6 +335,9 @@ def make_consumer(
     assignors: tuple[type[AbstractPartitionAssignor], ...] = (RoundRobinPartitionAssignor,),
 ) -> AIOKafkaConsumer:
     """A consumer that never auto-commits: offsets are committed after the work is done.
+    It reads read_committed: records of an aborted transaction (an enforcer's alerts,
+    fenced off a partition it lost: enforcer/fence.py) are never seen, and its end offsets
+    are the last stable ones (an open transaction holds them back until it ends).
 
     Without a group, callers assign partitions and seek themselves (caches). In a group,
     `session_timeout_ms` is how long a silent member keeps its partitions (heartbeats go

@@ -190,3 +190,39 @@ def test_a_decision_record_whose_key_is_not_utf8_is_skipped_not_a_crash() -> Non
     records = [Record("budget.decisions", 0, 0, b"\xff\xfe", b"\xff not json", 0),
                Record("budget.decisions", 0, 1, None, b"{}", 0)]
     assert said.decode(records) == []
+
+
+def test_alerts_rolled_back_after_an_abort_are_sent_again_when_judged_again() -> None:
+    cfg = config()
+    enforcer = Enforcer(cfg)
+    first = enforcer.on_balances([balance_after(cfg, 800), balance_after(cfg, 950, user="bob")],
+                                 NOON)
+    alice = [a for a in first.alerts if a.user_id == "alice"]
+    bob = [a for a in first.alerts if a.user_id == "bob"]
+    assert alice and bob and {a.alert_id for a in first.alerts} <= enforcer.memory.ids
+    # Alice's partition committed, bob's transaction was aborted (fenced, or failed).
+    enforcer.memory.settle(alice)
+    enforcer.memory.roll_back(bob)
+    assert not {a.alert_id for a in bob} & enforcer.memory.ids
+    assert {a.alert_id for a in alice} <= enforcer.memory.ids
+    again = enforcer.evaluate({"alice", "bob"}, NOON)
+    assert again.alerts == bob  # judged again: bob's alerts are due, alice's are not
+    (record,) = again.memory
+    assert record.user_id == "bob" and record.alert_ids == tuple(sorted(a.alert_id for a in bob))
+
+
+def test_a_roll_back_keeps_an_alert_heard_meanwhile_and_one_committed() -> None:
+    cfg = config()
+    enforcer = Enforcer(cfg)
+    outcome = enforcer.on_balances([balance_after(cfg, 950)], NOON)
+    warned_75, warned_90 = outcome.alerts
+    # While the transaction was out, another instance's alert memory record said 75 % sent.
+    (record,) = outcome.memory
+    enforcer.hear([], [record.model_copy(update={"alert_ids": (warned_75.alert_id,)})])
+    enforcer.memory.roll_back(outcome.alerts)
+    assert warned_75.alert_id in enforcer.memory.ids
+    assert warned_90.alert_id not in enforcer.memory.ids
+    assert enforcer.evaluate({"alice"}, NOON).alerts == [warned_90]
+    enforcer.memory.settle([warned_90])
+    enforcer.memory.roll_back([warned_90])  # too late: committed
+    assert warned_90.alert_id in enforcer.memory.ids

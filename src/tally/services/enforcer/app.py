@@ -9,9 +9,11 @@ configured webhook (notifier.py).
 
 Any number of instances share the work (group.py): each decides and alerts for the users of
 the budget.balances partitions the enforcers' consumer group gives it, and hears what the
-others decide, so each answers the API for every user. Like a projector's, each instance
-says in the instances topic (tally.instances) what it decides for and its lag
-(`tally status --instances`).
+others decide, so each answers the API for every user. The alerts it sends for a
+partition's users go out in transactions of that partition's own producer, fenced when the
+partition moves (fence.py); decisions go out on one plain producer. Like a projector's,
+each instance says in the instances topic (tally.instances) what it decides for and its
+lag (`tally status --instances`).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from tally.service import (
 )
 from tally.services.enforcer.api import create_app
 from tally.services.enforcer.board import Board
+from tally.services.enforcer.fence import AlertSenders, Sent, account, shares_of
 from tally.services.enforcer.group import Membership
 from tally.services.enforcer.heard import Heard, Said, decode_all
 from tally.services.enforcer.notifier import run_notifier
@@ -59,7 +62,7 @@ from tally.services.enforcer.state import Enforcer, Outcome, Ownership
 from tally.services.projector.partitioncount import check_same_count
 from tally.settings import Settings
 from tally.topics import Topics
-from tally.wire import BalanceUpdated
+from tally.wire import BalanceUpdated, BudgetDecided
 
 __all__ = ["main", "run_enforcer"]
 
@@ -76,30 +79,12 @@ def decode_balances(records: Iterable[Record]) -> list[BalanceUpdated]:
     return decode_all(BalanceUpdated, records)
 
 
-async def publish(producer: AIOKafkaProducer, topics: Topics, outcome: Outcome,
-                  said: Said) -> None:
-    """Decisions and alerts, then (once they are acknowledged) the alert memory: a crash
-    between the two can leave an alert unremembered (restore finds it in budget.alerts),
-    never remembered but unsent."""
-    await _sent(await queue(producer, topics, outcome, said))
-    await _sent([await producer.send(topics.budget_alert_memory, m.model_dump_json().encode(),
-                                     key=m.key.encode()) for m in outcome.memory])
-    for alert in outcome.alerts:
-        log.info("alert %s: %s", alert.alert_id, alert.message.strip())
-
-
-async def queue(producer: AIOKafkaProducer, topics: Topics, outcome: Outcome,
+async def queue(producer: AIOKafkaProducer, topics: Topics, decisions: list[BudgetDecided],
                 said: Said) -> list[asyncio.Future[Any]]:
-    """The outcome's decisions and alerts handed to the producer; the futures settle when
-    the broker acknowledges them. `said` notes the decisions, to know them when heard."""
-    return ([await producer.send(topics.budget_decisions, said.encode(d),
-                                 key=d.user_id.encode()) for d in outcome.decisions]
-            + [await producer.send(topics.budget_alerts, a.model_dump_json().encode(),
-                                   key=a.user_id.encode()) for a in outcome.alerts])
-
-
-async def _sent(sends: list[asyncio.Future[Any]]) -> None:
-    await asyncio.gather(*sends)
+    """Decisions handed to the (plain) producer; the futures settle when the broker
+    acknowledges them. `said` notes the decisions, to know them when heard."""
+    return [await producer.send(topics.budget_decisions, said.encode(d),
+                                key=d.user_id.encode()) for d in decisions]
 
 
 async def run_enforcer(
@@ -172,7 +157,8 @@ class Loop:
     partitions: list[TopicPartition]  # of budget.balances
     consumer: AIOKafkaConsumer  # reads every partition of budget.balances
     check_count: Callable[[int], None]  # raises unless budget.balances has this count
-    producer: AIOKafkaProducer
+    producer: AIOKafkaProducer  # decisions and heartbeats
+    senders: AlertSenders  # alerts: a transactional producer per owned partition
     stop: asyncio.Event
 
     def __init__(self, board: Board, live: LiveConfig, readiness: Readiness,
@@ -203,9 +189,12 @@ class Loop:
                 check_same_count, self.topics.budget_balances,
                 reference=self.topics.usage_events, expected=events)
             self.check_count(len(parts))
+            self.senders = AlertSenders(bootstrap, self.topics, len(parts),
+                                        self.session_timeout_ms)
             self._lost(frozenset())
             # The follower ends (on `stop`) before its consumer is stopped.
-            async with started(self.heard), asyncio.TaskGroup() as tasks:
+            async with (started(self.senders), started(self.heard),
+                        asyncio.TaskGroup() as tasks):
                 tasks.create_task(self.heard.follow(stop))
                 if not await self.heard.caught_up(stop):
                     return
@@ -301,11 +290,18 @@ class Loop:
 
     async def _take_given(self) -> None:
         """Partitions the group has given: hear everything published until now (their
-        last owner's last batch included), then judge their users (group.py, heard.py)."""
+        last owner's last batch included), then judge their users (group.py, heard.py).
+        First the producers of partitions lost are closed, and those of the partitions
+        given started (fence.py): that fences their last owner, whose open transaction is
+        aborted, so its alerts are either committed and heard next or never seen."""
+        await self.senders.keep(self.membership.owned)
         given = self.membership.given
-        if given is None:
+        # Paused since the group gave them, this instance may have been dropped meanwhile:
+        # starting their producers would then fence their new owner off.
+        if given is None or not await self.membership.confirm(self.consumer):
             return
         self._show(self.membership.owned, restoring=True)
+        await self.senders.own(given)
         if not await self.heard.caught_up(self.stop):
             return
         gained = self.board.enforcer.gain(Ownership(given, len(self.partitions)))
@@ -328,17 +324,53 @@ class Loop:
         return True
 
     async def publish(self, producer: AIOKafkaProducer, outcome: Outcome) -> None:
-        """An outcome of decisions alone does not wait for the broker's acknowledgement: the
-        next batch of balances is read meanwhile, and the acks are awaited before its sends
-        (a failure raises there). Decisions are absolute and a restart judges everyone
-        again, so one never acknowledged is made good; alerts keep the strict order."""
+        """Decisions are not waited for: the next batch of balances is read meanwhile, and
+        their acks are awaited before its sends (a failure raises there). Decisions are
+        absolute and a restart judges everyone again, so one never acknowledged is made
+        good. Alerts are waited for (`_alert`): the next batch is judged on what they
+        left in the alert memory."""
         await self.acked()
-        if outcome.alerts or outcome.memory:
-            await publish(producer, self.topics, outcome, self.heard.said)
-        elif outcome.decisions:
-            self._acks = asyncio.gather(*await queue(producer, self.topics, outcome,
-                                                     self.heard.said))
+        if outcome.alerts:
+            sends, outcome = await self._alert(producer, outcome)
+        else:
+            sends = await queue(producer, self.topics, outcome.decisions, self.heard.said)
+        self._acks = asyncio.gather(*sends)
         self.board.record(outcome)
+
+    async def _alert(self, producer: AIOKafkaProducer,
+                     outcome: Outcome) -> tuple[list[asyncio.Future[Any]], Outcome]:
+        """Send an outcome's alerts with their memory records, in a transaction per
+        partition (fence.py), and hand its decisions to the producer: those of users
+        without an alert at once, those of alerted users once their alerts are committed.
+        So no decision of an alerted user is seen without its alerts: a new owner that
+        heard it would judge on it, and a reset alert (sent on the change from the old
+        decision to the new) would be lost. It costs those few decisions one transaction
+        (bench/RESULTS.md). The decisions' acks to await, and what was sent; the alerts not
+        committed are rolled out of the alert memory (memory.py), and fenced partitions
+        given up: their decisions are not sent, their new owner decides."""
+        alerted = {a.user_id for a in outcome.alerts}
+        sends = await queue(producer, self.topics,
+                            [d for d in outcome.decisions if d.user_id not in alerted],
+                            self.heard.said)
+        count = len(self.partitions)
+        sent = await self.senders.send(shares_of(outcome.alerts, outcome.memory, count))
+        alerts = account(self.board.enforcer.memory, outcome.alerts, sent, count)
+        committed = {a.user_id for a in alerts}
+        self._given_up(sent)
+        for alert in alerts:
+            log.info("alert %s: %s", alert.alert_id, alert.message.strip())
+        decisions = [d for d in outcome.decisions if d.user_id in committed]
+        sends += await queue(producer, self.topics, decisions, self.heard.said)
+        return sends, Outcome([d for d in outcome.decisions if d.user_id not in alerted]
+                              + decisions, alerts)
+
+    def _given_up(self, sent: Sent) -> None:
+        """Partitions fenced off are another instance's now; a failure stops the service
+        (as any failed send does: a restart judges everyone again from what was sent)."""
+        if sent.error is not None:
+            raise sent.error
+        if sent.fenced:
+            self.membership.fenced(frozenset(sent.fenced))
 
     async def acked(self) -> None:
         if self._acks is not None:

@@ -23,14 +23,17 @@ again it must not judge from what it last believed: before judging, `confirm` as
 coordinator whether this member still belongs (an offset commit under its generation, which
 the coordinator refuses from a dropped member) whenever the last answer is older than
 CONFIRM_EVERY of the session timeout, and again after judging if that took long (app.py).
-Dropped, it owns nothing until the group assigns again. What remains is a window: a member
-paused after its last check and before the batch's records leave the process sends them
-when it resumes. That is the send of one outcome (measured, acknowledged included: about
-50 ms for 10 to 100 decisions, 0.3 s for 1,000 decisions and 2,000 alerts, under load
-10); its alerts may repeat what the new owner sent meanwhile. A decision it sends late is
-answered by the owner sending its own again (state.py `restate`), so the compacted topic
-ends with the owner's. Fencing that closes the window needs a transactional producer per
-partition, not done.
+Dropped, it owns nothing until the group assigns again.
+
+The check leaves a window: a member paused after its last check and before its batch is
+out (about 50 ms under load) resumes with the batch in hand. For alerts, fencing closes it
+(fence.py): a batch's alerts go out in a transaction of their partition's own producer,
+which the next owner starts before it hears and judges the partition's users, fencing the
+old one (asking `confirm` first: one dropped since it was given the partition would fence
+its owner). The resumed zombie's transaction is aborted, unseen by every reader (all read
+read_committed), and it gives the partition up (`fenced`). Its decisions go out on a plain
+producer, unfenced: one it sends late is answered by the owner sending its own again
+(state.py `restate`), so the compacted topic ends with the owner's.
 """
 
 from __future__ import annotations
@@ -138,6 +141,15 @@ class Membership(ConsumerRebalanceListener):  # type: ignore[misc]
         """The loop restored and judged these: owned from now (under the turn)."""
         self.owned, self.given = partitions, None
 
+    def fenced(self, partitions: frozenset[int]) -> None:
+        """Another instance sends for these now (its producer fenced this one's off,
+        fence.py): owned no longer, and the group is asked again before the next batch."""
+        self.owned -= partitions
+        self._confirmed_at = float("-inf")
+        self.lost(self.owned)
+        log.warning("fenced off budget.balances partitions %s: deciding for their users no "
+                    "longer", sorted(partitions))
+
     async def keep_polling(self, stop: asyncio.Event) -> None:
         """A member that does not poll for max_poll_interval_ms leaves the group; nothing
         is read (every partition is paused), so a poll is a cheap local call."""
@@ -147,20 +159,22 @@ class Membership(ConsumerRebalanceListener):  # type: ignore[misc]
                 raise self.failed
 
     async def confirm(self, reader: AIOKafkaConsumer) -> bool:
-        """Whether this instance may still judge for its partitions, asked of the group
-        coordinator when the last answer is getting old (after a pause, a stall, a cut).
-        Under the turn. False: it was dropped, and owns nothing until assigned again.
+        """Whether this instance may still judge for its partitions (owned, or given and
+        not yet taken), asked of the group coordinator when the last answer is getting
+        old (after a pause, a stall, a cut). Under the turn. False: it was dropped, and
+        owns nothing until assigned again.
 
-        The commit carries `reader`'s positions in the owned partitions, so Kafka's own
+        The commit carries `reader`'s positions in those partitions, so Kafka's own
         tools show the group's progress. Transient errors are retried by aiokafka."""
-        if not self.owned:
+        held = self.owned | (self.given or frozenset())
+        if not held:
             return True
         clock = asyncio.get_running_loop().time
         if clock() - self._confirmed_at < self._confirm_every:
             return True
         asked = clock()
         offsets = {tp: OffsetAndMetadata(await reader.position(tp), "")
-                   for tp in reader.assignment() if tp.partition in self.owned}
+                   for tp in reader.assignment() if tp.partition in held}
         try:
             await self.consumer.commit(offsets)
         except (CommitFailedError, IllegalStateError) as error:  # dropped, or rejoining
