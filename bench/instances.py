@@ -48,7 +48,7 @@ from bench.common import (
     usage_values,
 )
 from tally.kafka import ensure_topics, make_consumer, make_producer, partitions_of
-from tally.services.projector.ownership import drop_partitions
+from tally.services.projector.drop import Lost, drop_all
 from tally.topics import Topics
 from tally.wire import BalanceUpdated
 
@@ -188,7 +188,7 @@ def copy_of(built: Path, name: str, topics: Topics | None = None,
     if topics is not None and keep is not None:
         with duckdb.connect(str(db)) as con:
             others = set(range(PARTITIONS)) - keep
-            drop_partitions(con, topics, others, others)
+            drop_all(con, topics, Lost.of(others, others))
     return db
 
 

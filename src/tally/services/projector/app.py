@@ -542,7 +542,8 @@ async def run_projector(config: Config, bootstrap: str, topics: Topics, db_path:
             fan_out = instances_asker(bootstrap, topics, limits.timeout_seconds + 5)
             services.append(http_part("projector-http",
                                       audit_app(auditor, access, routes, fan_out,
-                                                lambda: sorted(projector.book.held)),
+                                                lambda: sorted(projector.book.held),
+                                                ownership.settled),
                                       bind(host, port), before_stop=auditor.stop))
         log.info("projector: %d users, reading %s", len(projector.mirror), topics.usage_events)
         await run_parts(stop, services)
@@ -557,6 +558,7 @@ async def _fold_until_stopped(projector: Projector, consumer: AIOKafkaConsumer,
         await projector.consume(consumer, lambda: ownership.generation, follower)
     except asyncio.CancelledError:
         await ownership.stop_restoring()
+        await ownership.stop_dropping()
         await projector.finish()
         raise
     except InconsistentGroupProtocolError as error:  # the group's members offer other assignors

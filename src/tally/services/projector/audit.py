@@ -24,7 +24,7 @@ import asyncio
 import csv
 import io
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -89,17 +89,23 @@ FanOut = Callable[[str, dict[str, str]], Coroutine[Any, Any, QueryResult]]
 # The only headers forwarded to the instances asked: the caller's credential, which each
 # instance checks again as its own users.yaml says (no cookie, no Host, nothing else).
 CREDENTIAL_HEADERS = ("X-API-Key", "Authorization")
+# Until the partitions lost are deleted from the file, at most so many seconds: what is
+# still being deleted, or None.
+Dropping = Callable[[float], Awaitable[str | None]]
 
 
 def audit_app(auditor: Auditor, access: Access, more: Sequence[BaseRoute] = (),
               fan_out: FanOut | None = None,
-              restoring: Callable[[], Sequence[int]] = tuple) -> Starlette:
+              restoring: Callable[[], Sequence[int]] = tuple,
+              dropping: Dropping | None = None) -> Starlette:
     """POST /audit {"sql": "..."} -> {"columns", "rows", "truncated"}; else {"error"} with
     400 (bad query, file asked for, wrong Host), 401/403 (no admin credential), 408 (past
     the time limit), 413 (body too big), 415 (not JSON), 429 (audit threads busy).
     {"sql": "...", "instances": true}: every instance's rows, led by an "instance" column,
     through `fan_out` (502 an instance not answering, 503 one restoring, 504 one too slow).
     `restoring`: the partitions restoring now, which an answer names ("restoring").
+    `dropping`: waits (up to the query's time limit) for the deletion of partitions lost in
+    a rebalance (ownership.py), which the file still holds; 503 if it has not ended.
     `more`: routes served beside it (the projector's /metrics, /healthz, /readyz)."""
 
     async def audit(request: Request) -> Response:
@@ -110,6 +116,7 @@ def audit_app(auditor: Auditor, access: Access, more: Sequence[BaseRoute] = (),
             if everywhere:
                 result = await _fanned_out(sql, request)
             else:
+                await _settled(dropping, auditor.limits.timeout_seconds)
                 holding = tuple(restoring())  # as the query begins
                 result = replace(await auditor.run(sql, request.is_disconnected),
                                  restoring=holding)
@@ -132,6 +139,13 @@ def audit_app(auditor: Auditor, access: Access, more: Sequence[BaseRoute] = (),
         return await fan_out(sql, credential)
 
     return Starlette(routes=[Route("/audit", audit, methods=["POST"]), *more])
+
+
+async def _settled(dropping: Dropping | None, timeout: float) -> None:
+    """Nothing of a partition this instance lost is in the answer: the deletion ends first."""
+    if dropping is not None and (left := await dropping(timeout)) is not None:
+        raise AuditError(f"this projector instance is still deleting {left}, lost in a "
+                         "rebalance, from its file; ask again shortly", 503)
 
 
 def _check_host(request: Request) -> None:

@@ -12,9 +12,10 @@ balances sent. On each rebalance (`Ownership`, the consumer's rebalance listener
 - revoked: the batch under way finishes (commit and acks) before the group moves on, and
   whatever was read ahead is dropped (`Ownership.generation`);
 - assigned (placed by assignor.py: sticky, and where the file holds most): the partitions
-  this instance no longer owns are deleted from its file (so each event is in exactly one
-  active instance's ledger and audits over their files count it once; a standby keeps
-  them, see Ownership);
+  this instance no longer owns are no longer read, and deleted from its file afterwards,
+  outside the listener, a slice at a time (drop.py), so each event is in exactly one
+  active instance's ledger and audits over their files count it once (the audit waits for
+  the deletion); a standby keeps them, see Ownership;
   every assigned partition is read again from the offset stored with it, a gained one from
   the beginning if the file lacks it: that replay IS the restore (in bulk, with replay's
   path, for one far behind: restore.py). A partition's balances
@@ -38,6 +39,7 @@ owner sent (ignored) or the same figure the new owner reaches at that offset.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -52,14 +54,14 @@ from tally.kafka import Record, end_offsets, partitions_of
 from tally.ops import Metrics
 from tally.services.projector import store
 from tally.services.projector.assignor import Claim
+from tally.services.projector.drop import Lost, drop_slice, marked, reopen, still_to_drop
 from tally.services.projector.restore import BulkRestore
 from tally.topics import Topics
 
 if TYPE_CHECKING:
     from tally.services.projector.app import Projector
 
-__all__ = ["Ownership", "PartitionBook", "drop_partitions", "group_id", "stored_partitions",
-           "user_partitions"]
+__all__ = ["Ownership", "PartitionBook", "group_id", "stored_partitions", "user_partitions"]
 
 log = logging.getLogger(__name__)
 
@@ -164,38 +166,6 @@ def stored_partitions(con: duckdb.DuckDBPyConnection, topic: str) -> set[int]:
     return {int(p) for (p,) in rows}
 
 
-def drop_partitions(con: duckdb.DuckDBPyConnection, topics: Topics, events: Iterable[int],
-                    dlq: Iterable[int]) -> None:
-    """Delete what the file holds of partitions this instance no longer owns, in one
-    transaction: their users' balances, ledger rows and event id hashes, the rejected
-    records of the usage.dlq partitions, and the offsets (a partition regained is replayed
-    from the beginning)."""
-    lost_events, lost_dlq = sorted(set(events)), sorted(set(dlq))
-    if not lost_events and not lost_dlq:
-        return
-    ev = ", ".join(map(str, lost_events)) or "NULL"
-    dl = ", ".join(map(str, lost_dlq)) or "NULL"
-    con.execute("BEGIN TRANSACTION")
-    try:
-        con.execute(f"""DELETE FROM balances WHERE user_id IN (
-                            SELECT user_id FROM ledger WHERE topic_partition IN ({ev}))""")
-        # A hash another kept event shares stays: dedupe must still know that event.
-        con.execute(f"""DELETE FROM event_ids WHERE h IN (
-                            SELECT hash(event_id) FROM ledger WHERE topic_partition IN ({ev})
-                            EXCEPT
-                            SELECT hash(event_id) FROM ledger
-                            WHERE topic_partition NOT IN ({ev}))""")
-        con.execute(f"DELETE FROM ledger WHERE topic_partition IN ({ev})")
-        con.execute(f"DELETE FROM rejected WHERE partition IN ({dl})")
-        con.execute(f"""DELETE FROM offsets WHERE (topic = ? AND partition IN ({ev}))
-                        OR (topic = ? AND partition IN ({dl}))""",
-                    [topics.usage_events, topics.usage_dlq])
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-
-
 # the rebalance listener ---------------------------------------------------------------------
 
 
@@ -228,10 +198,19 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
         self.failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.on_change = on_change or (lambda: None)
         self.assigned: set[TopicPartition] = set()
+        # The partitions lost whose deletion from the file is pending (drop.py), and the
+        # task deleting them; `_dropped` is set while none is pending.
+        self._pending = Lost()
+        self._dropper: asyncio.Future[None] | None = None
+        self._dropped = asyncio.Event()
+        self._dropped.set()
+        self._stopping = False
         # How far the file holds each partition: what this instance claims when it joins
-        # (assignor.py), so a partition goes where the least is left to replay.
+        # (assignor.py), so a partition goes where the least is left to replay. Not one
+        # whose deletion began before a stop (drop.py): it is partly deleted.
+        half = marked(projector.writer)
         self.book.positions.update({p: at for (t, p), at in projector.store.load_offsets()
-                                    .items() if t == topics.usage_events})
+                                    .items() if t == topics.usage_events and p not in half})
         if follower is None:
             projector.mirror.clear()  # nothing is owned until the group says so
         else:  # a standby folds every partition: its mirror and users stay whole
@@ -288,7 +267,7 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
                 lost = self.book.owned - mine
                 self.book.disown(lost)  # still followed: its file keeps them
             else:
-                lost = await self._drop_all_but(mine, mine_dlq)
+                lost = await self._lose_all_but(mine, mine_dlq)
             gained = mine - self.book.owned
             if gained and not self.standby:  # a standby's mirror holds them already
                 await asyncio.to_thread(self._load, gained)
@@ -322,21 +301,88 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
             # Heals a crash between a commit and its publish: the balances of the gained
             # partitions already caught up, once (the restoring ones follow once caught up).
             await projector.publish(self.book.users_in(restoring))
+        self._start_dropping()
         self.on_change()
 
-    async def _drop_all_but(self, mine: set[int], mine_dlq: set[int]) -> set[int]:
-        """An active instance's file keeps only the partitions it owns: the others'
-        rows are deleted (each event in one file). The usage.events partitions lost."""
+    async def _lose_all_but(self, mine: set[int], mine_dlq: set[int]) -> set[int]:
+        """An active instance's file keeps only the partitions it owns: the others are no
+        longer read nor sent for, and their deletion is left pending (drop.py: it runs
+        after the listener). The usage.events partitions lost."""
         projector, con = self.projector, self.projector.writer
         lost = (self.book.owned | stored_partitions(con, self.topics.usage_events)) - mine
         lost_dlq = stored_partitions(con, self.topics.usage_dlq) - mine_dlq
-        if lost or lost_dlq:
-            await asyncio.to_thread(drop_partitions, con, self.topics, lost, lost_dlq)
-            for user in self.book.forget(lost):
-                projector.mirror.pop(user, None)
-            # The recent ids forget the dropped events too: regained, they are new.
+        self.pending = still_to_drop(self.pending, Lost.of(lost, lost_dlq),
+                                     Lost.of(mine, mine_dlq))
+        for user in self.book.forget(lost):
+            projector.mirror.pop(user, None)
+        # Regained (or given back after a stop) once their deletion began: replayed from
+        # the beginning (drop.reopen); the recent ids forget the deleted events.
+        if reopened := await asyncio.to_thread(marked, con) & mine:
+            await asyncio.to_thread(reopen, con, self.topics, reopened)
             await asyncio.to_thread(projector.forget_recent)
         return lost
+
+    @property
+    def pending(self) -> Lost:
+        """The partitions lost whose deletion from the file has not ended."""
+        return self._pending
+
+    @pending.setter
+    def pending(self, lost: Lost) -> None:
+        self._pending = lost
+        if lost:
+            self._dropped.clear()
+        else:
+            self._dropped.set()
+
+    def _start_dropping(self) -> None:
+        if self.pending and self._dropper is None and not self._stopping:
+            self._dropper = asyncio.ensure_future(self._drop_pending())
+            self._dropper.add_done_callback(self._dropping_ended)
+
+    def _dropping_ended(self, task: asyncio.Future[None]) -> None:
+        self._dropper = None
+        if not task.cancelled() and (error := task.exception()) is not None:
+            self._fail(error)
+
+    async def _drop_pending(self) -> None:
+        """Delete the pending partitions a slice at a time, each under the writing lock
+        after the batches taken are stored (one writer on the file); the live batches and
+        the listener take the lock between slices. What is pending is read anew for each
+        slice: a partition regained meanwhile is no longer deleted."""
+        projector = self.projector
+        while True:
+            async with projector.writing():
+                lost = self.pending
+                if not lost or self._stopping:
+                    return
+                await projector.drain()
+                if await asyncio.to_thread(drop_slice, projector.writer, self.topics, lost):
+                    self.pending = Lost()
+                    # The recent ids forget the deleted events: regained, they are new.
+                    await asyncio.to_thread(projector.forget_recent)
+                    log.info("projector: deleted partitions %s of %s (and %s of %s) from "
+                             "its file", sorted(lost.events), self.topics.usage_events,
+                             sorted(lost.dlq), self.topics.usage_dlq)
+
+    async def settled(self, timeout: float) -> str | None:
+        """Until no deletion is pending, at most `timeout` seconds; then the partitions
+        still being deleted, if any (an audit would count their rows too)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._dropped.wait(), timeout)
+        lost = self.pending
+        if not lost:
+            return None
+        return " and ".join(f"partitions {','.join(map(str, sorted(parts)))} of {topic}"
+                            for topic, parts in ((self.topics.usage_events, lost.events),
+                                                 (self.topics.usage_dlq, lost.dlq)) if parts)
+
+    async def stop_dropping(self) -> None:
+        """Until the slice being deleted is committed (the service stopping): the file
+        then holds the rest, marked, and the next start goes on (drop.py)."""
+        self._stopping = True
+        if self._dropper is not None:
+            await asyncio.wait([self._dropper])
 
     async def _rest(self, assigned: set[TopicPartition]) -> set[TopicPartition]:
         """A standby's partitions to follow: all of both topics but those `assigned`."""
@@ -392,6 +438,7 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
         """What /readyz (and the instances topic) say of this instance's share."""
         return {"topic": self.topics.usage_events, "partitions": sorted(self.book.owned),
                 "standby": self.standby, "restoring": sorted(self.book.held),
+                "dropping": sorted(self.pending.events),
                 "lag": {str(p): n for p, n in self.lag().items()}}
 
     def report(self, metrics: Metrics) -> None:

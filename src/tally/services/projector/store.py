@@ -254,7 +254,7 @@ def _add_missing_periods(con: duckdb.DuckDBPyConnection, schedule: ResetSchedule
     if schedule is None:
         raise StoreError(f"the store was written without the period(s) {', '.join(missing)}: "
                          "open it writable with the reset schedule (the projector does)")
-    with _transaction(con):
+    with transaction(con):
         for kind in missing:
             _add_period(con, calendar_for(schedule), kind)
     # DuckDB refuses a constraint in the transaction that filled the column: after it,
@@ -336,7 +336,7 @@ def _follow_setting(con: duckdb.DuckDBPyConnection, name: str, wanted: str,
     stored = setting(con, name)
     if stored == wanted:
         return False
-    with _transaction(con):
+    with transaction(con):
         if stored is not None:
             redo()
         record_setting(con, name, wanted)
@@ -356,7 +356,7 @@ def record_setting(con: duckdb.DuckDBPyConnection, name: str, value: str) -> Non
 
 
 @contextlib.contextmanager
-def _transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
     """All of the block's statements or none."""
     con.execute("BEGIN TRANSACTION")
     try:
