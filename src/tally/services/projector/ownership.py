@@ -354,7 +354,7 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
         while True:
             async with projector.writing():
                 lost = self.pending
-                if not lost or self._stopping:
+                if not lost:
                     return
                 await projector.drain()
                 if await asyncio.to_thread(drop_slice, projector.writer, self.topics, lost):
@@ -378,11 +378,12 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
                                                  (self.topics.usage_dlq, lost.dlq)) if parts)
 
     async def stop_dropping(self) -> None:
-        """Until the slice being deleted is committed (the service stopping): the file
-        then holds the rest, marked, and the next start goes on (drop.py)."""
-        self._stopping = True
+        """Until the pending deletion has ended (the service stopping): a file at rest
+        then holds only the partitions it owned, as before. Killed meanwhile, the file
+        holds the rest, marked, and the next start goes on (drop.py)."""
         if self._dropper is not None:
             await asyncio.wait([self._dropper])
+        self._stopping = True
 
     async def _rest(self, assigned: set[TopicPartition]) -> set[TopicPartition]:
         """A standby's partitions to follow: all of both topics but those `assigned`."""
