@@ -78,6 +78,10 @@ async def test_a_gained_partition_is_restored_in_bulk_and_a_rebalance_mid_restor
             await settled(ports, topics.usage_events, sent)
             await produce(kafka_bootstrap, topics.usage_events, usage_messages(tail))
             await settled(ports, topics.usage_events, sent + len(tail))
+            # Every record is counted in (tally_events_in), the bulk-restored ones too; one
+            # folded by both (a restore stopped by the rebalance) twice.
+            assert sum([await events_in(port, topics.usage_events) for port in ports]) >= (
+                sent + len(tail))
             for process in (a, b):
                 process.send_signal(signal.SIGTERM)
             assert [await asyncio.wait_for(p.wait(), 30) for p in (a, b)] == [0, 0]
@@ -94,6 +98,15 @@ async def test_a_gained_partition_is_restored_in_bulk_and_a_rebalance_mid_restor
     assert never_goes_back(published) == []
     kept = latest_by_position(published)
     assert period_rows({u: from_balance(b) for u, b in kept.items()}) == period_rows(want)
+
+
+async def events_in(port: int, topic: str) -> float:
+    """tally_events_in of a topic, from the instance's /metrics."""
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+    line = f'tally_events_in_total{{source="{topic}"}} '
+    return sum(float(row.removeprefix(line)) for row in text.splitlines()
+               if row.startswith(line))
 
 
 async def restoring(port: int, timeout: float = 60) -> None:

@@ -167,6 +167,8 @@ class Projector:
                 await self.advance()  # refolded
             elif current():
                 await self._handle(records)
+                # Here, not once handled: a rebalance may come between, after it is folded.
+                self.metrics.count_in(records)
 
     async def follow(self, config: Config) -> None:
         """A reloaded budgets.yaml: its reset schedule and counted tokens apply to the events
@@ -416,7 +418,6 @@ class Projector:
                     records, _still(read_in, generation)))
                 await asyncio.shield(self._work)
                 if read_in == generation():  # else dropped, or the holds were set anew
-                    self.metrics.count_in(records)
                     await self.release(records)
         finally:
             reader.cancel()  # what it read and nobody took is read again after a restart

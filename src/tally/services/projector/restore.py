@@ -184,6 +184,10 @@ class BulkRestore:
             await projector.drain()
             await projector.dead_letter(decoded.skipped)  # as the live fold does
             await asyncio.to_thread(apply_or_split, projector.writer, decoded)
+            # Counted in as the live fold counts its batches (tally_events_in): a record
+            # each row or dead letter (the bulk reader reads usage.events alone).
+            projector.metrics.events_in.labels(self.topic).inc(
+                decoded.events.num_rows + len(decoded.skipped))
             projector.book.positions.update(
                 {p: at for (t, p), at in decoded.offsets.items() if t == self.topic})
 
