@@ -1,6 +1,6 @@
 """The deletion of lost partitions outside the rebalance listener (drop.py): which to delete
 after an assignment, the slices, and a partition regained in the middle of its deletion,
-on a real DuckDB file without Kafka."""
+on a real DuckDB file without Kafka; and the audit's wait for it."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import pytest
 
 from tally.services.projector import store
 from tally.services.projector.atrest import HELD_SQL
+from tally.services.projector.audit import AuditError
+from tally.services.projector.audit import _settled as audit_settled
 from tally.services.projector.drop import (
     Lost,
     drop_all,
@@ -101,3 +103,16 @@ def test_a_partition_regained_mid_deletion_is_replayed_once(
     store.apply_batch(con, table(*replay), {(EVENTS, 0): len(replay)})
     assert contents(con) == contents(whole)
     assert store.load_offsets(con)[(EVENTS, 0)] == 9
+
+
+async def test_the_audit_waits_for_the_deletion_and_refuses_past_its_time_limit() -> None:
+    asked: list[float] = []
+
+    async def still(timeout: float) -> str | None:
+        asked.append(timeout)
+        return "partitions 2 of t.usage.events" if len(asked) > 1 else None
+
+    await audit_settled(still, 5.0)  # nothing left: the query runs
+    with pytest.raises(AuditError, match="still deleting partitions 2 of") as refused:
+        await audit_settled(still, 5.0)
+    assert refused.value.status == 503 and asked == [5.0, 5.0]
