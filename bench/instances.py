@@ -5,11 +5,14 @@
 
 usage.events of six partitions holds `--events` events (produced once, bench/common.py).
 Each run starts `tally projector` processes with fresh DuckDB files and times them until
-their offsets together cover every event: wall time from the processes' start (their
-start-up included) and CPU seconds per event (user + system of all of them, start-up
-included). Then, with two instances done, one is SIGKILLed: the takeover is the time from
-the kill to the survivor owning all six partitions with none restoring (the session
-timeout, 6 s here, then the replay of the lost partitions into the survivor's file).
+their offsets together cover every event, once through the live fold (`--bulk-from` set
+past the topic's size: what a projector does with a live stream) and once as they start
+by default (a partition far behind restored in bulk, restore.py): wall time from the
+processes' start (their start-up included) and CPU seconds per event (user + system of
+all of them, start-up included). Then, with two instances done, one is SIGKILLed: the
+takeover is the time from the kill to the survivor owning all six partitions with none
+restoring (the session timeout, 6 s here, then the restore of the lost partitions into
+the survivor's file, through the same fold).
 
 `--takeover` compares, in one run over `--events` of history (every file first built by
 `tally replay`, so no run waits for a live fold of the whole history), the time from a
@@ -80,10 +83,15 @@ def tally_env(bootstrap: str, topics: Topics) -> dict[str, str]:
             "TALLY_TOPIC_NAMESPACE": topics.namespace, "TALLY_PARTITIONS": str(PARTITIONS)}
 
 
-async def start(bootstrap: str, topics: Topics, n: int, port: int) -> asyncio.subprocess.Process:
+# The folds compared: the options of `tally projector` that choose them.
+FOLDS = {"live": ("--bulk-from", str(2**62)), "bulk": ()}
+
+
+async def start(bootstrap: str, topics: Topics, n: int, port: int,
+                *options: str) -> asyncio.subprocess.Process:
     db = BENCH_DATA / f"instances-{n}.duckdb"
     remove(db)
-    return await spawn(bootstrap, topics, db, port)
+    return await spawn(bootstrap, topics, db, port, *options)
 
 
 def remove(db: Path) -> None:
@@ -125,17 +133,18 @@ async def until_done(ports: list[int], total: int) -> None:
             await asyncio.sleep(0.2)
 
 
-async def run(bootstrap: str, topics: Topics, events: int, count: int,
+async def run(bootstrap: str, topics: Topics, events: int, count: int, fold: str,
               ) -> tuple[list[Any], float | None]:
     ports = [28400 + n for n in range(count)]
     began = time.monotonic()
-    processes = [await start(bootstrap, topics, n, port) for n, port in enumerate(ports)]
+    processes = [await start(bootstrap, topics, n, port, *FOLDS[fold])
+                 for n, port in enumerate(ports)]
     try:
         await until_done(ports, events)
         wall = time.monotonic() - began
         cpu = sum(cpu_seconds(p.pid) for p in processes)
-        row = [count, f"{wall:.1f}", f"{events / wall:,.0f}", f"{cpu:.1f}",
-               f"{cpu / events * 1e6:.0f}"]
+        row = [fold, count, f"{wall:.1f}", f"{events / wall:,.0f}", f"{cpu:.1f}",
+               f"{cpu / events * 1e6:.0f}", ", ".join(f"{x:.1f}" for x in os.getloadavg())]
         takeover = None
         if count > 1:
             killed_at = time.monotonic()
@@ -332,16 +341,18 @@ def main() -> None:
         topics = Topics(f"bench-instances-{args.events}")
         asyncio.run(ensure_usage(bootstrap, topics, args.events, PARTITIONS))
         rows, takeovers = [], []
-        for count in (1, 2):
-            row, takeover = asyncio.run(run(bootstrap, topics, args.events, count))
-            rows.append(row)
-            if takeover is not None:
-                takeovers.append(takeover)
-        print_table(["instances", "wall s (start-up included)", "events/s", "CPU s",
-                     "CPU us/event"], rows)
-        for takeover in takeovers:
-            print(f"takeover after SIGKILL (session timeout {SESSION_S} s + replay of "
-                  f"half the partitions, {args.events // 2:,} events): {takeover:.1f} s")
+        for fold in FOLDS:
+            for count in (1, 2):
+                row, takeover = asyncio.run(run(bootstrap, topics, args.events, count, fold))
+                rows.append(row)
+                if takeover is not None:
+                    takeovers.append((fold, takeover))
+        print_table(["fold", "instances", "wall s (start-up included)", "events/s", "CPU s",
+                     "CPU us/event", "load average after"], rows)
+        for fold, takeover in takeovers:
+            print(f"takeover after SIGKILL, {fold} fold (session timeout {SESSION_S} s + "
+                  f"restore of half the partitions, {args.events // 2:,} events): "
+                  f"{takeover:.1f} s")
         print(f"load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 

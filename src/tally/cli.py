@@ -174,6 +174,10 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
                      help="keep a warm copy of every partition this instance does not own "
                           "(nothing sent for them), to take a lost instance's over without "
                           "replaying them from the start")
+    sub.add_argument("--bulk-from", type=int, default=5_000, metavar="N",
+                     help="restore a partition gained N records or more behind through "
+                          "replay's bulk path, a nearer one through the live fold (default: "
+                          "%(default)s)")
     add_limit_options(sub)
 
     sub = command("enforcer", "config", "http")

@@ -48,6 +48,7 @@ from tally.services.projector.history import history_routes
 from tally.services.projector.ownership import Ownership, PartitionBook, Stamped, group_id
 from tally.services.projector.partitioncount import check_partition_count, keep_partition_count
 from tally.services.projector.recent import RecentIds, WindowMissed
+from tally.services.projector.restore import BULK_FROM
 from tally.services.projector.sandbox import AuditLimits, Auditor, lock_down
 from tally.settings import Settings
 from tally.topics import Topics
@@ -481,10 +482,12 @@ async def run_projector(config: Config, bootstrap: str, topics: Topics, db_path:
                         partitions: int = 3, publish_before_commit: bool = True,
                         host: str = "127.0.0.1", audit_limits: AuditLimits | None = None,
                         config_dir: Path | None = None,
-                        session_timeout_ms: int = 10_000, standby: bool = False) -> None:
+                        session_timeout_ms: int = 10_000, standby: bool = False,
+                        bulk_from: int = BULK_FROM) -> None:
     """Run until `stop` is set, as one instance of the group sharing usage.events and
     usage.dlq (ownership.py; `session_timeout_ms`: how long a silent instance keeps its
-    partitions; `standby`: keep every partition warm, see Ownership). With a port,
+    partitions; `standby`: keep every partition warm, see Ownership; `bulk_from`: how far
+    behind a gained partition is restored in bulk, restore.py). With a port,
     serve POST /audit (sandboxed within `audit_limits`, for admins as `config`'s auth
     says; `config_dir` resolves its key file), GET /history, /metrics, /healthz and
     /readyz (ready once caught up with its partitions) on host:port."""
@@ -512,7 +515,7 @@ async def run_projector(config: Config, bootstrap: str, topics: Topics, db_path:
         ownership = Ownership(projector, consumer, topics, follower=follower,
                               check_count=lambda found: check_partition_count(
                                   topics.usage_events, count, found, db_path),
-                              bootstrap=bootstrap)
+                              bootstrap=bootstrap, bulk_from=bulk_from)
         consumer.subscribe([topics.usage_events, topics.usage_dlq], listener=ownership)
         readiness = Readiness(ownership.describe)
         services = [Part("projector-fold",
@@ -578,7 +581,8 @@ def run(args: argparse.Namespace) -> int:
         config, settings.bootstrap_servers, topics, args.db, stop, port=args.port or None,
         partitions=settings.partitions, publish_before_commit=not args.publish_after_commit,
         host=args.host, audit_limits=AuditLimits.of(args), config_dir=args.config,
-        session_timeout_ms=int(args.session_timeout * 1000), standby=args.standby))
+        session_timeout_ms=int(args.session_timeout * 1000), standby=args.standby,
+        bulk_from=args.bulk_from))
 
 
 main = command_main("projector")

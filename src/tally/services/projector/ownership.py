@@ -55,7 +55,7 @@ from tally.ops import Metrics
 from tally.services.projector import store
 from tally.services.projector.assignor import Claim
 from tally.services.projector.drop import Lost, drop_slice, marked, reopen, still_to_drop
-from tally.services.projector.restore import BulkRestore
+from tally.services.projector.restore import BULK_FROM, BulkRestore
 from tally.topics import Topics
 
 if TYPE_CHECKING:
@@ -183,12 +183,14 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
                  on_change: Callable[[], None] | None = None,
                  follower: AIOKafkaConsumer | None = None,
                  check_count: Callable[[int], None] | None = None,
-                 bootstrap: str | None = None) -> None:
+                 bootstrap: str | None = None, bulk_from: int = BULK_FROM) -> None:
         """`check_count` raises if usage.events' partition count (at an assignment) is not
         the one the file was written under: that stops the service (partitioncount.py).
-        With `bootstrap`, a partition gained far behind is restored in bulk (restore.py)."""
+        With `bootstrap`, a partition gained `bulk_from` records behind or more is restored
+        in bulk (restore.py)."""
         self.check_count = check_count
-        self.bulk = (BulkRestore(projector, consumer, bootstrap, self._load, self._fail)
+        self.bulk = (BulkRestore(projector, consumer, bootstrap, self._load, self._fail,
+                                 bulk_from=bulk_from)
                      if bootstrap is not None else None)
         self.projector = projector
         self.consumer = consumer

@@ -60,9 +60,9 @@ BULK_FROM = 5_000
 
 
 def far_behind(topic: str, partitions: set[int], at: Mapping[int, int],
-               ends: Offsets) -> set[int]:
-    """Of `partitions` (sought to `at`), those BULK_FROM records or more behind their end."""
-    return {p for p in partitions if ends.get((topic, p), 0) - at.get(p, 0) >= BULK_FROM}
+               ends: Offsets, bulk_from: int = BULK_FROM) -> set[int]:
+    """Of `partitions` (sought to `at`), those `bulk_from` records or more behind their end."""
+    return {p for p in partitions if ends.get((topic, p), 0) - at.get(p, 0) >= bulk_from}
 
 
 class BulkRestore:
@@ -72,9 +72,11 @@ class BulkRestore:
 
     def __init__(self, projector: Projector, consumer: AIOKafkaConsumer, bootstrap: str,
                  loaded: Callable[[set[int]], None], failed: Callable[[BaseException], None],
-                 security: KafkaSecurity | None = None) -> None:
+                 security: KafkaSecurity | None = None, bulk_from: int = BULK_FROM) -> None:
         """`failed` is told of an error the restore could not hand back (it stops the
-        service: a partition left paused would never be folded)."""
+        service: a partition left paused would never be folded). `bulk_from`: how far
+        behind a partition is restored in bulk (`tally projector --bulk-from`)."""
+        self.bulk_from = bulk_from
         self.projector = projector
         self.failed = failed
         self.consumer = consumer
@@ -95,8 +97,8 @@ class BulkRestore:
 
     def start(self, partitions: set[int], at: Mapping[int, int], ends: Offsets) -> None:
         """Of the `partitions` paused (at `at`, their offsets sought), restore those
-        BULK_FROM or more behind their `ends` in bulk; resume the rest in the live fold."""
-        far = far_behind(self.topic, partitions, at, ends)
+        `bulk_from` or more behind their `ends` in bulk; resume the rest in the live fold."""
+        far = far_behind(self.topic, partitions, at, ends, self.bulk_from)
         if partitions - far:
             self.consumer.resume(*self._tps(partitions - far))
         if not far:
