@@ -216,6 +216,8 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
         if follower is None:
             projector.mirror.clear()  # nothing is owned until the group says so
         else:  # a standby folds every partition: its mirror and users stay whole
+            # (a partition left half deleted by an active run before is followed anew)
+            reopen(projector.writer, topics, half)
             self.book.partition_of.update(user_partitions(projector.writer))
 
     @property
