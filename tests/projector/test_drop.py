@@ -13,7 +13,6 @@ import pytest
 from tally.services.projector import store
 from tally.services.projector.atrest import HELD_SQL
 from tally.services.projector.audit import AuditError
-from tally.services.projector.audit import _settled as audit_settled
 from tally.services.projector.drop import (
     Lost,
     drop_all,
@@ -23,6 +22,7 @@ from tally.services.projector.drop import (
     reopen,
     still_to_drop,
 )
+from tally.services.projector.query import settled as audit_settled
 from tally.topics import Topics
 from tests.projector.test_store import event, table
 

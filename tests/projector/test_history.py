@@ -67,3 +67,25 @@ async def test_only_an_admin_may_ask(con: duckdb.DuckDBPyConnection) -> None:
         403, "admin role required: user_bob has role 'viewer'")
     assert carol.status_code == 200 and carol.json()["team"] == [70, 150]
     assert (bad.status_code, bad.json()["error"]) == (400, "bad days")
+
+
+async def test_waits_for_a_lost_partition_to_be_deleted(con: duckdb.DuckDBPyConnection) -> None:
+    """A user of a partition lost in a rebalance is still in the file until its deletion
+    ends: the history waits for it (ownership.settled) and answers 503 if it does not end."""
+    left: list[str | None] = ["partition 3 of usage.events", None]
+    waited: list[float] = []
+
+    async def dropping(timeout: float) -> str | None:
+        waited.append(timeout)
+        return left.pop(0)
+
+    app = Starlette(routes=history_routes(con, CONFIG, lambda: NOW, dropping=dropping))
+    admin = {"x-api-key": "ak_carol_example_0003"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://projector") as client:
+        pending = await client.get("/history?days=2", headers=admin)
+        done = await client.get("/history?days=2", headers=admin)
+    assert pending.status_code == 503
+    assert "still deleting partition 3 of usage.events" in pending.json()["error"]
+    assert done.status_code == 200 and done.json()["team"] == [70, 150]
+    assert waited == [10.0, 10.0]

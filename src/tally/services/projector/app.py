@@ -540,7 +540,8 @@ async def run_projector(config: Config, bootstrap: str, topics: Topics, db_path:
             auditor = Auditor(con, limits)
             access = Access.following(live, config_dir)
             routes = [*ops_routes(projector.metrics, readiness),
-                      *history_routes(con, config, lambda: datetime.now(UTC), access)]
+                      *history_routes(con, config, lambda: datetime.now(UTC), access,
+                                     ownership.settled)]
             # Running audits are interrupted first, so the server stops promptly.
             # An instance asked for its share gets its own query time and a margin.
             fan_out = instances_asker(bootstrap, topics, limits.timeout_seconds + 5)

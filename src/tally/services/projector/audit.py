@@ -24,7 +24,7 @@ import asyncio
 import csv
 import io
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -45,10 +45,12 @@ from tally.services.projector.atrest import HELD_SQL, check_disjoint
 from tally.services.projector.fanout import LOCAL_HOSTS, ask_instances
 from tally.services.projector.query import (
     AuditError,
+    Dropping,
     QueryResult,
     check_read_only,
     led_by,
     run_query,
+    settled,
 )
 from tally.services.projector.sandbox import AuditLimits, Auditor, lock_down
 from tally.settings import Settings
@@ -89,9 +91,6 @@ FanOut = Callable[[str, dict[str, str]], Coroutine[Any, Any, QueryResult]]
 # The only headers forwarded to the instances asked: the caller's credential, which each
 # instance checks again as its own users.yaml says (no cookie, no Host, nothing else).
 CREDENTIAL_HEADERS = ("X-API-Key", "Authorization")
-# Until the partitions lost are deleted from the file, at most so many seconds: what is
-# still being deleted, or None.
-Dropping = Callable[[float], Awaitable[str | None]]
 
 
 def audit_app(auditor: Auditor, access: Access, more: Sequence[BaseRoute] = (),
@@ -116,7 +115,7 @@ def audit_app(auditor: Auditor, access: Access, more: Sequence[BaseRoute] = (),
             if everywhere:
                 result = await _fanned_out(sql, request)
             else:
-                await _settled(dropping, auditor.limits.timeout_seconds)
+                await settled(dropping, auditor.limits.timeout_seconds)
                 holding = tuple(restoring())  # as the query begins
                 result = replace(await auditor.run(sql, request.is_disconnected),
                                  restoring=holding)
@@ -139,13 +138,6 @@ def audit_app(auditor: Auditor, access: Access, more: Sequence[BaseRoute] = (),
         return await fan_out(sql, credential)
 
     return Starlette(routes=[Route("/audit", audit, methods=["POST"]), *more])
-
-
-async def _settled(dropping: Dropping | None, timeout: float) -> None:
-    """Nothing of a partition this instance lost is in the answer: the deletion ends first."""
-    if dropping is not None and (left := await dropping(timeout)) is not None:
-        raise AuditError(f"this projector instance is still deleting {left}, lost in a "
-                         "rebalance, from its file; ask again shortly", 503)
 
 
 def _check_host(request: Request) -> None:

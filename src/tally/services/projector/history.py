@@ -34,6 +34,7 @@ from tally.auth import AuthError
 from tally.config.models import Config
 from tally.core import calendar_for, last_days
 from tally.service import decimal
+from tally.services.projector.query import AuditError, Dropping, settled
 
 __all__ = ["DEFAULT_DAYS", "MAX_DAYS", "history", "history_routes"]
 
@@ -72,10 +73,17 @@ def history(cursor: duckdb.DuckDBPyConnection, config: Config, now: datetime,
             "models": dict(sorted(models.items(), key=lambda m: -m[1])), "users": users}
 
 
+# How long /history waits for the deletion of partitions lost in a rebalance.
+SETTLE_SECONDS = 10.0
+
+
 def history_routes(con: duckdb.DuckDBPyConnection, config: Config,
-                   clock: Callable[[], datetime], access: Access | None = None) -> list[Route]:
+                   clock: Callable[[], datetime], access: Access | None = None,
+                   dropping: Dropping | None = None) -> list[Route]:
     """GET /history?days=N (1..MAX_DAYS, default DEFAULT_DAYS), for an admin only (the
-    audit's door: `access`, else one built from `config`)."""
+    audit's door: `access`, else one built from `config`). `dropping`: as the audit's, so
+    that no user of a partition lost in a rebalance is in the answer (503 past
+    SETTLE_SECONDS)."""
     access = access or Access.build(config)
 
     async def endpoint(request: Request) -> Response:
@@ -88,6 +96,10 @@ def history_routes(con: duckdb.DuckDBPyConnection, config: Config,
         if days is None or not 1 <= days <= MAX_DAYS:
             return _json({"error": "bad days",
                           "details": [f"days must be an integer from 1 to {MAX_DAYS}"]}, 400)
+        try:
+            await settled(dropping, SETTLE_SECONDS)
+        except AuditError as error:
+            return _json({"error": str(error), "details": []}, error.status)
         cursor = con.cursor()  # made on the loop thread, used by one worker thread
         try:
             body = await asyncio.to_thread(history, cursor, config, clock(), days)

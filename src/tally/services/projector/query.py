@@ -7,7 +7,7 @@ extension asked for, too much memory); its `status` is the HTTP answer (400 here
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +15,8 @@ import duckdb
 
 from tally.errors import RequestRefused
 
-__all__ = ["MAX_ROWS", "AuditError", "QueryResult", "check_read_only", "led_by", "run_query"]
+__all__ = ["MAX_ROWS", "AuditError", "Dropping", "QueryResult", "check_read_only", "led_by",
+           "run_query", "settled"]
 
 MAX_ROWS = 10_000
 _EXPLAIN = re.compile(r"^\s*explain\s+(analy[sz]e\s+)?", re.IGNORECASE)
@@ -27,6 +28,19 @@ class AuditError(RequestRefused):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
+
+
+# Until the partitions lost in a rebalance are deleted from the file (ownership.py), at
+# most so many seconds: what is still being deleted, or None.
+Dropping = Callable[[float], Awaitable[str | None]]
+
+
+async def settled(dropping: Dropping | None, timeout: float) -> None:
+    """Nothing of a partition this instance lost is in an answer read from its file (the
+    audit's, the history's): the deletion ends first, else AuditError 503."""
+    if dropping is not None and (left := await dropping(timeout)) is not None:
+        raise AuditError(f"this projector instance is still deleting {left}, lost in a "
+                         "rebalance, from its file; ask again shortly", 503)
 
 
 @dataclass(frozen=True)
