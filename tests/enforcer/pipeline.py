@@ -55,7 +55,12 @@ async def pipeline(bootstrap: str, topics: Topics, config_dir: Path, db: Path, n
                             projector_url=f"http://127.0.0.1:{projector_port}")
 
     async with running(ingest), running(projector), running(enforcer):
-        yield f"http://127.0.0.1:{ingest_port}", f"http://127.0.0.1:{enforcer_port}"
+        url = f"http://127.0.0.1:{enforcer_port}"
+        # The enforcer's API answers once it has read the topics and joined its group (its
+        # first transactional producer, on a fresh broker, can take seconds).
+        async with httpx.AsyncClient(timeout=10) as client:
+            await until(lambda: ready(client, url))
+        yield f"http://127.0.0.1:{ingest_port}", url
 
 
 async def until(check: Callable[[], Awaitable[bool]], timeout: float = 60) -> None:
