@@ -121,7 +121,7 @@ async def ensure_topics(bootstrap: str, topics: Topics, partitions: int) -> None
     smaller differences as warnings."""
     async with _admin(bootstrap) as admin:
         await _create_missing(admin, topics, partitions)
-        differences = await _compare(admin, bootstrap, topics, partitions)
+        differences = await _compare_created(admin, bootstrap, topics, partitions)
     refusing = [d for d in differences if d.refuses]
     if refusing:
         raise TopicsMisconfigured(refusing)
@@ -260,6 +260,20 @@ async def _compare(admin: AIOKafkaAdminClient, bootstrap: str, topics: Topics,
                    partitions: int) -> list[Difference]:
     found = await _describe(admin, list(topics.specs()))
     return compare(topics.specs(), found, partitions, topics.replication_factor, bootstrap)
+
+
+async def _compare_created(admin: AIOKafkaAdminClient, bootstrap: str, topics: Topics,
+                           partitions: int) -> list[Difference]:
+    """`_compare`, once no topic just created is still missing from the metadata of the
+    broker asked: each broker learns of a new topic a moment apart, and the one a describe
+    reaches may not know it yet (seen on a 3-broker cluster just started)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + CREATE_PATIENCE_S
+    while True:
+        differences = await _compare(admin, bootstrap, topics, partitions)
+        if not any(d.setting == "topic" for d in differences) or loop.time() > deadline:
+            return differences
+        await asyncio.sleep(0.2)
 
 
 async def _describe(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, FoundTopic]:
