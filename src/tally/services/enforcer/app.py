@@ -189,8 +189,7 @@ class Loop:
                 check_same_count, self.topics.budget_balances,
                 reference=self.topics.usage_events, expected=events)
             self.check_count(len(parts))
-            self.senders = AlertSenders(bootstrap, self.topics, len(parts),
-                                        self.session_timeout_ms)
+            self.senders = AlertSenders(bootstrap, self.topics, len(parts))
             self._lost(frozenset())
             # The follower ends (on `stop`) before its consumer is stopped.
             async with (started(self.senders), started(self.heard),
