@@ -9,6 +9,19 @@ before: a zombie's late decision is already answered by the owner sending its ow
 (state.py `restate`), and a transaction per batch cost the enforcer hop 40 to 140 ms at
 p50 (bench/RESULTS.md, "Enforcer fencing").
 
+So in a batch with alerts, the decisions of users without one go out unfenced too, at once
+(app.py `_alert`; an alerted user's only once its alerts commit). That is safe for alerts:
+such a decision carries none, so a new owner that hears it and judges on it loses none
+(a threshold's alert is known by id from the alert memory, which only committed
+transactions fill; a reset alert is due on the change from the decision held before,
+which is the one on the topic (a withheld one is not held: state.py `withhold`), and a
+change that brings one makes its user an alerted user, whose decision waits). What can
+go wrong is brief: a zombie's late decision can be the latest on budget.decisions, and
+gateways act on it (e.g. allow a user the owner has stopped) until the owner reads it
+back and sends its own again (`restate`, at its next batch), or, still taking the
+partition, judges its users on taking it. Decisions of batches without alerts have the
+same window.
+
 The producer of partition N has the transactional id `tally-enforcer:<budget.balances>:<N>`
 (`transactional_id`). An instance that gains N starts a new one (`AlertSenders.own`) before
 it hears what was sent and judges N's users, and starting it (InitProducerId) fences
