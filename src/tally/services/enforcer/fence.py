@@ -181,7 +181,8 @@ class AlertSenders:
                 raise
             _fenced_off(producer)
             log.warning("fenced off budget.balances partition %s (another producer with its "
-                        "transactional id started: %s): %d alerts aborted",
+                        "transactional id started, or the broker aborted the transaction "
+                        "at its timeout: %s): %d alerts aborted",
                         _partition_of(producer), type(error).__name__, len(share[0]))
             return False
         return True
