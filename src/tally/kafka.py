@@ -316,9 +316,29 @@ async def _alter(admin: AIOKafkaAdminClient, topics: Topics,
         log.info("topic %s now has %s", name, configs)
 
 
+# How long the broker lets a transaction stay open before aborting it itself, which fences
+# its producer (its commit then fails with ProducerFenced). An enforcer's alert transaction
+# lasts milliseconds (10 to 20 ms at p50: bench/RESULTS.md), but one left open by a paused
+# or killed instance holds back every read_committed reader of its partitions of
+# budget.alerts and budget.alert_memory until it ends: until a new owner fences it, or,
+# with no other instance (or none restarted), this timeout. Measured on the local broker (a
+# transaction begun and left open, a plain record written after it, a read_committed
+# reader timed until it read that record; two runs, load average 3 to 8): held 65.5 and
+# 67.4 s at aiokafka's default of 60 s, 15.6 and 17.3 s at 15 s. The broker looks for
+# expired transactions every 10 s (transaction.abort.timed.out.transaction.cleanup.
+# interval.ms), so a hold is the timeout plus up to 10 s: 10 s held as long as 15 s in
+# both runs (the same look freed both). 15 s leaves a legitimate transaction a thousand
+# times its usual length on a loaded machine and more than a partition leader's move
+# (about 3 s in the broker-loss test), and is above the default session timeout, so a
+# paused owner is usually fenced by its partition's new owner first. An owner aborted
+# anyway takes its partition again (enforcer/group.py `fenced`): its alerts are sent,
+# once. (The broker refuses a timeout above its transaction.max.timeout.ms, 15 min.)
+TRANSACTION_TIMEOUT_MS = 15_000
+
+
 def make_producer(bootstrap: str, linger_ms: int = 0,
-                  security: KafkaSecurity | None = None, transactional_id: str | None = None,
-                  transaction_timeout_ms: int = 60_000) -> AIOKafkaProducer:
+                  security: KafkaSecurity | None = None,
+                  transactional_id: str | None = None) -> AIOKafkaProducer:
     """An idempotent producer with acks=all: a retry never writes a message twice.
 
     No linger by default: the services send a batch's records in one burst without
@@ -327,7 +347,7 @@ def make_producer(bootstrap: str, linger_ms: int = 0,
     With a `transactional_id`, its records are sent in transactions (the enforcer's alerts,
     one producer per owned partition: enforcer/fence.py). Starting it fences every earlier
     producer with the same id: their open transaction is aborted, and their commit fails
-    with ProducerFenced. A transaction left open longer than `transaction_timeout_ms` is
+    with ProducerFenced. A transaction left open longer than TRANSACTION_TIMEOUT_MS is
     aborted by the broker. Readers never see aborted records: they read read_committed
     (`make_consumer`, the notifier's subscriber)."""
     return AIOKafkaProducer(
@@ -339,7 +359,7 @@ def make_producer(bootstrap: str, linger_ms: int = 0,
         max_batch_size=256 * 1024,
         compression_type=None,
         transactional_id=transactional_id,
-        transaction_timeout_ms=transaction_timeout_ms,
+        transaction_timeout_ms=TRANSACTION_TIMEOUT_MS,
     )
 
 

@@ -1,27 +1,42 @@
 """Fencing per partition (fence.py), on the real broker: an enforcer that lost a partition
 of budget.balances (a zombie) cannot send alerts for its users once the new owner has
 started that partition's producer, neither the batch it held in an open transaction when
-it was paused nor a later one; read_committed readers see each alert once."""
+it was paused nor a later one; read_committed readers see each alert once. An enforcer
+fenced off a partition the group still gives it takes the partition again."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import logging
 from collections import Counter
+from collections.abc import Awaitable
+from pathlib import Path
 
+import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import MessageSizeTooLargeError, ProducerFenced
 
-from tally.kafka import Record, ensure_topics, read_to_end
+from tally.kafka import Record, ensure_topics, make_producer, read_to_end
 from tally.service import started
-from tally.services.enforcer.fence import ATTEMPTS, AlertSenders, account, shares_of
+from tally.services.enforcer.app import run_enforcer
+from tally.services.enforcer.fence import (
+    ATTEMPTS,
+    AlertSenders,
+    account,
+    shares_of,
+    transactional_id,
+)
 from tally.services.enforcer.heard import decode_all
 from tally.services.enforcer.memory import AlertsSent
 from tally.services.enforcer.state import Enforcer, partition_of
 from tally.topics import Topics
-from tally.wire import BudgetAlerted
+from tally.wire import BudgetAlerted, BudgetDecided
+from tests.test_pipeline import running
 
-from .kit import NOON, balances, config, events
+from .kit import NOON, balances, config, events, free_port
+from .pipeline import until, write_config
 
 pytestmark = pytest.mark.kafka
 
@@ -105,6 +120,72 @@ async def test_a_transaction_that_fails_is_tried_again_then_raises_and_nothing_i
     assert not await read_to_end(kafka_bootstrap, topics.budget_alert_memory)
     tries = await read_uncommitted(kafka_bootstrap, topics.budget_alerts)
     assert [a.alert_id for a in tries] == [warned.alert_id] * ATTEMPTS  # each aborted
+
+
+async def test_an_owner_fenced_from_outside_the_group_takes_its_partition_again(
+        kafka_bootstrap: str, unique_name: str, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A producer started by hand with the transactional id of a partition the enforcer
+    owns fences the enforcer's producer: the next alerts of that partition's users are
+    aborted. The group still gives the partition to the enforcer, so it takes it again
+    (fencing the other producer) and sends them: each once, and the alerted user's
+    decision with them; the service goes on, fenced once."""
+    topics = Topics(f"fence-own-{unique_name}")
+    await ensure_topics(kafka_bootstrap, topics, PARTITIONS)
+    config_dir, port = write_config(tmp_path / "config"), free_port()
+    url, every = f"http://127.0.0.1:{port}", list(range(PARTITIONS))
+    fenced = partition_of("dave", PARTITIONS)
+    cfg = config()
+    due = Enforcer(cfg).on_balances(balances(cfg, events(USAGE)), NOON).alerts
+
+    def enforcer(stop: asyncio.Event) -> Awaitable[None]:
+        return run_enforcer(config_dir, kafka_bootstrap, topics, stop, clock=lambda: NOON,
+                            tick_seconds=0.2, partitions=PARTITIONS, port=port)
+
+    caplog.set_level(logging.WARNING, logger="tally.services.enforcer")
+    async with (running(enforcer), httpx.AsyncClient(timeout=10) as client,
+                started(make_producer(kafka_bootstrap)) as producer):
+        await until(lambda: owns(client, url, every))
+        # Starting it (InitProducerId) fences the enforcer's producer of `fenced`.
+        async with started(make_producer(kafka_bootstrap, transactional_id=transactional_id(
+                topics, fenced))):
+            pass
+        for balance in balances(cfg, events(USAGE)):
+            await producer.send_and_wait(topics.budget_balances,
+                                         balance.model_dump_json().encode(),
+                                         key=balance.user_id.encode())
+        # Its alerts, then its decision (withheld until they commit), and the partition.
+        await until(lambda: seen(kafka_bootstrap, topics.budget_alerts, len(due)))
+        await until(lambda: decided(kafka_bootstrap, topics, "dave", "over_limit"))
+        await until(lambda: owns(client, url, every))
+    committed = decode_all(BudgetAlerted, await read_to_end(kafka_bootstrap,
+                                                             topics.budget_alerts))
+    assert Counter(a.alert_id for a in committed) == Counter(a.alert_id for a in due)
+    assert [r.getMessage() for r in caplog.records if "fenced off" in r.getMessage()
+            and r.name.endswith("group")] == [
+        f"fenced off budget.balances partitions [{fenced}]: deciding for their users no longer"]
+    gc.collect()  # the fenced producer's cycles (see the first test)
+
+
+async def owns(client: httpx.AsyncClient, url: str, partitions: list[int]) -> bool:
+    """Whether the enforcer says on /readyz it decides for exactly these partitions."""
+    try:
+        answer = (await client.get(f"{url}/readyz")).json()
+    except httpx.TransportError:  # not listening yet
+        return False
+    return bool(answer.get("status") == "ready" and not answer.get("restoring", True)
+                and answer.get("partitions") == partitions)
+
+
+async def seen(bootstrap: str, topic: str, count: int) -> bool:
+    await asyncio.sleep(0.4)  # each look starts a consumer: not ten a second
+    return len(await read_to_end(bootstrap, topic)) >= count
+
+
+async def decided(bootstrap: str, topics: Topics, user: str, status: str) -> bool:
+    await asyncio.sleep(0.4)
+    decisions = decode_all(BudgetDecided, await read_to_end(bootstrap, topics.budget_decisions))
+    return [d.status for d in decisions if d.user_id == user][-1:] == [status]
 
 
 async def read_uncommitted(bootstrap: str, topic: str) -> list[BudgetAlerted]:

@@ -139,3 +139,17 @@ def test_what_was_read_back_while_owning_stands_once_the_users_are_lost() -> Non
     zombie.lose(Ownership.nobody(PARTITIONS))
     assert {d.status for d in zombie.published.values()} == {"warning"}
     assert not zombie.restate()
+
+
+def test_a_decision_withheld_is_held_no_more_and_judging_again_says_it() -> None:
+    """Decisions whose alerts' transaction did not commit are not sent (app.py): judged
+    again, their users get them, and their alerts, once each."""
+    enforcer = owning(HALVES[0])
+    before = enforcer.on_balances(balances(300), NOON)
+    withheld = enforcer.on_balances(balances(1100), NOON)  # over the limit: alerts
+    users = {d.user_id for d in withheld.decisions}
+    assert users and {a.user_id for a in withheld.alerts} == users
+    enforcer.withhold(withheld, users)
+    enforcer.memory.roll_back(withheld.alerts)
+    assert [enforcer.published[d.user_id] for d in before.decisions] == before.decisions
+    assert said(enforcer.evaluate(users, NOON)) == said(withheld)

@@ -189,8 +189,7 @@ class Loop:
                 check_same_count, self.topics.budget_balances,
                 reference=self.topics.usage_events, expected=events)
             self.check_count(len(parts))
-            self.senders = AlertSenders(bootstrap, self.topics, len(parts),
-                                        self.session_timeout_ms)
+            self.senders = AlertSenders(bootstrap, self.topics, len(parts))
             self._lost(frozenset())
             # The follower ends (on `stop`) before its consumer is stopped.
             async with (started(self.senders), started(self.heard),
@@ -346,8 +345,10 @@ class Loop:
         heard it would judge on it, and a reset alert (sent on the change from the old
         decision to the new) would be lost. It costs those few decisions one transaction
         (bench/RESULTS.md). The decisions' acks to await, and what was sent; the alerts not
-        committed are rolled out of the alert memory (memory.py), and fenced partitions
-        given up: their decisions are not sent, their new owner decides."""
+        committed are rolled out of the alert memory (memory.py), their users' decisions are
+        not sent (the state holds the ones before again: state.py `withhold`), and fenced
+        partitions are given up: their new owner decides (or this instance, taking them
+        again if the group still gives them to it: group.py `fenced`)."""
         alerted = {a.user_id for a in outcome.alerts}
         sends = await queue(producer, self.topics,
                             [d for d in outcome.decisions if d.user_id not in alerted],
@@ -356,6 +357,7 @@ class Loop:
         sent = await self.senders.send(shares_of(outcome.alerts, outcome.memory, count))
         alerts = account(self.board.enforcer.memory, outcome.alerts, sent, count)
         committed = {a.user_id for a in alerts}
+        self.board.enforcer.withhold(outcome, alerted - committed)
         self._given_up(sent)
         for alert in alerts:
             log.info("alert %s: %s", alert.alert_id, alert.message.strip())
@@ -411,6 +413,7 @@ class Loop:
                 continue
             outcome.decisions += step.decisions
             outcome.alerts += step.alerts
+            outcome.replaced |= step.replaced
         return outcome
 
 

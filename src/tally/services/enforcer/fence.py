@@ -9,6 +9,19 @@ before: a zombie's late decision is already answered by the owner sending its ow
 (state.py `restate`), and a transaction per batch cost the enforcer hop 40 to 140 ms at
 p50 (bench/RESULTS.md, "Enforcer fencing").
 
+So in a batch with alerts, the decisions of users without one go out unfenced too, at once
+(app.py `_alert`; an alerted user's only once its alerts commit). That is safe for alerts:
+such a decision carries none, so a new owner that hears it and judges on it loses none
+(a threshold's alert is known by id from the alert memory, which only committed
+transactions fill; a reset alert is due on the change from the decision held before,
+which is the one on the topic (a withheld one is not held: state.py `withhold`), and a
+change that brings one makes its user an alerted user, whose decision waits). What can
+go wrong is brief: a zombie's late decision can be the latest on budget.decisions, and
+gateways act on it (e.g. allow a user the owner has stopped) until the owner reads it
+back and sends its own again (`restate`, at its next batch), or, still taking the
+partition, judges its users on taking it. Decisions of batches without alerts have the
+same window.
+
 The producer of partition N has the transactional id `tally-enforcer:<budget.balances>:<N>`
 (`transactional_id`). An instance that gains N starts a new one (`AlertSenders.own`) before
 it hears what was sent and judges N's users, and starting it (InitProducerId) fences
@@ -16,7 +29,11 @@ every older producer with that id: the broker aborts the open transaction of the
 instance that had N, and that instance's commit fails with ProducerFenced. Every reader of
 budget.alerts and budget.alert_memory reads read_committed (tally.kafka, the notifier), so
 none sees the zombie's alerts; the zombie rolls their ids out of its alert memory
-(memory.py) and gives the partition up (app.py).
+(memory.py), holds their users' decisions unsent (state.py `withhold`) and gives the
+partition up (app.py). A fence from outside the group (a producer started by hand with the
+id, or the broker aborting a transaction open past tally.kafka's TRANSACTION_TIMEOUT_MS)
+looks the same: the group still gives the partition to this instance, which takes it
+again (group.py `fenced`) and sends what the fence aborted.
 
 The producers cost one connection and one InitProducerId each, per owned partition: they
 are started when partitions are taken and closed when they are lost.
@@ -42,7 +59,7 @@ from tally.topics import Topics
 from tally.wire import BudgetAlerted
 
 __all__ = ["ATTEMPTS", "AlertSenders", "Sent", "Share", "account", "shares_of",
-           "transaction_timeout_ms", "transactional_id"]
+           "transactional_id"]
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +96,6 @@ def transactional_id(topics: Topics, partition: int) -> str:
     return f"{group_id(topics)}:{partition}"
 
 
-def transaction_timeout_ms(session_timeout_ms: int) -> int:
-    """How long the broker lets a transaction stay open before aborting it itself: longer
-    than the session timeout, so that only a new owner's fence ends a paused owner's
-    transaction (a timeout would look like a fence to it), and the read_committed readers
-    of a partition an open transaction holds up are freed by one or the other."""
-    return max(60_000, 2 * session_timeout_ms)
-
-
 def shares_of(alerts: Iterable[BudgetAlerted], memory: Iterable[AlertsSent],
               count: int) -> dict[int, Share]:
     """Alerts and memory records by the budget.balances partition of their user."""
@@ -101,10 +110,8 @@ def shares_of(alerts: Iterable[BudgetAlerted], memory: Iterable[AlertsSent],
 class AlertSenders:
     """One transactional producer per owned partition of budget.balances."""
 
-    def __init__(self, bootstrap: str, topics: Topics, count: int,
-                 session_timeout_ms: int = 10_000) -> None:
+    def __init__(self, bootstrap: str, topics: Topics, count: int) -> None:
         self.bootstrap, self.topics, self.count = bootstrap, topics, count
-        self.transaction_timeout_ms = transaction_timeout_ms(session_timeout_ms)
         self.producers: dict[int, AIOKafkaProducer] = {}
 
     async def own(self, partitions: Iterable[int]) -> None:
@@ -113,8 +120,7 @@ class AlertSenders:
         instance had it meanwhile) and returns once its open transaction is aborted."""
         await self.keep(())
         new = {n: make_producer(self.bootstrap, transactional_id=transactional_id(
-            self.topics, n), transaction_timeout_ms=self.transaction_timeout_ms)
-            for n in partitions}
+            self.topics, n)) for n in partitions}
         self.producers = new
         await asyncio.gather(*(p.start() for p in new.values()))
 
@@ -174,9 +180,10 @@ class AlertSenders:
                        [error, *await asyncio.gather(*sends, return_exceptions=True)]):
                 raise
             _fenced_off(producer)
-            log.warning("fenced off budget.balances partition %s (another instance owns it "
-                        "now: %s): %d alerts aborted", _partition_of(producer),
-                        type(error).__name__, len(share[0]))
+            log.warning("fenced off budget.balances partition %s (another producer with its "
+                        "transactional id started, or the broker aborted the transaction "
+                        "at its timeout: %s): %d alerts aborted",
+                        _partition_of(producer), type(error).__name__, len(share[0]))
             return False
         return True
 

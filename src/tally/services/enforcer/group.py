@@ -142,13 +142,25 @@ class Membership(ConsumerRebalanceListener):  # type: ignore[misc]
         self.owned, self.given = partitions, None
 
     def fenced(self, partitions: frozenset[int]) -> None:
-        """Another instance sends for these now (its producer fenced this one's off,
-        fence.py): owned no longer, and the group is asked again before the next batch."""
+        """Another producer of these partitions' transactional ids fenced this one's off
+        (fence.py): owned no longer, and the group is asked again before the next batch.
+        Usually another instance took them, and the group's answer is that this one was
+        dropped. Those the group still gives this instance (the fence came from outside
+        the group: a producer started by hand with that id, or the broker aborting a
+        transaction open past its timeout) are given again, and the loop takes them as
+        any partition given (app.py `_take_given`: confirmed first, then a new producer,
+        which fences the other, then their users judged, the alerts aborted sent again);
+        else nobody would decide for their users until the next rebalance."""
         self.owned -= partitions
         self._confirmed_at = float("-inf")
         self.lost(self.owned)
         log.warning("fenced off budget.balances partitions %s: deciding for their users no "
                     "longer", sorted(partitions))
+        still = partitions & {tp.partition for tp in self.consumer.assignment()}
+        if still:
+            self.given = self.owned | (self.given or frozenset()) | still
+            log.warning("budget.balances partitions %s are still this instance's in the "
+                        "group: taking them again once it confirms", sorted(still))
 
     async def keep_polling(self, stop: asyncio.Event) -> None:
         """A member that does not poll for max_poll_interval_ms leaves the group; nothing

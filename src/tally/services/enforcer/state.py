@@ -47,6 +47,9 @@ class Outcome:
     decisions: list[BudgetDecided] = field(default_factory=list)
     alerts: list[BudgetAlerted] = field(default_factory=list)
     memory: list[AlertsSent] = field(default_factory=list)
+    # Per decision, the one it replaced as held (None: none was): held again if it is not
+    # sent after all (`Enforcer.withhold`).
+    replaced: dict[str, BudgetDecided | None] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.decisions or self.alerts)
@@ -177,11 +180,33 @@ class Enforcer:
             self._on_topic.pop(user_id, None)
         else:
             self._on_topic[user_id] = decision
+        due = self._uncount(user_id)
+        if not due and not same_decision(self.published.get(user_id), decision):
+            self._contradicted.add(user_id)
+
+    def _uncount(self, user_id: str) -> int:
+        """One of the user's decisions sent and not yet heard back is accounted for (heard,
+        or never sent); how many there were."""
         due = self._unheard.pop(user_id, 0)
         if due > 1:
             self._unheard[user_id] = due - 1
-        elif not due and not same_decision(self.published.get(user_id), decision):
-            self._contradicted.add(user_id)
+        return due
+
+    def withhold(self, outcome: Outcome, users: Iterable[str]) -> None:
+        """The outcome's decisions for these users were not sent (their alerts' transaction
+        did not commit: fence.py): each holds the decision it had before again, the one on
+        the topic, so that judging them again sends theirs. (Kept, the unsent one would
+        look said: an instance fenced off a partition it then takes again would judge its
+        users the same and send nothing, leaving gateways on the older decision.)"""
+        for user_id in users:
+            if user_id not in outcome.replaced:
+                continue
+            previous = outcome.replaced[user_id]
+            if previous is None:
+                self.published.pop(user_id, None)
+            else:
+                self.published[user_id] = previous
+            self._uncount(user_id)
 
     def restate(self) -> Outcome:
         """The held decisions of owned users whose latest one on the topic is another's:
@@ -241,6 +266,7 @@ class Enforcer:
             if not same_decision(previous, decision):
                 self.published[user_id] = decision
                 outcome.decisions.append(decision)
+                outcome.replaced[user_id] = previous
         outcome.memory = self.memory.add(outcome.alerts)
         self._count_sent(outcome)
         return outcome
