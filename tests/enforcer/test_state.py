@@ -226,3 +226,22 @@ def test_a_roll_back_keeps_an_alert_heard_meanwhile_and_one_committed() -> None:
     enforcer.memory.settle([warned_90])
     enforcer.memory.roll_back([warned_90])  # too late: committed
     assert warned_90.alert_id in enforcer.memory.ids
+
+
+def test_outcomes_judged_one_balance_at_a_time_add_up_to_one_with_their_memory() -> None:
+    """The enforcer's fallback judges a batch balance by balance: the combined outcome
+    carries every step's alert memory records, or its alerts would go out unremembered."""
+    cfg = config()
+    enforcer = Enforcer(cfg)
+    outcome = enforcer.on_balances([balance_after(cfg, 800)], NOON)
+    outcome.then(enforcer.on_balances([balance_after(cfg, 1000)], NOON))
+    outcome.then(enforcer.on_balances([balance_after(cfg, 950, user="bob")], NOON))
+    assert [(d.user_id, d.action) for d in outcome.decisions] == [
+        ("alice", "warn"), ("alice", "hard_stop"), ("bob", "warn")]
+    remembered = {i for record in outcome.memory for i in record.alert_ids}
+    assert {a.alert_id for a in outcome.alerts} <= remembered
+    assert {r.user_id for r in outcome.memory} == {"alice", "bob"}
+    # alice's stop unsent after all: she is held at what she had before the first step
+    enforcer.withhold(outcome, ["alice"])
+    assert enforcer.evaluate({"alice"}, NOON).decisions[0].action == "hard_stop"
+    assert outcome.replaced["alice"] is None

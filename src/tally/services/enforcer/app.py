@@ -411,9 +411,7 @@ class Loop:
             except Exception as error:
                 log.error("skipping the balance at %s: %s", record.source, error_text(error))
                 continue
-            outcome.decisions += step.decisions
-            outcome.alerts += step.alerts
-            outcome.replaced |= step.replaced
+            outcome.then(step)
         return outcome
 
 

@@ -54,6 +54,15 @@ class Outcome:
     def __bool__(self) -> bool:
         return bool(self.decisions or self.alerts)
 
+    def then(self, step: Outcome) -> None:
+        """Adds a later step's outcome to this one, in order; a user's decision replaced in
+        both is held again, if unsent, as it was before the first."""
+        self.decisions += step.decisions
+        self.alerts += step.alerts
+        self.memory += step.memory
+        for user_id, previous in step.replaced.items():
+            self.replaced.setdefault(user_id, previous)
+
 
 def partition_of(user_id: str, partitions: int) -> int:
     """The budget.balances partition of a user's balances: the Kafka clients' default
