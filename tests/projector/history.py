@@ -10,11 +10,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
+from aiokafka.partitioner import murmur2
 from confluent_kafka import KafkaError, Producer
 
 from bench.common import usage_values
 
-__all__ = ["event_ids", "history", "produce_fast"]
+__all__ = ["event_ids", "history", "partition_of", "produce_fast"]
 
 Message = tuple[bytes, bytes]
 
@@ -24,6 +25,11 @@ def history(count: int, users: int, seed: int, copies_every: int = 0) -> list[Me
     `copies_every`-th (the same key: a copy lands in its original's partition)."""
     values = list(usage_values(count, users=users, seed=seed))
     return values + (values[::copies_every] if copies_every else [])
+
+
+def partition_of(message: Message, partitions: int) -> int:
+    """The partition a message's key goes to (murmur2, as produce_fast and aiokafka do)."""
+    return (murmur2(message[0]) & 0x7FFFFFFF) % partitions
 
 
 def event_ids(messages: Sequence[Message]) -> set[str]:
