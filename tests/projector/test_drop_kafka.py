@@ -22,10 +22,10 @@ from tally.kafka import ensure_topics, make_producer, read_to_end
 from tally.service import started
 from tally.services.projector.drop import SLICE_ROWS
 from tally.topics import Topics
+from tally.wire import BalanceUpdated
 from tests.projector.history import Message, event_ids, history, partition_of, produce_fast
 from tests.projector.test_instances_kafka import (
     PARTITIONS,
-    balances_on_topic,
     instance,
     latest_by_position,
     readyz,
@@ -91,10 +91,11 @@ async def test_a_large_lost_partition_is_deleted_while_the_instance_stays_and_fo
     # a deletion holding the writing lock throughout sends none there).
     took, deleted = (when(said[0], line) for line in ("projector: owns partitions [3, 4, 5]",
                                                       "projector: deleted partitions"))
-    published = await balances_on_topic(kafka_bootstrap, topics.budget_balances)
-    stamps = await balance_times(kafka_bootstrap, topics.budget_balances)
-    assert any(took < at < deleted and b.source_partition not in LOST
-               for b, at in zip(published, stamps, strict=True)), (took, deleted)
+    records = [r for r in await read_to_end(kafka_bootstrap, topics.budget_balances)
+               if r.value is not None]
+    published = [BalanceUpdated.model_validate_json(r.value) for r in records]
+    assert any(took < r.timestamp_ms / 1000 < deleted and b.source_partition not in LOST
+               for b, r in zip(published, records, strict=True)), (took, deleted)
     # Its file holds its own partitions whole and nothing of the lost ones.
     assert db_rows(dbs[0], f"SELECT count(*) FROM ledger WHERE {IN_LOST}") == {(0,)}
     assert db_rows(dbs[0], "SELECT DISTINCT partition FROM offsets WHERE topic = "
@@ -149,12 +150,6 @@ async def trickle(bootstrap: str, topic: str, messages: list[Message],
             sent += len(chunk)
             await asyncio.sleep(0.02)
     return sent
-
-
-async def balance_times(bootstrap: str, topic: str) -> list[float]:
-    """Each budget.balances record's timestamp (seconds), in balances_on_topic's order."""
-    return [r.timestamp_ms / 1000 for r in await read_to_end(bootstrap, topic)
-            if r.value is not None]
 
 
 def when(log: str, line: str) -> float:

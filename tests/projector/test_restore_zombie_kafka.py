@@ -44,15 +44,15 @@ from tests.projector.test_restore_kafka import events_in
 
 pytestmark = pytest.mark.kafka
 
-HISTORY = 60_000
-USERS = 300  # every partition holds 8,700 records or more
-ZOMBIE_BATCH = 1_000  # records a bulk batch of the zombie's: its restore takes ~60 batches
+HISTORY = 40_000
+USERS = 300  # every partition holds 5,800 records or more
+ZOMBIE_BATCH = 1_000  # records a bulk batch of the zombie's: its restore takes ~40 batches
 ZOMBIE = ("-c", "import sys; from tally.services.projector import restore; "
           f"restore.REPLAY_BATCH = {ZOMBIE_BATCH}; from tally.cli import main; sys.exit(main())")
 # The zombie restores in bulk every partition it gains from an empty file, and by the live
 # fold what is left of its share once it rejoins (its stopped restore stored part of it):
 # the path on which its memory must learn what that restore stored.
-ZOMBIE_BULK_FROM = 8_000
+ZOMBIE_BULK_FROM = 5_500
 
 
 async def test_a_zombie_paused_mid_bulk_restore_changes_no_balance_and_ends_consistent(
