@@ -19,8 +19,9 @@ writing lock after the live batches judged before it are stored: the live fold o
 other partitions goes on between bulk batches (a bulk write holds it up for the write of
 one batch, up to about a second). A rebalance stops the restore (`stop`, from the
 revocation, before anything moves): the batch being written commits, the rest is not
-written, and the file holds the partition consistently up to its stored offset; the
-next assignment drops it (lost) or restores it again from there (kept). The work runs in
+written, and the file holds the partition consistently up to its stored offset (its users
+read back into the mirror: the live fold may go on from there); the next assignment drops
+it (lost) or restores it again from there (kept). The work runs in
 threads (librdkafka, Arrow and DuckDB release the GIL): the event loop keeps answering
 the group's heartbeats. A restore that fails (the bulk reader cannot reach the broker,
 say) hands its partitions back to the live fold from their stored offsets.
