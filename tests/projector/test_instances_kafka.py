@@ -50,13 +50,14 @@ SESSION_S = 6  # the broker's group.min.session.timeout.ms: the fastest takeover
 
 @asynccontextmanager
 async def instance(bootstrap: str, topics: Topics, db: Path, config_dir: Path,
-                   port: int, *options: str,
-                   log: Path | None = None) -> AsyncIterator[asyncio.subprocess.Process]:
-    """One `tally projector` process of the group (its stderr into `log` if given);
-    killed at the end if still running."""
+                   port: int, *options: str, log: Path | None = None,
+                   program: tuple[str, ...] = ("-m", "tally.cli"),
+                   ) -> AsyncIterator[asyncio.subprocess.Process]:
+    """One `tally projector` process of the group (its stderr into `log` if given; the
+    Python `program` taking the command line); killed at the end if still running."""
     with open(log, "w") if log else contextlib.nullcontext() as stderr:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tally.cli", "projector", "--config", str(config_dir),
+            sys.executable, *program, "projector", "--config", str(config_dir),
             "--db", str(db), "--port", str(port), "--session-timeout", str(SESSION_S),
             *options, cwd=ROOT, stderr=stderr,
             env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap,

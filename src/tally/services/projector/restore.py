@@ -19,8 +19,9 @@ writing lock after the live batches judged before it are stored: the live fold o
 other partitions goes on between bulk batches (a bulk write holds it up for the write of
 one batch, up to about a second). A rebalance stops the restore (`stop`, from the
 revocation, before anything moves): the batch being written commits, the rest is not
-written, and the file holds the partition consistently up to its stored offset; the
-next assignment drops it (lost) or restores it again from there (kept). The work runs in
+written, and the file holds the partition consistently up to its stored offset (its users
+read back into the mirror: the live fold may go on from there); the next assignment drops
+it (lost) or restores it again from there (kept). The work runs in
 threads (librdkafka, Arrow and DuckDB release the GIL): the event loop keeps answering
 the group's heartbeats. A restore that fails (the bulk reader cannot reach the broker,
 say) hands its partitions back to the live fold from their stored offsets.
@@ -200,14 +201,12 @@ class BulkRestore:
         projector = self.projector
         async with projector.writing():
             if self._stopping:
+                await self._learn(partitions)
                 return False
             await projector.drain()
             writer = projector.writer
             await asyncio.to_thread(store.apply_batch, writer, store.no_events(), dict(ends))
-            await asyncio.to_thread(self.loaded, partitions)
-            # The live dedupe's memory learns the restored recent events (a copy of one
-            # still to come is then known).
-            await asyncio.to_thread(projector.forget_recent)
+            await self._learn(partitions)
             self._resume_at({p: ends[(self.topic, p)] for p in partitions})
             done = projector.book.reached(dict(ends))
             await projector.publish(projector.book.users_in(done))
@@ -216,11 +215,24 @@ class BulkRestore:
     async def _hand_back(self, partitions: set[int], starts: Offsets) -> None:
         """A failed restore's partitions to the live fold, from their stored offsets."""
         async with self.projector.writing():
+            await self._learn(partitions)
             if self._stopping:
                 return
             stored = await asyncio.to_thread(self.projector.store.load_offsets)
             self._resume_at({p: stored.get((self.topic, p), starts[(self.topic, p)])
                              for p in partitions})
+
+    async def _learn(self, partitions: set[int]) -> None:
+        """The projector's memory of the partitions as the file holds them, whatever the
+        restore stored (its batches go to the file alone): their users' usage and
+        partitions (the mirror, the book), and the live dedupe's recent ids (a copy of a
+        restored recent event still to come is then known). Also when it stops or fails
+        part way: the live fold may go on from the stored offsets (handed back, or kept in
+        the next assignment less than bulk_from behind), and would fold onto the usage
+        from before the restore, sending balances short of what the file holds."""
+        await self.projector.drain()
+        await asyncio.to_thread(self.loaded, partitions)
+        await asyncio.to_thread(self.projector.forget_recent)
 
     def _resume_at(self, offsets: Mapping[int, int]) -> None:
         for p, at in offsets.items():
