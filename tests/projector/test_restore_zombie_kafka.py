@@ -47,8 +47,16 @@ pytestmark = pytest.mark.kafka
 HISTORY = 40_000
 USERS = 300  # every partition holds 5,800 records or more
 ZOMBIE_BATCH = 1_000  # records a bulk batch of the zombie's: its restore takes ~40 batches
-ZOMBIE = ("-c", "import sys; from tally.services.projector import restore; "
-          f"restore.REPLAY_BATCH = {ZOMBIE_BATCH}; from tally.cli import main; sys.exit(main())")
+
+
+def cut_bulk_batches(records: int) -> tuple[str, ...]:
+    """The Python program of `tally` (instance's `program`) with its bulk restore's
+    batches cut to `records`."""
+    return ("-c", "import sys; from tally.services.projector import restore; "
+            f"restore.REPLAY_BATCH = {records}; from tally.cli import main; sys.exit(main())")
+
+
+ZOMBIE = cut_bulk_batches(ZOMBIE_BATCH)
 # The zombie restores in bulk every partition it gains from an empty file, and by the live
 # fold what is left of its share once it rejoins (its stopped restore stored part of it):
 # the path on which its memory must learn what that restore stored.
