@@ -1,20 +1,21 @@
 """A bulk restore handed back to the live fold part way (restore.py, `_hand_back`), on the
-real broker, by what an operator does: change budgets.yaml while a partition is restored.
+real broker, by what an operator does: change the counted tokens in budgets.yaml while
+partitions are restored.
 
 usage.events holds history when a `tally projector` starts on an empty file: it restores
 every partition in bulk, in small batches here (cut to HANDBACK_BATCH records: the restore
-takes about 60). Paused (SIGSTOP) once its first bulk batch is stored, it has a limit in
-its budgets.yaml changed, and stays paused past the config watcher's second; resumed, it
-takes the new config before its restore's next batches but one or two (both wait for the
-projector's writing lock, the watcher first), so the restore, decoding under the old
-config, stops part way and hands its partitions back to the live fold from their stored
-offsets. The live fold restores the rest; then more usage comes, with copies of restored
-events.
+takes about 65). Paused (SIGSTOP) once its first bulk batch is stored, it has budgets.yaml
+count cache reads too, and stays paused past the config watcher's second; resumed, it
+recounts what its file holds before its restore's next batches but one or two (both wait
+for the projector's writing lock, the watcher first), so the restore, decoding under the
+old counting, stops part way and hands its partitions back to the live fold from their
+stored offsets. The live fold restores the rest; then more usage comes, with copies of
+restored events.
 
-The bulk batches go to the file alone: handed back, the instance must read its users back
-from the file, or the live fold goes on from their usage before the restore and sends
-balances short of what the file holds. The balances readers keep equal the file's, which
-equal the recount; each event is in the ledger once."""
+The bulk batches go to the file alone: handed back, the instance must read their users
+back from the file, or it never sends the balance of a user whose events the restore
+stored all of (each partition begins with events of users seen there only). The balances
+readers keep equal the file's, which equal the recount; each event is in the ledger once."""
 
 from __future__ import annotations
 
@@ -47,14 +48,17 @@ pytestmark = pytest.mark.kafka
 
 HISTORY = 12_000
 USERS = 300  # every partition holds about 2,000 records: all of them restored in bulk
+# Before the history: events of users seen there only (user_0300 to user_0599, about one
+# event each), at the start of each partition: the first bulk batches store all of some.
+EARLY, EARLY_USERS = 600, 600
 HANDBACK_BATCH = 200
 BULK_FROM = 1_000
 # Longer than LiveConfig.follow's poll (a second): once resumed, the instance looks at its
 # config files before anything else it would do (the poll is overdue).
 WATCHER_S = 1.5
-# A change an operator makes: a limit (no recut nor recount, so nothing else reloads the
-# instance's memory from the file).
-CHANGED = BUDGETS.replace("daily_tokens: 1000", "daily_tokens: 2000")
+# A change an operator makes that stops a bulk restore: the tokens counted (every stored
+# event counted anew, the restore's batches were decoded under the old counting).
+CHANGED = BUDGETS.replace("cache_write_tokens]", "cache_write_tokens, cache_read_tokens]")
 
 
 async def test_a_bulk_restore_handed_back_part_way_sends_the_balances_the_file_holds(
@@ -63,7 +67,8 @@ async def test_a_bulk_restore_handed_back_part_way_sends_the_balances_the_file_h
     assert CHANGED != BUDGETS
     topics = Topics(f"hback-{unique_name}")
     await ensure_topics(kafka_bootstrap, topics, PARTITIONS)
-    past = history(HISTORY, users=USERS, seed=41, copies_every=50)
+    past = (history(EARLY, users=EARLY_USERS, seed=40)
+            + history(HISTORY, users=USERS, seed=41, copies_every=50))
     await produce_fast(kafka_bootstrap, topics.usage_events, past)
     # After the hand-back: new events, and copies of the earliest (restored in bulk) ones.
     later = history(1_000, users=USERS, seed=42) + past[:300]
