@@ -88,7 +88,7 @@ async def test_a_bulk_restore_handed_back_part_way_sends_the_balances_the_file_h
         projector.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(projector.wait(), 30) == 0
     said = log.read_text()
-    assert "budgets.yaml changed during the bulk restore" in said, said
+    assert "(budgets.yaml) changed during the bulk restore" in said, said
     assert db_rows(db, "SELECT count(*) FROM ledger") == {(len(event_ids(past + later)),)}
     assert db_rows(db, "SELECT event_id FROM ledger") == {
         (i,) for i in event_ids(past + later)}

@@ -134,9 +134,9 @@ class BulkRestore:
             await self._hand_back(partitions, starts)
             return
         if self._stale:
-            log.info("projector: budgets.yaml changed during the bulk restore of partitions "
-                     "%s of %s: the live fold restores the rest", sorted(partitions),
-                     self.topic)
+            log.info("projector: the reset schedule or the counted tokens (budgets.yaml) "
+                     "changed during the bulk restore of partitions %s of %s: the live fold "
+                     "restores the rest", sorted(partitions), self.topic)
             await self._hand_back(partitions, starts)
             return
         seconds = time.monotonic() - began
