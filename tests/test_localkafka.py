@@ -127,3 +127,21 @@ def test_a_tls_broker_encrypts_its_one_listener_with_a_certificate_for_loopback(
     assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
     made = files.ca.read_bytes()
     assert ensure_tls_files(tmp_path / "tls", "127.0.0.1").ca.read_bytes() == made  # once
+
+
+def test_clear_deletes_a_stopped_brokers_topics_and_keeps_its_config(tmp_path: Path) -> None:
+    for root in (tmp_path, tmp_path / "node-1"):
+        (root / "data" / "t-0").mkdir(parents=True)
+        (root / "config").mkdir()
+        (root / "config" / "server.properties").write_text("x=1\n")
+    assert localkafka.clear(tmp_path) is True
+    for root in (tmp_path, tmp_path / "node-1"):
+        assert not (root / "data").exists()
+        assert (root / "config" / "server.properties").read_text() == "x=1\n"
+
+
+def test_clear_leaves_a_running_broker_alone(local_kafka: str) -> None:
+    from tests.conftest import TEST_DATA_DIR
+
+    assert localkafka.clear(TEST_DATA_DIR) is False
+    assert (TEST_DATA_DIR / "data" / "meta.properties").exists()

@@ -626,6 +626,19 @@ def _wait_exit(pid: int, timeout: float) -> bool:
     return True
 
 
+def clear(data_dir: Path) -> bool:
+    """Delete every topic of the stopped broker (or cluster) of this data dir: its log.dirs
+    go, and the next start formats them empty. False, and nothing deleted, while it runs."""
+    root = _layout(data_dir)
+    with _locked(root):
+        layouts = [root, *_node_layouts(root)]
+        if any(_running_pid(layout) is not None for layout in layouts):
+            return False
+        for layout in layouts:
+            shutil.rmtree(layout.data, ignore_errors=True)
+    return True
+
+
 def stop(data_dir: Path | None = None, timeout: float = 30.0) -> bool:
     """Stop the broker, or every node of the cluster, of this data dir (SIGTERM, then
     SIGKILL after timeout). True if one was running."""
