@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
 
 from tally.config.models import Config
 from tally.core import fold_events, to_balance
@@ -245,3 +248,29 @@ def test_outcomes_judged_one_balance_at_a_time_add_up_to_one_with_their_memory()
     enforcer.withhold(outcome, ["alice"])
     assert enforcer.evaluate({"alice"}, NOON).decisions[0].action == "hard_stop"
     assert outcome.replaced["alice"] is None
+
+
+def test_a_user_whose_judging_fails_leaves_the_others_decided(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A bug the policy meets on one user's usage costs that user's new decision only: the
+    others' decisions and alerts go out together, and the failed one is judged again."""
+    from tally.services.enforcer import state
+
+    cfg = config()
+    enforcer = Enforcer(cfg)
+    decide = state.decide
+
+    def failing_for_zed(usage: Any, *args: Any) -> BudgetDecided:
+        if usage.user_id == "zed":
+            raise ValueError("a bug met on zed's usage")
+        return decide(usage, *args)
+
+    monkeypatch.setattr(state, "decide", failing_for_zed)
+    outcome = enforcer.on_balances([balance_after(cfg, 800), balance_after(cfg, 950, user="zed")],
+                                   NOON)
+    assert [(d.user_id, d.action) for d in outcome.decisions] == [("alice", "warn")]
+    assert {a.user_id for a in outcome.alerts} == {"alice"} == {r.user_id for r in outcome.memory}
+    assert "judging zed failed" in caplog.text
+    monkeypatch.setattr(state, "decide", decide)
+    again = enforcer.evaluate({"alice", "zed"}, NOON)
+    assert [(d.user_id, d.action) for d in again.decisions] == [("zed", "warn")]

@@ -11,6 +11,7 @@ others decide it hears back from the topics (`hear`), to answer for everyone.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -32,6 +33,8 @@ from tally.core.usage import UserUsage
 from tally.services.enforcer.memory import AlertMemory, AlertsSent
 from tally.topics import spec_for
 from tally.wire import BalanceUpdated, BudgetAlerted, BudgetDecided, SourcePosition
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Enforcer", "Outcome", "Ownership", "partition_of", "same_decision"]
 
@@ -268,14 +271,22 @@ class Enforcer:
         budgets = self.config.budgets.per_user_budgets
         outcome = Outcome()
         for user_id in judged:
-            decision = with_identities(decide(everyone[user_id], budgets, now, groups),
-                                       self.config)
             previous = self.published.get(user_id)
-            outcome.alerts.extend(new_alerts(previous, decision, budgets, self.memory.ids))
+            try:
+                decision = with_identities(decide(everyone[user_id], budgets, now, groups),
+                                           self.config)
+                alerts = new_alerts(previous, decision, budgets, self.memory.ids)
+            except Exception:
+                # One user's failure (a bug the policy meets on their usage) must not stop
+                # the others' decisions: theirs stays as it was, judged again next time.
+                log.exception("judging %s failed: their decision stays as it was", user_id)
+                continue
+            outcome.alerts.extend(alerts)
             if not same_decision(previous, decision):
-                self.published[user_id] = decision
                 outcome.decisions.append(decision)
                 outcome.replaced[user_id] = previous
+        # Held as said only once all are judged: an outcome is taken whole or not at all.
+        self.published.update((d.user_id, d) for d in outcome.decisions)
         outcome.memory = self.memory.add(outcome.alerts)
         self._count_sent(outcome)
         return outcome
