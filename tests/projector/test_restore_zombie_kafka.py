@@ -80,7 +80,7 @@ async def test_a_zombie_paused_mid_bulk_restore_changes_no_balance_and_ends_cons
                         program=ZOMBIE) as zombie:
         caught = await first_bulk_batch_stored(ports[0], topics.usage_events)
         zombie.send_signal(signal.SIGSTOP)
-        print("paused with its first bulk batch stored and the restore under way:", caught)
+        assert caught, "the restore had ended before the pause: the case is not reached"
         async with instance(kafka_bootstrap, topics, dbs[1], config_dir, ports[1],
                             log=logs[1]) as b:
             # B takes every partition once the zombie's session times out, and restores.

@@ -49,7 +49,7 @@ import duckdb
 import pyarrow as pa
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
-from tally.core.usage import Offsets
+from tally.core.usage import Offsets, UserUsage
 from tally.kafka import Record, end_offsets, partitions_of
 from tally.ops import Metrics
 from tally.services.projector import store
@@ -274,7 +274,7 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
                 lost = await self._lose_all_but(mine, mine_dlq)
             gained = mine - self.book.owned
             if gained and not self.standby:  # a standby's mirror holds them already
-                await asyncio.to_thread(self._load, gained)
+                await self._load(gained)
             stored = projector.store.load_offsets()
             followed = await self._rest(assigned)
             starts = await self.consumer.beginning_offsets(list(assigned | followed))
@@ -403,11 +403,19 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
         if self.bulk is not None:
             await self.bulk.stop()
 
-    def _load(self, gained: set[int]) -> None:
-        con = self.projector.writer
-        self.projector.mirror.update(store.load_usages_of(con, gained))
-        partitions = user_partitions(con)
-        self.book.partition_of.update({u: p for u, p in partitions.items() if p in gained})
+    async def _load(self, gained: set[int]) -> None:
+        """The gained partitions' users, from the file into the mirror and the book: read
+        in a thread, taken in on the event loop, where the fold reads both (a dict a thread
+        changes while the loop iterates it fails the loop)."""
+        def read() -> tuple[dict[str, UserUsage], dict[str, int]]:
+            con = self.projector.writer
+            partitions = user_partitions(con)
+            return (store.load_usages_of(con, gained),
+                    {u: p for u, p in partitions.items() if p in gained})
+
+        usages, partition_of = await asyncio.to_thread(read)
+        self.projector.mirror.update(usages)
+        self.book.partition_of.update(partition_of)
 
     def lag(self) -> dict[int, int]:
         """Per owned usage.events partition, the records not folded yet (against the high

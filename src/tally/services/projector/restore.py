@@ -33,7 +33,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -72,7 +72,8 @@ class BulkRestore:
     file (Ownership._load)."""
 
     def __init__(self, projector: Projector, consumer: AIOKafkaConsumer, bootstrap: str,
-                 loaded: Callable[[set[int]], None], failed: Callable[[BaseException], None],
+                 loaded: Callable[[set[int]], Awaitable[None]],
+                 failed: Callable[[BaseException], None],
                  security: KafkaSecurity | None = None, bulk_from: int = BULK_FROM) -> None:
         """`failed` is told of an error the restore could not hand back (it stops the
         service: a partition left paused would never be folded). `bulk_from`: how far
@@ -231,7 +232,7 @@ class BulkRestore:
         the next assignment less than bulk_from behind), and would fold onto the usage
         from before the restore, sending balances short of what the file holds."""
         await self.projector.drain()
-        await asyncio.to_thread(self.loaded, partitions)
+        await self.loaded(partitions)
         await asyncio.to_thread(self.projector.forget_recent)
 
     def _resume_at(self, offsets: Mapping[int, int]) -> None:
