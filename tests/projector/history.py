@@ -10,10 +10,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
-from aiokafka.partitioner import murmur2
 from confluent_kafka import KafkaError, Producer
 
 from bench.common import usage_values
+from tally.services.enforcer.state import partition_of as partition_of_user
 
 __all__ = ["event_ids", "history", "partition_of", "produce_fast"]
 
@@ -29,7 +29,7 @@ def history(count: int, users: int, seed: int, copies_every: int = 0) -> list[Me
 
 def partition_of(message: Message, partitions: int) -> int:
     """The partition a message's key goes to (murmur2, as produce_fast and aiokafka do)."""
-    return (murmur2(message[0]) & 0x7FFFFFFF) % partitions
+    return partition_of_user(message[0].decode(), partitions)
 
 
 def event_ids(messages: Sequence[Message]) -> set[str]:
