@@ -371,9 +371,14 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def settled(self, timeout: float) -> str | None:
         """Until no deletion is pending, at most `timeout` seconds; then the partitions
-        still being deleted, if any (an audit would count their rows too)."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._dropped.wait(), timeout)
+        still being deleted, if any (an audit would count their rows too). Waits again
+        when a deletion begins while it is being told none is pending (wait_for yields to
+        the loop: a rebalance may come between the two), rather than answer at once."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.pending and (left := deadline - loop.time()) > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dropped.wait(), left)
         lost = self.pending
         if not lost:
             return None
